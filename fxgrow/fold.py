@@ -1,0 +1,57 @@
+"""Fold: evaluate every weight chain once and rebuild plain modules.
+
+The result has no fxgrow node and no producer overhead, and its module paths are the
+original ones, so when shapes are unchanged its state_dict loads (strict) into the
+user's original model class.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from .ir import _KIND_BY_FN, META, evaluate_chain, is_layer, layer_operands, meta, weight_chains
+
+
+@torch.no_grad()
+def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
+    """Return a GraphModule whose layers are plain modules holding the chains' values."""
+    if not inplace:
+        gm = copy.deepcopy(gm)
+    chains = weight_chains(gm)
+    rebuilt: dict[str, nn.Module] = {}
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not is_layer(node):
+            continue
+        layer = meta(node)["source"]
+        kind = _KIND_BY_FN[node.target]
+        if layer not in rebuilt:
+            tensors = {name: (evaluate_chain(gm, chains[f"{layer}.{name}"]).detach().clone()
+                              if tail is not None else None)
+                       for name, tail in layer_operands(node).items()}
+            extra = tuple(node.args[1 + len(kind.operands):])
+            module = kind.rebuild(tensors, extra)
+            old = gm.get_submodule(layer)
+            module.train(old.training)
+            _set_submodule(gm, layer, module)
+            rebuilt[layer] = module
+        with graph.inserting_before(node):
+            call = graph.call_module(layer, (node.args[0],))
+        call.meta.update({k: v for k, v in node.meta.items() if k != META})
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    if hasattr(gm, META):
+        delattr(gm, META)
+    gm.delete_all_unused_submodules()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)

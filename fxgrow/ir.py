@@ -1,0 +1,241 @@
+"""The weight-chain IR.
+
+`functionalize` turns a targeted `call_module` layer into a `call_function` whose weight and
+bias operands are *chains*: `get_attr(param)` followed by producer `call_module` nodes.
+The parameter stays on the original module (so its state_dict key is unchanged); producers
+live under `gm.fxgrow.<layer>.<param>_<role>`. Every node fxgrow adds carries
+`node.meta["fxgrow"]`: {"role": "layer" | "param" | "producer", "source": ..., ...}.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import FxgrowError
+from .nn.base import Producer
+
+META = "fxgrow"
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How one module type becomes a function call and back."""
+
+    module_type: type[nn.Module]
+    fn: Callable
+    operands: tuple[str, ...]                       # parameter names passed as chains, in order
+    extra_args: Callable[[nn.Module], tuple]        # constant args after the operands
+    rebuild: Callable[[dict[str, torch.Tensor], tuple], nn.Module]  # (operands, extra_args) -> module
+
+
+def _rebuild_linear(t: dict[str, torch.Tensor], extra: tuple) -> nn.Module:
+    w, b = t["weight"], t.get("bias")
+    m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    return _load(m, t)
+
+
+def _rebuild_conv(cls: type[nn.Module]) -> Callable:
+    def rebuild(t: dict[str, torch.Tensor], extra: tuple) -> nn.Module:
+        stride, padding, dilation, groups = extra
+        w, b = t["weight"], t.get("bias")
+        m = cls(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride, padding=padding,
+                dilation=dilation, groups=groups, bias=b is not None, device=w.device, dtype=w.dtype)
+        return _load(m, t)
+    return rebuild
+
+
+def _load(m: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if value is not None:
+                getattr(m, name).copy_(value)
+    return m
+
+
+def _conv_args(m: nn.Module) -> tuple:
+    if m.padding_mode != "zeros":
+        raise FxgrowError(f"padding_mode={m.padding_mode!r} is not supported by functionalization; "
+                          "exclude this layer from the pass targets")
+    return (m.stride, m.padding, m.dilation, m.groups)
+
+
+LAYER_KINDS: dict[type[nn.Module], LayerKind] = {
+    nn.Linear: LayerKind(nn.Linear, F.linear, ("weight", "bias"), lambda m: (), _rebuild_linear),
+    **{cls: LayerKind(cls, fn, ("weight", "bias"), _conv_args, _rebuild_conv(cls))
+       for cls, fn in ((nn.Conv1d, F.conv1d), (nn.Conv2d, F.conv2d), (nn.Conv3d, F.conv3d))},
+}
+_KIND_BY_FN = {k.fn: k for k in LAYER_KINDS.values()}
+
+
+def register_layer_kind(kind: LayerKind) -> None:
+    """Teach functionalization and fold a new layer type (e.g. a norm layer)."""
+    LAYER_KINDS[kind.module_type] = kind
+    _KIND_BY_FN[kind.fn] = kind
+
+
+def meta(node: fx.Node) -> dict[str, Any]:
+    return node.meta.get(META, {})
+
+
+def is_layer(node: fx.Node) -> bool:
+    return node.op == "call_function" and meta(node).get("role") == "layer"
+
+
+def _kind_of(module: nn.Module) -> LayerKind | None:
+    return LAYER_KINDS.get(type(module))
+
+
+def layer_types(gm: fx.GraphModule) -> dict[str, str]:
+    """Targetable layers in graph order: {module path: type name}, plain or functionalized."""
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and _kind_of(gm.get_submodule(node.target)) is not None:
+            out.setdefault(node.target, type(gm.get_submodule(node.target)).__name__)
+        elif is_layer(node):
+            out.setdefault(meta(node)["source"], meta(node)["module_type"])
+    return out
+
+
+def functionalize(gm: fx.GraphModule, layers: list[str]) -> None:
+    """Rewrite each `call_module` of `layers` into its functional form with chain operands.
+    Already functional layers are left alone. Outputs are unchanged bit for bit."""
+    wanted = set(layers)
+    chains: dict[str, fx.Node] = {}  # "path.param" -> get_attr node, shared by repeat calls
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.target not in wanted:
+            continue
+        module = gm.get_submodule(node.target)
+        kind = _kind_of(module)
+        if kind is None:
+            raise FxgrowError(f"layer '{node.target}' ({type(module).__name__}) cannot be functionalized")
+        if len(node.args) != 1 or node.kwargs:
+            raise FxgrowError(f"layer '{node.target}' is called with more than one input")
+        extra = kind.extra_args(module)
+        with graph.inserting_before(node):
+            operands = []
+            for pname in kind.operands:
+                if getattr(module, pname, None) is None:
+                    operands.append(None)
+                    continue
+                key = f"{node.target}.{pname}"
+                if key not in chains:
+                    chains[key] = graph.get_attr(key)
+                    chains[key].meta[META] = {"role": "param", "source": key, "layer": node.target,
+                                              "param": pname}
+                operands.append(chains[key])
+            call = graph.call_function(kind.fn, (node.args[0], *operands, *extra))
+        call.meta.update(node.meta)
+        call.meta[META] = {"role": "layer", "source": node.target,
+                           "module_type": type(module).__name__}
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    gm.recompile()
+
+
+@dataclass
+class WeightChain:
+    """`head` is the get_attr node; `producers` the call_module nodes after it, in order."""
+
+    layer: str
+    param: str
+    head: fx.Node
+    producers: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}.{self.param}"
+
+    @property
+    def tail(self) -> fx.Node:
+        return self.producers[-1] if self.producers else self.head
+
+    def modules(self, gm: fx.GraphModule) -> list[Producer]:
+        return [gm.get_submodule(p.target) for p in self.producers]
+
+
+def layer_operands(node: fx.Node) -> dict[str, fx.Node | None]:
+    """{operand name: tail node} of a functional layer node."""
+    kind = _KIND_BY_FN[node.target]
+    return dict(zip(kind.operands, node.args[1:1 + len(kind.operands)]))
+
+
+def weight_chains(gm: fx.GraphModule) -> dict[str, WeightChain]:
+    """Every chain in the graph, keyed "layer.param", in graph order of their layers."""
+    chains: dict[str, WeightChain] = {}
+    for node in gm.graph.nodes:
+        if not is_layer(node):
+            continue
+        for pname, tail in layer_operands(node).items():
+            if tail is None:
+                continue
+            key = f"{meta(node)['source']}.{pname}"
+            if key in chains:
+                continue
+            producers = []
+            cur = tail
+            while meta(cur).get("role") == "producer":
+                producers.append(cur)
+                cur = cur.args[0]
+            if cur.op != "get_attr":
+                raise FxgrowError(f"weight chain of '{key}' does not start at a parameter")
+            chains[key] = WeightChain(meta(node)["source"], pname, cur, producers[::-1])
+    return chains
+
+
+def insert_producer(gm: fx.GraphModule, chain: WeightChain, module: Producer,
+                    pass_kind: str) -> fx.Node:
+    """Insert `module` into `chain` after every producer of lower or equal rank and
+    register it under `fxgrow.<layer>.<param>_<role>`. Returns the new node."""
+    prev = chain.head
+    for p in chain.producers:
+        if gm.get_submodule(p.target).rank <= module.rank:
+            prev = p
+    path = f"{META}.{chain.layer.replace('.', '_')}.{chain.param}_{module.role}"
+    if _has_submodule(gm, path):
+        raise FxgrowError(f"'{chain.key}' already has a {module.role} producer")
+    gm.add_submodule(path, module)
+    users = list(prev.users)
+    with gm.graph.inserting_after(prev):
+        node = gm.graph.call_module(path, (prev,))
+    for u in users:
+        u.replace_input_with(prev, node)
+    node.meta[META] = {"role": "producer", "pass": pass_kind, "kind": module.role,
+                       "source": chain.key}
+    chain.producers = [p for p in chain.producers] + [node]
+    chain.producers.sort(key=lambda n: _order(gm, chain.head, n))
+    return node
+
+
+def _order(gm: fx.GraphModule, head: fx.Node, node: fx.Node) -> int:
+    depth, cur = 0, node
+    while cur is not head:
+        cur, depth = cur.args[0], depth + 1
+    return depth
+
+
+def _has_submodule(gm: nn.Module, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def fetch_attr(gm: nn.Module, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def evaluate_chain(gm: fx.GraphModule, chain: WeightChain) -> torch.Tensor:
+    """The tensor a chain produces now (e.g. the effective weight)."""
+    value = fetch_attr(gm, chain.head.target)
+    for module in chain.modules(gm):
+        value = module(value)
+    return value

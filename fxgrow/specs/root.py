@@ -1,0 +1,122 @@
+"""The whole spec: model, passes (a discriminated union on `kind`), train."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from ..errors import SpecError
+from ..passes import PASS_REGISTRY
+from .base import StrictModel
+from .train import TrainSpec
+
+
+class ModelRef(StrictModel):
+    """Which model to build and how to trace it."""
+
+    entry: str | None = None   # "path/to/file.py[:callable]" or "package.module:callable"
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the callable
+    example_input: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 3, 32, 32],
+                                                             min_length=1)
+    leaf_modules: list[str] = Field(default_factory=list)  # type names or module paths kept opaque
+
+
+def _pass_union() -> Any:
+    specs = tuple(cls.spec_cls for cls in PASS_REGISTRY.values())
+    if len(specs) == 1:
+        return specs[0]
+    return Annotated[Union[specs], Field(discriminator="kind")]  # type: ignore[valid-type]
+
+
+PassSpecUnion = _pass_union()
+
+
+class Spec(StrictModel):
+    version: Literal[1] = 1
+    name: str | None = None
+    model: ModelRef = Field(default_factory=ModelRef)
+    passes: list[PassSpecUnion] = Field(default_factory=list)  # type: ignore[valid-type]
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    @field_validator("passes", mode="before")
+    @classmethod
+    def _known_kinds(cls, value: Any) -> Any:
+        # Say which kinds exist instead of pydantic's generic tag error.
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict) and item.get("kind") not in PASS_REGISTRY:
+                    raise ValueError(f"passes.{i}.kind: unknown pass kind {item.get('kind')!r} "
+                                     f"(known: {', '.join(sorted(PASS_REGISTRY))})")
+        return value
+
+    @model_validator(mode="after")
+    def _passes_agree_with_train(self) -> "Spec":
+        problems = [(f"passes.{i}.{field}", msg) for i, p in enumerate(self.passes)
+                    for field, msg in p.check_train(self.train)]
+        if problems:
+            raise SpecError(problems)
+        return self
+
+
+def spec_error(e: ValidationError, source: str | None = None, prefix: str | None = None) -> SpecError:
+    """Turn pydantic's errors into `field.path: message (got value)` lines."""
+    if not isinstance(e, ValidationError):
+        return SpecError(str(e), source)
+    lines = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"]]
+        # Drop the union tag pydantic inserts after a pass index ("passes.1.compander.a").
+        if len(loc) >= 3 and loc[0] == "passes" and loc[2] in PASS_REGISTRY:
+            del loc[2]
+        path = ".".join(([prefix] if prefix else []) + loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if msg.startswith("passes."):
+            path, _, msg = msg.partition(": ")
+        got = err.get("input")
+        if err["type"] not in ("missing",) and not isinstance(got, (dict, list)):
+            msg += f" (got {got!r})"
+        lines.append((path, msg))
+    return SpecError(lines, source)
+
+
+def parse_spec(data: Any, source: str | None = None) -> Spec:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"the spec must be a mapping, not {type(data).__name__}", source)
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        raise spec_error(e, source) from None
+    except SpecError as e:  # raised by cross-section checks
+        raise SpecError(e.errors, source) from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read a YAML spec file. Every problem is a SpecError naming the file and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"spec file not found: {path}", str(path)) from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise SpecError(f"cannot read spec file: {e}", str(path)) from None
+    return parse_spec_text(text, str(path))
+
+
+def parse_spec_text(text: str, source: str | None = None) -> Spec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"malformed YAML: {where}{problem}", source) from None
+    return parse_spec(data, source)
+
+
+def spec_json_schema() -> str:
+    return json.dumps(Spec.model_json_schema(), indent=2)

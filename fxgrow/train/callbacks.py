@@ -1,0 +1,92 @@
+"""Training-time behaviour that passes hand to the loop.
+
+The loop knows these events, never the passes. Event order for one optimizer step:
+
+    on_step_start -> [for i in range(micro_steps): on_micro_step(i) -> forward -> backward]
+    -> after_backward -> optimizer.step() -> after_step
+
+plus on_train_start / on_eval / on_epoch_end / on_train_end. Every hook receives the
+loop's `ctx` (see `TrainContext` below for what it offers).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class TrainContext(Protocol):
+    """What the loop exposes to callbacks."""
+
+    model: nn.Module            # the model being trained (never the DDP wrapper)
+    optimizer: torch.optim.Optimizer
+    step: int                   # optimizer steps done so far (0 before the first)
+    epoch: int
+    total_steps: int            # T: optimizer steps the whole run will take
+    steps_per_epoch: int
+    batch: tuple[torch.Tensor, torch.Tensor] | None  # the current (inputs, targets)
+    loss: torch.Tensor | None   # the last micro-step's loss
+    device: torch.device
+    seed: int
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record (with step/epoch filled in) to metrics.jsonl."""
+
+    def replace_model(self, model: nn.Module, param_map: dict[str, str] | None = None) -> None:
+        """Swap in a new model (growth). `param_map` maps new parameter names to the old
+        names whose optimizer state they keep; by default every parameter whose name and
+        shape survive keeps its state. The optimizer and scheduler are rebuilt."""
+
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Test-split loss and accuracy of `model` (default: the current model)."""
+
+
+class Callback:
+    """Base class: every hook is a no-op. Subclasses override what they need.
+
+    `name` keys the callback's state in checkpoints and its section in report.json
+    (a pass uses its spec `kind`)."""
+
+    name: str = "callback"
+
+    def on_train_start(self, ctx: TrainContext) -> None: ...
+
+    def on_step_start(self, ctx: TrainContext) -> None: ...
+
+    def micro_steps(self, ctx: TrainContext) -> int:
+        """How many forward/backward passes this optimizer step takes. Gradients
+        accumulate over them and each loss is divided by their number. The loop takes
+        the largest answer among callbacks."""
+        return 1
+
+    def on_micro_step(self, ctx: TrainContext, index: int) -> None:
+        """Before micro-step `index` (e.g. pick the active sub-model)."""
+
+    def after_backward(self, ctx: TrainContext) -> None:
+        """Gradients are complete; the optimizer has not stepped yet."""
+
+    def after_step(self, ctx: TrainContext) -> None: ...
+
+    def on_eval(self, ctx: TrainContext, metrics: dict[str, float]) -> None: ...
+
+    def on_epoch_end(self, ctx: TrainContext) -> None: ...
+
+    def on_train_end(self, ctx: TrainContext) -> None: ...
+
+    def param_group_overrides(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        """Optimizer options per parameter name, e.g. {"fxgrow.conv1.mix.alpha":
+        {"weight_decay": 0.0}}. The loop groups parameters by these overrides."""
+        return {}
+
+    def report(self) -> dict[str, Any]:
+        """This callback's section of report.json."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: TrainContext | None = None) -> None:
+        """Restore state on resume. Called before the model state is loaded, so a
+        callback that changed the model's structure (growth) can rebuild it first
+        through `ctx.replace_model`."""
