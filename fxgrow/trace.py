@@ -18,6 +18,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf = set(leaf_modules)  # type names ("MyBlock") or module paths ("layer1.0")
         self.stack: list[str] = []
+        self.failed_at: list[str] | None = None  # the module stack when tracing broke
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf or type(m).__name__ in self.leaf:
@@ -28,6 +29,10 @@ class _Tracer(fx.Tracer):
         self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = list(self.stack)
+            raise
         finally:
             self.stack.pop()
 
@@ -42,7 +47,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = (),
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:  # FX raises many types; all mean "not traceable as written"
-        where = ".".join(p for p in tracer.stack if p) or "<root>"
+        where = (tracer.failed_at or [""])[-1] or "<root>"
         frame = _user_frame(e)
         op = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         leaf_hint = where if where != "<root>" else type(model).__name__

@@ -47,7 +47,8 @@ class Spec(StrictModel):
         # Say which kinds exist instead of pydantic's generic tag error.
         if isinstance(value, list):
             for i, item in enumerate(value):
-                if isinstance(item, dict) and item.get("kind") not in PASS_REGISTRY:
+                kind = item.get("kind") if isinstance(item, dict) else None
+                if isinstance(item, dict) and not (isinstance(kind, str) and kind in PASS_REGISTRY):
                     raise ValueError(f"passes.{i}.kind: unknown pass kind {item.get('kind')!r} "
                                      f"(known: {', '.join(sorted(PASS_REGISTRY))})")
         return value

@@ -1,0 +1,218 @@
+"""The `fxgrow` command: thin typer commands over the Python API."""
+from __future__ import annotations
+
+import functools
+import importlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import FxgrowError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="fxgrow: declarative graph rewriting over torch.fx "
+                       "(template mixing and growth, compander, prune/regrow, sorted slicing).")
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Known errors print one clear message and exit with their code; --debug re-raises."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FxgrowError as e:
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+    return wrapper
+
+
+def command(*args, **kwargs) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        return app.command(*args, **kwargs)(handles_errors(fn))
+    return deco
+
+
+@command()
+def apply(
+    spec: Path = typer.Argument(..., help="YAML spec."),
+    model: Optional[str] = typer.Argument(None, help="file.py (with build() or model) or package.module:callable; "
+                                                      "default: the spec's model.entry"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<name>-<time>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+) -> None:
+    """Rewrite MODEL as SPEC says, train it, fold it and save everything under --out."""
+    from .. import api
+    from ..specs.root import load_spec
+
+    s = load_spec(spec)
+    if resume is not None and out_dir is None:
+        out_dir = resume
+    report = api.run(s, model, out_dir=out_dir, resume=resume)
+    acc = report.get("accuracy")
+    out.print(f"done: test accuracy {acc:.4f}" if isinstance(acc, float) else "done",
+              f"-> {report.get('out_dir', out_dir or '')}")
+
+
+def _parse_shape(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        shape = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise FxgrowError(f"--input-shape: expected integers like 1,3,32,32 (got {text!r})") from None
+    if not shape or min(shape) < 1:
+        raise FxgrowError(f"--input-shape: expected positive integers (got {text!r})")
+    return shape
+
+
+@command()
+def inspect(
+    model: str = typer.Argument(..., help="file.py or package.module:callable"),
+    spec: Optional[Path] = typer.Argument(None, help="Spec whose passes to apply (optional)."),
+    fmt: str = typer.Option("text", "--format", help="text | dot | svg"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File for dot/svg output."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what each pass would match; rewrite nothing."),
+    nodes: bool = typer.Option(False, "--nodes", help="List every graph node."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,32,32."),
+) -> None:
+    """Show the (rewritten) graph: weight chains, parameters and FLOPs, channel groups."""
+    from .. import api
+    from ..analysis import measure, propagate_shapes
+    from ..inspection import chain_rows, node_rows, to_dot
+    from ..specs.root import load_spec, parse_spec
+
+    if fmt not in ("text", "dot", "svg"):
+        raise FxgrowError(f"--format: expected text, dot or svg (got {fmt!r})")
+    s = load_spec(spec) if spec else parse_spec({})
+    shape = _parse_shape(input_shape)
+    if shape:
+        s = s.model_copy(update={"model": s.model.model_copy(update={"example_input": shape})})
+    user_model = api.build_model(s, model).eval()
+    x = api.example_input(s)
+    plain = api.trace_model(s, user_model)
+    if dry_run:
+        _print_matches(api.pipeline(s).dry_run(plain))
+        return
+    gm = api.compile_spec(s, plain).graph_module.eval() if s.passes else plain
+    propagate_shapes(gm, x)
+    if fmt != "text":
+        _write_graph(to_dot(gm), fmt, output)
+        return
+    if nodes:
+        out.print(_table("graph nodes", node_rows(gm)))
+    rows = chain_rows(gm)
+    if rows:
+        out.print(_table("weight chains", rows))
+    before, after = measure(user_model, x), measure(gm, x)
+    out.print(_table("cost", [
+        {"": "original", "params": f"{before.params:,}", "forward FLOPs": f"{before.flops:,}"},
+        {"": "rewritten", "params": f"{after.params:,}", "forward FLOPs": f"{after.flops:,}"}]))
+    _print_groups(gm)
+    for section in _describers(gm):
+        out.print(section)
+
+
+def _print_matches(matches: dict) -> None:
+    rows = [{"pass": where, "layer": m.layer, "type": m.module_type} for where, ms in matches.items() for m in ms]
+    out.print(_table("dry run: layers each pass would rewrite", rows))
+
+
+def _print_groups(gm) -> None:
+    try:
+        from ..analysis.coupling import channel_groups
+    except ImportError:
+        return
+    rows = [{"group": str(g.id), "channels": str(g.size), "fixed": g.reason if g.fixed else "",
+             "parameters": ", ".join(f"{u.layer}.{u.param}[{u.dim}]" for u in g.uses[:6])
+             + (f" (+{len(g.uses) - 6})" if len(g.uses) > 6 else "")}
+            for g in channel_groups(gm)]
+    out.print(_table("channel groups", rows))
+
+
+def _describers(gm) -> list[Table]:
+    """Sections passes contribute (e.g. template banks): a `describe(gm)` in their module."""
+    from ..passes import PASS_REGISTRY
+    tables = []
+    for kind, cls in PASS_REGISTRY.items():
+        describe = getattr(sys.modules[cls.__module__], "describe", None)
+        if describe is not None:
+            rows = describe(gm)
+            if rows:
+                tables.append(_table(kind, rows))
+    return tables
+
+
+def _table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in (rows[0] if rows else {"(none)": ""}):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(*(str(v) for v in r.values()))
+    return table
+
+
+def _write_graph(dot: str, fmt: str, output: Path | None) -> None:
+    if fmt == "dot":
+        if output:
+            output.write_text(dot)
+            out.print(f"wrote {output}")
+        else:
+            sys.stdout.write(dot)
+        return
+    exe = shutil.which("dot")
+    if exe is None:
+        raise FxgrowError("--format svg needs Graphviz's `dot` program: install it with "
+                          "`apt-get install graphviz` (Debian/Ubuntu) or `brew install graphviz`, "
+                          "or use --format dot")
+    svg = subprocess.run([exe, "-Tsvg"], input=dot.encode(), capture_output=True, check=True).stdout
+    target = output or Path("graph.svg")
+    target.write_bytes(svg)
+    out.print(f"wrote {target}")
+
+
+@command()
+def schema(output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file.")) -> None:
+    """Print the spec's JSON Schema (for editor completion and validation)."""
+    from ..specs.root import spec_json_schema
+    text = spec_json_schema()
+    if output:
+        output.write_text(text + "\n")
+        out.print(f"wrote {output}")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+# Commands other modules contribute (sub-model evaluation and extraction, plots...).
+for _name in ("subnets", "plots"):
+    try:
+        _mod = importlib.import_module(f"{__package__}.{_name}")
+    except ImportError as _e:
+        if _e.name != f"{__package__}.{_name}":
+            raise
+        continue
+    for _fn in getattr(_mod, "COMMANDS", []):
+        command()(_fn)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

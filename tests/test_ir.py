@@ -1,0 +1,116 @@
+"""Functionalization, weight chains, fold and tracing on the model zoo."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxgrow.errors import TraceError
+from fxgrow.fold import fold
+from fxgrow.ir import functionalize, insert_producer, is_layer, layer_types, weight_chains
+from fxgrow.nn.base import Producer
+from fxgrow.trace import trace
+from tests.zoo import ZOO, ZOO_IDS, SharedLinear
+
+
+def functional(model):
+    gm = trace(model)
+    functionalize(gm, list(layer_types(gm)))
+    return gm
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=ZOO_IDS)
+def test_functionalize_then_fold_is_exact(entry):
+    model = entry.build().eval()
+    x = entry.example()
+    gm = functional(model).eval()
+    gm.graph.lint()
+    ref = model(x)
+    assert torch.equal(gm(x), ref)
+    folded = fold(gm)
+    assert not any(is_layer(n) for n in folded.graph.nodes)
+    assert not hasattr(folded, "fxgrow")
+    assert torch.equal(folded(x), ref)
+    entry.build().load_state_dict(folded.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=ZOO_IDS)
+def test_every_targetable_layer_gets_chains(entry):
+    model = entry.build()
+    layers = layer_types(trace(model))
+    gm = functional(model)
+    chains = weight_chains(gm)
+    expected = {f"{name}.weight" for name in layers}
+    expected |= {f"{name}.bias" for name in layers if gm.get_submodule(name).bias is not None}
+    assert set(chains) == expected
+    n_layers = sum(1 for n in gm.graph.nodes if is_layer(n))
+    assert n_layers >= len(layers)
+
+
+def test_module_called_twice_keeps_one_shared_weight():
+    gm = functional(SharedLinear())
+    calls = [n for n in gm.graph.nodes if is_layer(n) and n.meta["fxgrow"]["source"] == "shared"]
+    assert len(calls) == 2
+    assert calls[0].args[1] is calls[1].args[1]  # the same chain tail feeds both calls
+    gets = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "shared.weight"]
+    assert len(gets) == 1
+
+
+class Scale(Producer):
+    def __init__(self, factor, rank, role):
+        super().__init__()
+        self.factor, self.role = factor, role
+        self.rank = rank
+
+    def forward(self, w):
+        return w * self.factor
+
+
+def test_insert_producer_orders_by_rank_and_fold_evaluates_chain():
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    gm = functional(model)
+    chain = weight_chains(gm)["0.weight"]
+    insert_producer(gm, chain, Scale(2.0, 20, "late"), "test")
+    insert_producer(gm, chain, Scale(3.0, 10, "early"), "test")
+    gm.recompile()
+    gm.graph.lint()
+    chain = weight_chains(gm)["0.weight"]
+    assert [m.role for m in chain.modules(gm)] == ["early", "late"]
+    expected = F.linear(x, model[0].weight * 6, model[0].bias)
+    torch.testing.assert_close(gm(x), expected)
+    folded = fold(gm)
+    torch.testing.assert_close(folded(x), expected)
+    assert isinstance(folded.get_submodule("0"), nn.Linear)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = DataDependent()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor value: FX cannot trace it
+            return x
+        return -x
+
+
+def test_trace_error_names_module_and_fix():
+    with pytest.raises(TraceError) as info:
+        trace(Untraceable())
+    msg = str(info.value)
+    assert "'block'" in msg and "DataDependent" in msg and "leaf_modules" in msg
+
+
+def test_leaf_module_makes_it_traceable():
+    gm = trace(Untraceable(), leaf_modules=["DataDependent"])
+    assert any(n.op == "call_module" and n.target == "block" for n in gm.graph.nodes)
+    x = torch.randn(3, 4)
+    model = Untraceable()
+    gm = trace(model, leaf_modules=["block"])
+    assert torch.equal(gm(x), model(x))
