@@ -114,3 +114,21 @@ def test_leaf_module_makes_it_traceable():
     model = Untraceable()
     gm = trace(model, leaf_modules=["block"])
     assert torch.equal(gm(x), model(x))
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=ZOO_IDS)
+def test_flops_match_flop_counter_on_the_original(entry):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fxgrow.analysis import forward_flops, propagate_shapes_and_flops
+    model = entry.build().eval()
+    x = entry.example()
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    expected = counter.get_total_flops()
+    assert expected > 0
+    gm = functional(model)
+    assert forward_flops(gm, x) == expected
+    assert propagate_shapes_and_flops(gm, x) == expected
+    out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    assert tuple(out.meta["tensor_meta"].shape) == tuple(model(x).shape)

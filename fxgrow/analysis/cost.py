@@ -1,10 +1,12 @@
 """Parameter and FLOP counts. FLOPs come from torch's FlopCounterMode, not a hand count."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -23,15 +25,28 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """Forward FLOPs of one call on `example`, in eval mode so statistics are untouched."""
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(example)
-    finally:
-        model.train(was_training)
+    """Forward FLOPs of one call on `example`, counted on fake tensors: no kernel runs and
+    the model's buffers are not touched."""
+    with no_fused_attention(), FakeTensorMode(allow_non_fake_inputs=True) as mode, \
+            FlopCounterMode(display=False) as counter:
+        model(mode.from_tensor(example))
     return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def no_fused_attention():
+    """nn.MultiheadAttention/TransformerEncoderLayer's eval fast path is one fused op that
+    FlopCounterMode cannot see into on fake tensors; count the composite path instead."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def measure(model: nn.Module, example: torch.Tensor) -> Cost:
