@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import SpecError
+from .errors import FxgrowError, SpecError
 from .fold import fold
 from .loader import load_model
 from .passes import PASS_REGISTRY, Pass, PassResult, Pipeline
@@ -59,14 +59,57 @@ def run(spec: Spec, model_ref: str | None = None, out_dir: str | Path | None = N
     from .train import Trainer  # the loop is optional for pure graph work
 
     model = build_model(spec, model_ref)
+    if model_ref is not None:  # the run folder then says which model it trained
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"entry": model_ref})})
     result = compile_spec(spec, model)
     trainer = Trainer(result.graph_module, spec.train, callbacks=result.callbacks,
                       out_dir=Path(out_dir) if out_dir else default_out_dir(spec),
-                      spec_dump=spec.model_dump(mode="json"), resume=resume)
+                      spec_dump=spec_dump(spec), resume=resume)
     report = trainer.fit()
     save_folded(trainer.model, trainer.out_dir, report)
     (trainer.out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def spec_dump(spec: Spec) -> dict[str, Any]:
+    """The spec as the user wrote it (set fields only): parsing it again gives the same
+    spec, which a dump with every default would not (strict targets, epochs vs steps)."""
+    return spec.model_dump(mode="json", exclude_unset=True)
+
+
+class _RestoreContext:
+    """The part of the loop's context that callbacks use while restoring state."""
+
+    def __init__(self, model: nn.Module, spec: Spec):
+        self.model, self.spec, self.step = model, spec, 0
+        self.device = torch.device("cpu")
+        self.seed = spec.train.seed
+
+    def replace_model(self, model: nn.Module, param_map: dict[str, str] | None = None) -> None:
+        self.model = model
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+
+def restore(run: str | Path, model_ref: str | None = None) -> tuple[Spec, fx.GraphModule]:
+    """The rewritten model as a run's checkpoint left it (growth and all), on the CPU."""
+    from .specs.root import parse_spec
+    from .train.checkpoint import find_checkpoint, load_checkpoint
+
+    try:
+        path = find_checkpoint(Path(run))
+    except FileNotFoundError as e:
+        raise FxgrowError(str(e)) from None
+    state = load_checkpoint(path)
+    spec = parse_spec(state["spec"], source=f"{path} (spec)")
+    result = compile_spec(spec, build_model(spec, model_ref))
+    ctx = _RestoreContext(result.graph_module, spec)
+    ctx.step = state["step"]
+    for cb in result.callbacks:
+        cb.load_state_dict(state["callbacks"].get(cb.name, {}), ctx)
+    ctx.model.load_state_dict(state["model"])
+    return spec, ctx.model.eval()
 
 
 def default_out_dir(spec: Spec) -> Path:

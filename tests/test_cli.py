@@ -108,3 +108,27 @@ def test_debug_shows_the_traceback(tmp_path):
     result = run("--debug", "inspect", MLP, write(tmp_path, COMPANDER + "    b: -1\n"))
     assert result.exit_code != 0
     assert result.exception is not None and type(result.exception).__name__ == "SpecError"
+
+
+def test_apply_then_fold_reproduces_the_runs_folded_model(tmp_path):
+    import torch
+    spec = write(tmp_path, COMPANDER + "train: {data: digits, steps: 6, batch_size: 32, progress: none}\n")
+    out = tmp_path / "run"
+    result = run("apply", spec, MLP, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert 0 <= report["accuracy"] <= 1 and report["artifacts"]["folded"] == "folded.pt"
+    first = torch.load(out / "folded.pt", weights_only=False)
+    result = run("fold", out, "-o", tmp_path / "again.pt")  # the model reference comes from the run
+    assert result.exit_code == 0, result.output
+    again = torch.load(tmp_path / "again.pt", weights_only=False)
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(first(x), again(x))
+    assert not hasattr(again, "fxgrow")
+    from examples.models.mlp import build
+    build().load_state_dict(torch.load(tmp_path / "again_state_dict.pt"), strict=True)
+
+
+def test_fold_of_a_missing_run_is_a_clear_error(tmp_path):
+    result = run("fold", tmp_path / "nothing")
+    assert result.exit_code == 1 and "no checkpoint" in result.output

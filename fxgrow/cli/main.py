@@ -187,6 +187,27 @@ def _write_graph(dot: str, fmt: str, output: Path | None) -> None:
 
 
 @command()
+def fold(
+    run: Path = typer.Argument(..., help="Run directory (or its checkpoint.pt)."),
+    model: Optional[str] = typer.Argument(None, help="Default: the model the run recorded."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: RUN/folded.pt"),
+) -> None:
+    """Fold a run's rewritten model into a plain one (no fxgrow nodes) and save it,
+    with its state_dict beside it (`<name>_state_dict.pt`)."""
+    import torch
+
+    from .. import api
+    from ..fold import fold as fold_model
+
+    _, gm = api.restore(run, model)
+    plain = fold_model(gm)
+    target = output or (run if run.is_dir() else run.parent) / "folded.pt"
+    torch.save(plain, target)
+    torch.save(plain.state_dict(), target.with_name(f"{target.stem}_state_dict.pt"))
+    out.print(f"wrote {target} and {target.with_name(f'{target.stem}_state_dict.pt')}")
+
+
+@command()
 def schema(output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file.")) -> None:
     """Print the spec's JSON Schema (for editor completion and validation)."""
     from ..specs.root import spec_json_schema
