@@ -1,0 +1,52 @@
+"""Mask producer: w -> w * mask, the mask a buffer the prune/regrow callback edits in place."""
+from __future__ import annotations
+
+import torch
+
+from .base import Producer
+
+
+class MaskProducer(Producer):
+    """Multiplies the chain's value by a 0/1 mask of the same shape.
+
+    The mask has the weight's dtype (one same-dtype multiply, forward and backward) and is
+    a buffer, so checkpoints hold it and `fold` bakes exact zeros into the weight.
+
+    Regrowth needs dL/dw at masked positions too (the *dense* gradient), which the
+    parameter's gradient no longer has. With `capture` set, forward hooks the output
+    tensor and sums its gradient into `dense_grad`. The flag is off on ordinary steps, so
+    they pay nothing; under torch.compile the two settings compile to two cached graphs.
+    """
+
+    rank = 20
+    role = "mask"
+
+    def __init__(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, source: str = ""):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(shape, dtype=dtype, device=device))
+        self.source = source          # "layer.param" this mask belongs to (for reports)
+        self.capture = False
+        self.dense_grad: torch.Tensor | None = None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        out = w * self.mask
+        if self.capture and out.requires_grad:
+            out.register_hook(self._store_grad)
+        return out
+
+    def _store_grad(self, grad: torch.Tensor) -> None:
+        # A layer called twice, or several micro-steps, sum like the parameter's gradient.
+        grad = grad.detach().float()
+        self.dense_grad = grad.clone() if self.dense_grad is None else self.dense_grad + grad
+
+    @property
+    def active(self) -> torch.Tensor:
+        """Boolean view of the mask."""
+        return self.mask != 0
+
+    def nnz(self) -> int:
+        return int(torch.count_nonzero(self.mask))
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.mask.shape)}, density={self.nnz() / self.mask.numel():.4f}"

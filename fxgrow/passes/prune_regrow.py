@@ -1,0 +1,426 @@
+"""Mask nodes: gradual pruning with zero-cost regrowth (ALGORITHMS.md section 3).
+
+GraNet, and GMP, RigL and SET as configurations of it. The pass puts a `MaskProducer`
+into the chain of every targeted weight (all-ones, or the initial sparse layout when
+`initial_sparsity > 0`); the callback edits the masks in place at scheduled events.
+
+Step convention: an event at time `t` happens once `t` optimizer steps are done (in
+`after_step` of step index t-1), using that step's minibatch gradient. So `t` runs over
+1..T and the last pruning event may land on `t = T`, after the final update.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, StrictFloat, StrictInt, ValidationInfo, field_validator, model_validator
+from torch import fx
+
+from ..analysis.erk import layout_counts
+from ..errors import FxgrowError
+from ..ir import fetch_attr, insert_producer, weight_chains
+from ..nn.mask import MaskProducer
+from ..specs.base import PassSpec, StrictModel
+from ..train.callbacks import Callback, TrainContext
+from .base import Match, Pass, PassContext, register_pass
+from .prune_regrow_masks import (MaskedWeight, masked_weights, prune_global, prune_layer,
+                                 regrow)
+
+PRESETS = ("granet", "granet_sparse", "gmp", "rigl", "set")
+SAME_AS_FINAL = object()  # preset value: initial_sparsity equals final_sparsity
+
+# What each preset fixes. Setting one of these fields to another value is an error; every
+# other field keeps its ordinary default and may be set freely.
+PRESET_FIELDS: dict[str, dict[str, Any]] = {
+    # Dense-to-sparse GraNet: cubic pruning from dense, gradient regrowth every event.
+    "granet": {"initial_sparsity": 0.0, "regrow": "gradient"},
+    # Sparse-to-sparse GraNet: start from an ERK layout at 50%; the paper ends pruning at
+    # the first learning-rate decay (half of training in its CIFAR step schedule).
+    "granet_sparse": {"initial_sparsity": 0.5, "init_distribution": "erk", "regrow": "gradient",
+                      "schedule": {"start": 0.0, "end": 0.5}},
+    # Gradual magnitude pruning (Zhu & Gupta): the same schedule, no regrowth.
+    "gmp": {"initial_sparsity": 0.0, "regrow": "none"},
+    # RigL: constant sparsity on an ERK layout, gradient regrowth with drop fraction 0.3
+    # cosine-decayed, mask updates stopped at 3/4 of training.
+    "rigl": {"initial_sparsity": SAME_AS_FINAL, "init_distribution": "erk", "regrow": "gradient",
+             "regrow_fraction": {"initial": 0.3, "final": 0.0}, "regrow_until": "schedule_end",
+             "schedule": {"start": 0.0, "end": 0.75}},
+    # SET: constant sparsity on an ERK layout, random regrowth of a fixed 30%.
+    "set": {"initial_sparsity": SAME_AS_FINAL, "init_distribution": "erk", "regrow": "random",
+            "regrow_fraction": {"initial": 0.3, "final": 0.3}},
+}
+
+Time = StrictInt | StrictFloat  # an int counts optimizer steps, a float is a fraction of training
+
+
+class PruneScheduleSpec(StrictModel):
+    """When pruning happens: from `start` to `end` (ints: optimizer steps; floats:
+    fractions of training in [0, 1]), an event every `every` steps."""
+
+    start: Time = 0.0
+    end: Time = 0.7
+    every: int = Field(1000, ge=1)
+    shape: Literal["cubic", "linear"] = "cubic"
+
+    @field_validator("start", "end")
+    @classmethod
+    def _time(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and not 0 <= value <= 1:
+            raise ValueError("a float is a fraction of training and must be in [0, 1]; "
+                             "give an int for a step count")
+        if isinstance(value, int) and value < 0:
+            raise ValueError("a step count must be >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PruneScheduleSpec":
+        if type(self.start) is type(self.end) and self.start >= self.end:
+            raise ValueError(f"start must be < end (got start={self.start}, end={self.end})")
+        return self
+
+
+class RegrowFractionSpec(StrictModel):
+    """r_t = final + (initial - final) * (1 + cos(pi t / T)) / 2: the fraction of each
+    layer's active weights dropped and regrown at an event."""
+
+    initial: float = Field(0.5, ge=0, le=1)
+    final: float = Field(0.005, ge=0, le=1)
+    decay: Literal["cosine"] = "cosine"
+
+
+class PruneRegrowSpec(PassSpec):
+    kind: Literal["prune_regrow"] = "prune_regrow"
+    preset: Literal["granet", "granet_sparse", "gmp", "rigl", "set"] | None = None
+    final_sparsity: float = Field(ge=0, lt=1)
+    initial_sparsity: float = Field(0.0, ge=0, lt=1)
+    schedule: PruneScheduleSpec = Field(default_factory=PruneScheduleSpec)
+    scope: Literal["global", "layer"] = "global"
+    regrow: Literal["gradient", "random", "none"] = "gradient"
+    regrow_fraction: RegrowFractionSpec = Field(default_factory=RegrowFractionSpec)
+    regrow_until: Literal["end", "schedule_end"] = "end"
+    init_distribution: Literal["erk", "uniform"] = "erk"
+    granularity: Literal["element", "filter"] = "element"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        """Fill the preset's fields the user left out; conflicts are caught per field below."""
+        if not isinstance(data, dict) or data.get("preset") not in PRESET_FIELDS:
+            return data
+        data = dict(data)
+        for name, value in PRESET_FIELDS[data["preset"]].items():
+            if value is SAME_AS_FINAL:
+                value = data.get("final_sparsity")
+            if isinstance(value, dict):
+                given = data.get(name)
+                data[name] = {**value, **given} if isinstance(given, dict) else (given if given is not None else value)
+            elif name not in data and value is not None:
+                data[name] = value
+        return data
+
+    @field_validator("initial_sparsity", "schedule", "regrow", "regrow_fraction", "regrow_until",
+                     "init_distribution")
+    @classmethod
+    def _agrees_with_preset(cls, value: Any, info: ValidationInfo) -> Any:
+        preset = info.data.get("preset")
+        fixed = PRESET_FIELDS.get(preset, {}).get(info.field_name)
+        if fixed is SAME_AS_FINAL:
+            fixed = info.data.get("final_sparsity")
+            if fixed is not None and value != fixed:
+                raise ValueError(f"preset {preset!r} keeps sparsity constant: initial_sparsity "
+                                 f"must equal final_sparsity ({fixed})")
+        elif isinstance(fixed, dict):
+            for key, want in fixed.items():
+                if getattr(value, key) != want:
+                    raise ValueError(f"preset {preset!r} sets {info.field_name}.{key} to {want!r} "
+                                     f"(got {getattr(value, key)!r}); drop the preset to change it")
+        elif fixed is not None and value != fixed:
+            raise ValueError(f"preset {preset!r} sets {info.field_name} to {fixed!r}; "
+                             "drop the preset to change it")
+        if info.field_name == "initial_sparsity":
+            final = info.data.get("final_sparsity")
+            if final is not None and value > final:
+                raise ValueError(f"initial_sparsity must be <= final_sparsity ({final})")
+        return value
+
+    def check_train(self, train) -> list[tuple[str, str]]:
+        steps = getattr(train, "steps", None)
+        if steps is None:
+            return []  # T depends on the dataset size: checked when training starts
+        try:
+            resolve_schedule(self, steps)
+        except FxgrowError as e:
+            return [("schedule", str(e))]
+        return []
+
+
+# --- the resolved schedule ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Schedule:
+    """The spec's schedule resolved against the run's T optimizer steps (pure)."""
+
+    initial: float
+    final: float
+    start: int
+    end: int
+    every: int
+    shape: str
+    total_steps: int
+    regrow: str
+    regrow_initial: float
+    regrow_final: float
+    regrow_until: int     # last time a regrowth may happen
+
+    def sparsity_at(self, t: int) -> float:
+        """s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (tf - t0))**p, p = 3 (cubic) or 1."""
+        if t <= self.start:
+            return self.initial
+        if t >= self.end:
+            return self.final
+        remaining = 1 - (t - self.start) / (self.end - self.start)
+        power = 3 if self.shape == "cubic" else 1
+        return self.final + (self.initial - self.final) * remaining ** power
+
+    def is_prune_event(self, t: int) -> bool:
+        """t0 + k*every inside (t0, tf), and tf itself: the last event lands on s_f.
+        None when the sparsity is constant (RigL, SET)."""
+        return (self.final > self.initial and self.start < t <= self.end
+                and ((t - self.start) % self.every == 0 or t == self.end))
+
+    def is_regrow_event(self, t: int) -> bool:
+        """Right after every pruning event and every `every` steps after, until
+        `regrow_until`; never after the last optimizer step (nothing would train it)."""
+        if self.regrow == "none" or t >= self.total_steps or t > self.regrow_until:
+            return False
+        return self.is_prune_event(t) or (t > self.start and (t - self.start) % self.every == 0)
+
+    def is_event(self, t: int) -> bool:
+        return self.is_prune_event(t) or self.is_regrow_event(t)
+
+    def events(self) -> list[int]:
+        return [t for t in range(self.start + 1, self.total_steps + 1) if self.is_event(t)]
+
+    def regrow_fraction(self, t: int) -> float:
+        cos = (1 + math.cos(math.pi * t / self.total_steps)) / 2
+        return self.regrow_final + (self.regrow_initial - self.regrow_final) * cos
+
+
+def _steps(value: int | float, total: int) -> int:
+    return value if isinstance(value, int) else round(value * total)
+
+
+def resolve_schedule(spec: PruneRegrowSpec, total_steps: int) -> Schedule:
+    """Turn fractions into step counts for a run of `total_steps`, or raise FxgrowError."""
+    sched = spec.schedule
+    start, end = _steps(sched.start, total_steps), _steps(sched.end, total_steps)
+    if end > total_steps:
+        raise FxgrowError(f"schedule.end ({end} steps) is past the end of training ({total_steps} steps)")
+    if start >= end:
+        raise FxgrowError(f"schedule.start ({start} steps) must come before schedule.end ({end} steps) "
+                          f"in a run of {total_steps} steps")
+    if spec.final_sparsity > spec.initial_sparsity and sched.every > end - start:
+        raise FxgrowError(f"schedule.every ({sched.every} steps) is longer than the pruning window "
+                          f"({start}..{end} steps): pruning would happen in one shot; lower it")
+    until = total_steps if spec.regrow_until == "end" else end
+    schedule = Schedule(spec.initial_sparsity, spec.final_sparsity, start, end, sched.every, sched.shape,
+                        total_steps, spec.regrow, spec.regrow_fraction.initial, spec.regrow_fraction.final,
+                        until)
+    if not schedule.events():
+        raise FxgrowError(f"no mask update happens in this run ({total_steps} steps, schedule.every = "
+                          f"{sched.every}): lower schedule.every")
+    return schedule
+
+
+# --- the pass ---------------------------------------------------------------------------
+
+@register_pass
+class PruneRegrowPass(Pass):
+    """Preserves computation with the default `initial_sparsity: 0` (all-ones masks); with
+    `initial_sparsity > 0` the rewrite applies the initial sparse layout, on purpose."""
+
+    kind = "prune_regrow"
+    spec_cls = PruneRegrowSpec
+    preserves_computation = True
+    rank = MaskProducer.rank
+
+    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
+        spec: PruneRegrowSpec = self.spec
+        if any(isinstance(m, MaskProducer) for m in gm.modules()):
+            raise FxgrowError("the model already has mask producers: use one prune_regrow pass "
+                              "(list every layer in its targets)")
+        if spec.granularity == "filter":
+            raise FxgrowError("granularity: filter needs the channel-coupling analysis, "
+                              "which is not available yet")
+        chains = weight_chains(gm)
+        for m in matches:
+            chain = chains[f"{m.layer}.weight"]
+            head = fetch_attr(gm, chain.head.target)
+            value = head
+            for module in chain.modules(gm):
+                if module.rank <= MaskProducer.rank:
+                    value = module(value)
+            insert_producer(gm, chain, MaskProducer(value.shape, head.dtype, head.device, chain.key),
+                            self.kind)
+        if spec.initial_sparsity > 0:
+            apply_initial_layout(masked_weights(gm), spec.initial_sparsity, spec.init_distribution, ctx.seed)
+
+    def callbacks(self, gm: fx.GraphModule):
+        return [PruneRegrowCallback(self.spec)]
+
+
+@torch.no_grad()
+def apply_initial_layout(weights: list[MaskedWeight], sparsity: float, distribution: str,
+                         seed: int) -> None:
+    """Random positions, exact per-layer counts from `layout_counts`; masked weights zeroed."""
+    counts = layout_counts([w.mask.shape for w in weights], sparsity, distribution)
+    g = torch.Generator().manual_seed(seed)
+    for w, keep in zip(weights, counts):
+        active = torch.zeros(w.mask.numel(), dtype=torch.bool)
+        active[torch.randperm(w.mask.numel(), generator=g)[:keep]] = True
+        w.set_active(active.view(w.mask.shape).to(w.mask.device), optimizer=None)
+
+
+# --- training-time behaviour ----------------------------------------------------------------
+
+class PruneRegrowCallback(Callback):
+    """Runs the schedule: at each event prune to s_t, then regrow; checks the result.
+
+    The dense gradient is captured only for steps that end in a gradient regrowth: the
+    masks' `capture` flag is raised in `on_step_start` of such a step and lowered after the
+    event, so an ordinary step costs one integer test here."""
+
+    name = "prune_regrow"
+
+    def __init__(self, spec: PruneRegrowSpec):
+        self.spec = spec
+        self.schedule: Schedule | None = None
+        self.events = 0
+        self.moved = 0
+        self.last: dict[str, Any] | None = None   # the latest measurement (report.json)
+        self._time: int | None = None              # the event time this step ends at
+        self._capturing = False
+
+    # -- hooks
+    def on_train_start(self, ctx: TrainContext) -> None:
+        self.schedule = resolve_schedule(self.spec, ctx.total_steps)
+
+    def on_step_start(self, ctx: TrainContext) -> None:
+        self._time = ctx.step + 1
+        want = self.spec.regrow == "gradient" and self.schedule.is_regrow_event(self._time)
+        if want or self._capturing:
+            self._set_capture(ctx.model, want)
+
+    def after_step(self, ctx: TrainContext) -> None:
+        t = self._time if self._time is not None else ctx.step
+        self._time = None
+        if self.schedule.is_event(t):
+            self.last = self.event(ctx, t)
+            self.events += 1
+            self.moved += self.last["moved"]
+            ctx.log({f"{self.name}/{k}": v for k, v in self.last.items()})
+        if self._capturing:
+            self._set_capture(ctx.model, False)
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        self.last = {**(self.last or {}), **self.measure(masked_weights(ctx.model))}
+
+    # -- one event
+    def event(self, ctx: TrainContext, t: int) -> dict[str, Any]:
+        s = self.schedule
+        weights = masked_weights(ctx.model)
+        target = s.sparsity_at(t)
+        pruned = dropped = moved = 0
+        if s.is_prune_event(t):
+            if self.spec.scope == "global":
+                pruned = prune_global(weights, keep_total(weights, target), ctx.optimizer)
+            else:
+                for w, keep in zip(weights, self.keep_per_layer(weights, target)):
+                    pruned += prune_layer(w, keep, ctx.optimizer)
+        fraction = None
+        if s.is_regrow_event(t):
+            fraction = s.regrow_fraction(t)
+            grads = self._dense_grads(weights) if self.spec.regrow == "gradient" else [None] * len(weights)
+            generator = None
+            for w, grad in zip(weights, grads):
+                if grad is None and generator is None:
+                    generator = torch.Generator(w.mask.device).manual_seed((ctx.seed * 1_000_003 + t) % 2**63)
+                d, m = regrow(w, fraction, grad, generator, ctx.optimizer)
+                dropped, moved = dropped + d, moved + m
+        record = {"step": t, "target_sparsity": target, **self.measure(weights), "regrow_fraction": fraction,
+                  "pruned": pruned, "dropped": dropped, "moved": moved}
+        self.check(weights, target, t)
+        return record
+
+    def keep_per_layer(self, weights: list[MaskedWeight], target: float) -> list[int]:
+        """Layer scope: each layer keeps its initial share, scaled to the overall target:
+        c_l - round(c_l * (s_t - s_i) / (1 - s_i)), c_l its initial kept count. With a
+        dense start this is every layer at s_t (n_l - round(s_t * n_l))."""
+        s_i = self.spec.initial_sparsity
+        initial = layout_counts([w.mask.shape for w in weights], s_i, self.spec.init_distribution)
+        return [c - round(c * (target - s_i) / (1 - s_i)) for c in initial]
+
+    def check(self, weights: list[MaskedWeight], target: float, t: int) -> None:
+        """The invariant: the kept counts are exactly what the target says."""
+        if self.spec.scope == "global":
+            want, have = keep_total(weights, target), sum(w.nnz() for w in weights)
+            if want != have:
+                raise FxgrowError(f"prune_regrow: after the event at step {t}, {have} weights are "
+                                  f"active where the target sparsity {target:.6f} keeps {want}")
+            return
+        for w, want in zip(weights, self.keep_per_layer(weights, target)):
+            if w.nnz() != want:
+                raise FxgrowError(f"prune_regrow: after the event at step {t}, '{w.key}' has {w.nnz()} "
+                                  f"active weights where the target sparsity {target:.6f} keeps {want}")
+
+    @staticmethod
+    def measure(weights: list[MaskedWeight]) -> dict[str, Any]:
+        counts = {w.key: (w.nnz(), w.numel) for w in weights}
+        nnz, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+        return {"actual_sparsity": 1 - nnz / total,
+                "layers": {key: 1 - n / size for key, (n, size) in counts.items()}}
+
+    def _dense_grads(self, weights: list[MaskedWeight]) -> list[torch.Tensor]:
+        grads = []
+        for w in weights:
+            if w.mask_module.dense_grad is None:
+                raise FxgrowError(f"prune_regrow: no dense gradient was captured for '{w.key}' "
+                                  "(was it used in this step's forward?)")
+            grads.append(w.mask_module.dense_grad)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank must grow the same positions: regrow from the mean gradient.
+            for g in grads:
+                torch.distributed.all_reduce(g)
+                g.div_(torch.distributed.get_world_size())
+        return grads
+
+    def _set_capture(self, model: torch.nn.Module, on: bool) -> None:
+        for module in model.modules():
+            if isinstance(module, MaskProducer):
+                module.capture, module.dense_grad = on, None
+        self._capturing = on
+
+    # -- report and resume
+    def report(self) -> dict[str, Any]:
+        last = self.last or {}
+        return {"final_sparsity": self.spec.final_sparsity,
+                "actual_sparsity": last.get("actual_sparsity"),
+                "layers": last.get("layers", {}),
+                "events": self.events, "moved": self.moved,
+                "schedule": None if self.schedule is None else
+                {"start": self.schedule.start, "end": self.schedule.end, "every": self.schedule.every,
+                 "total_steps": self.schedule.total_steps}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"events": self.events, "moved": self.moved, "last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: TrainContext | None = None) -> None:
+        self.events, self.moved, self.last = state["events"], state["moved"], state["last"]
+
+
+def keep_total(weights: list[MaskedWeight], sparsity: float) -> int:
+    """Global scope: N - round(s * N) weights stay active."""
+    n = sum(w.numel for w in weights)
+    return n - round(sparsity * n)
