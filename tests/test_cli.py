@@ -132,3 +132,13 @@ def test_apply_then_fold_reproduces_the_runs_folded_model(tmp_path):
 def test_fold_of_a_missing_run_is_a_clear_error(tmp_path):
     result = run("fold", tmp_path / "nothing")
     assert result.exit_code == 1 and "no checkpoint" in result.output
+
+
+def test_svg_renders_with_graphviz_or_says_how_to_install_it(tmp_path, monkeypatch):
+    import shutil
+    target = tmp_path / "g.svg"
+    result = run("inspect", MLP, write(tmp_path, COMPANDER), "--format", "svg", "-o", target)
+    if shutil.which("dot"):
+        assert result.exit_code == 0 and target.read_text().lstrip().startswith("<")
+    else:
+        assert result.exit_code == 1 and "apt-get install graphviz" in result.output
