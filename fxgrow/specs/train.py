@@ -1,23 +1,192 @@
-"""The `train:` section of a spec (owned by the training loop)."""
+"""The `train:` section of a spec (owned by the training loop).
+
+Every field has a default, so `train: {}` is a valid (digits, SGD, cosine) run. Data
+accepts a short string (`digits`, `fashion_mnist`, `synthetic`, `python: pkg.mod:fn`)
+or a mapping with `name` and that dataset's options.
+"""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from .base import StrictModel
 
 
-class OptimizerSpec(StrictModel):
-    name: Literal["sgd", "adamw"] = "sgd"
+# --- data -------------------------------------------------------------------------
+
+class _DataBase(StrictModel):
+    # Random crop (zero padding) + horizontal flip, done on the device per batch.
+    augment: Literal["none", "crop_flip"] = "none"
+    crop_padding: int = Field(4, ge=0)
+
+
+class _Resizable(_DataBase):
+    image_size: int | None = Field(None, ge=1, description="resize images to this square size")
+    channels: Literal[1, 3] | None = Field(None, description="repeat grayscale to 3 channels")
+
+
+class DigitsData(_Resizable):
+    """scikit-learn's bundled 8x8 digits (1,797 images): no download, fixed split."""
+
+    name: Literal["digits"] = "digits"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+
+
+class SyntheticData(_DataBase):
+    """Gaussian clusters around random class prototypes: learnable, any shape."""
+
+    name: Literal["synthetic"] = "synthetic"
+    shape: list[int] = Field(default_factory=lambda: [3, 32, 32], min_length=1)
+    num_classes: int = Field(10, ge=2)
+    train_size: int = Field(1024, ge=1)
+    test_size: int = Field(256, ge=1)
+    noise: float = Field(1.0, ge=0)
+    data_seed: int = 0
+
+
+class FashionMNISTData(_Resizable):
+    """The full Fashion-MNIST (70,000 images). `root` holds the four idx gzip files
+    (Debian's dataset-fashion-mnist layout), the same files uncompressed, or
+    torchvision's `FashionMNIST/raw` tree."""
+
+    name: Literal["fashion_mnist"] = "fashion_mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"
+
+
+class CIFARData(_DataBase):
+    """CIFAR-10/100 in the python pickle format (`cifar-10-batches-py/`,
+    `cifar-100-python/`) under `root`, or `root` being that folder itself."""
+
+    name: Literal["cifar10", "cifar100"]
+    root: str
+
+
+class ImageFolderData(_DataBase):
+    """`root/<train>/<class>/*.png|jpg` and `root/<test>/<class>/...`."""
+
+    name: Literal["imagefolder"] = "imagefolder"
+    root: str
+    train: str = "train"
+    test: str = "val"
+    image_size: int = Field(32, ge=1)
+    in_memory: bool | None = Field(None, description="decode all images once; default: when under 2 GiB")
+    workers: int = Field(2, ge=0)
+
+
+class PythonData(_DataBase):
+    """`entry: module:function`; the function (called with `kwargs`) returns
+    `(train, test)` torch datasets, or a dict with keys `train` and `test`."""
+
+    name: Literal["python"] = "python"
+    entry: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    workers: int = Field(2, ge=0)
+
+
+DataSpec = Annotated[
+    Union[DigitsData, SyntheticData, FashionMNISTData, CIFARData, ImageFolderData, PythonData],
+    Field(discriminator="name"),
+]
+
+
+# --- optimization -----------------------------------------------------------------
+
+class SGDSpec(StrictModel):
+    name: Literal["sgd"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
 
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self):
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        return self
+
+
+class AdamWSpec(StrictModel):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+
+
+OptimizerSpec = Annotated[Union[SGDSpec, AdamWSpec], Field(discriminator="name")]
+
+
+class ScheduleSpec(StrictModel):
+    """Learning-rate factor per optimizer step: linear warm-up to 1, then `cosine`
+    (down to `min_factor` at the last step), `multistep` (times `gamma` at each
+    milestone, in epochs) or `constant`."""
+
+    name: Literal["cosine", "multistep", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)
+    min_factor: float = Field(0.0, ge=0, le=1)
+    milestones: list[float] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.warmup_steps is not None and "warmup_epochs" in self.model_fields_set:
+            raise ValueError("give warmup_epochs or warmup_steps, not both")
+        if self.milestones and self.name != "multistep":
+            raise ValueError(f"milestones only apply to multistep (schedule is {self.name!r})")
+        if self.milestones != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
+            raise ValueError("milestones must be positive and increasing")
+        return self
+
+
+# --- the section --------------------------------------------------------------------
 
 class TrainSpec(StrictModel):
-    data: str = "digits"
+    data: DataSpec = Field(default_factory=DigitsData)
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
+    steps: int | None = Field(None, ge=1, description="total optimizer steps; replaces epochs")
+    batch_size: int = Field(128, ge=1, description="global batch (split across DDP ranks)")
+    eval_batch_size: int | None = Field(None, ge=1)
     seed: int = 0
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    optimizer: OptimizerSpec = Field(default_factory=SGDSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
+    compile: bool = False
+    channels_last: bool | Literal["auto"] = "auto"  # auto: on CUDA for models with Conv2d
+    find_unused_parameters: bool = False  # DDP: set when sub-models skip parameters
+
+    eval_every_epochs: int | None = Field(1, ge=1)
+    eval_every_steps: int | None = Field(None, ge=1)
+    log_every_steps: int = Field(50, ge=1)
+    checkpoint: bool = True
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="default: every epoch end")
+    progress: Literal["auto", "bar", "plain", "none"] = "auto"
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            name, sep, rest = value.partition(":")
+            if sep and name.strip() == "python":
+                return {"name": "python", "entry": rest.strip()}
+            return {"name": value.strip()}
+        return value
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_default_name(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "name" not in value:
+            return {**value, "name": "sgd"}
+        return value
+
+    @model_validator(mode="after")
+    def _epochs_or_steps(self):
+        if self.steps is not None and "epochs" in self.model_fields_set:
+            raise ValueError("give epochs or steps, not both")
+        return self

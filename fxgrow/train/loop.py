@@ -1,0 +1,434 @@
+"""The training loop every rewritten model goes through.
+
+It knows events (see `callbacks.py`), never passes. One optimizer step:
+
+    on_step_start -> zero grads -> [on_micro_step(i) -> forward -> backward] x n
+    -> after_backward -> clip -> optimizer.step -> scheduler.step -> step += 1 -> after_step
+    -> log / eval / on_epoch_end / checkpoint when due
+
+The `Trainer` is itself the `TrainContext` callbacks receive.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import FxgrowError
+from ..specs.train import TrainSpec
+from . import checkpoint as ckpt
+from .callbacks import Callback
+from .data import Batches, Data, load_data, step_generator
+from .optim import build_optimizer, build_scheduler, lr_factor, merge_overrides, transfer_state
+from .progress import Progress
+
+REPORT_KEYS = ("accuracy", "loss", "parameters", "flops", "wall_time_s", "steps", "epochs", "samples_per_s",
+               "device", "world_size", "out_dir")
+# Fields a resumed run may change: they do not change what is computed.
+FREE_ON_RESUME = {"device", "compile", "progress", "log_every_steps", "checkpoint_every_steps"}
+_NEVER = 2 ** 62  # "no bad step yet" in the non-finite tracker
+
+
+class NonFiniteLoss(FxgrowError):
+    """The loss became NaN or infinite; the run stopped."""
+
+
+class Trainer:
+    """Train `model` as `spec` says, calling `callbacks` at every event.
+
+    `out_dir` defaults to the resumed run's folder, else `runs/<name>-<timestamp>`
+    (name from `spec_dump["name"]`). `resume` is a run folder or a checkpoint file.
+    `data` replaces the spec's dataset (Python use). `on_finish(model, out_dir, report)`
+    runs on rank 0 after training, before report.json is written (it may add to it).
+    """
+
+    def __init__(self, model: nn.Module, spec: TrainSpec, callbacks: Sequence[Callback] = (),
+                 out_dir: Path | str | None = None, spec_dump: dict[str, Any] | None = None,
+                 resume: Path | str | None = None, data: Data | None = None,
+                 on_finish: Callable[[nn.Module, Path, dict[str, Any]], None] | None = None):
+        self.spec = spec
+        self.callbacks = list(callbacks)
+        names = [cb.name for cb in self.callbacks]
+        for name in names:
+            if names.count(name) > 1 or name in REPORT_KEYS:
+                raise ValueError(f"callback name {name!r} is {'used twice' if names.count(name) > 1 else 'reserved'}"
+                                 "; names key checkpoint state and report sections")
+        self.spec_dump = spec_dump if spec_dump is not None else {"train": spec.model_dump(mode="json")}
+        self.resume_from = ckpt.find_checkpoint(Path(resume)) if resume is not None else None
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.data = data
+        self.on_finish = on_finish
+        self.model = model
+        # TrainContext members
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self.step = self.epoch = self.total_steps = self.steps_per_epoch = 0
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.loss: torch.Tensor | None = None
+        self.seed = spec.seed
+        self.resumed = False
+        self.rank, self.world = 0, 1
+        self.device = torch.device("cpu")
+        self._metrics = self._progress = self._ddp = None
+        self._last_eval: tuple[int, dict[str, float]] | None = None
+        self._last_checkpoint: int | None = None
+
+    # --- TrainContext ------------------------------------------------------------
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0 and self._metrics is not None:
+            self._metrics.write(json.dumps({"step": self.step, "epoch": self.epoch, **record}) + "\n")
+
+    def replace_model(self, model: nn.Module, param_map: dict[str, str] | None = None) -> None:
+        old_params = dict(self.model.named_parameters())
+        old_optimizer = self.optimizer
+        self._install(model)
+        self.optimizer = self._build_optimizer()
+        transfer_state(old_optimizer, old_params, self.optimizer, dict(self.model.named_parameters()), param_map)
+        self.scheduler = build_scheduler(self.optimizer, self._lr_factor, self.step)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        model = model if model is not None else self.model
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for x, y in self._test.sequential():
+            with self._autocast():
+                logits = model(self._prepare(x))
+            sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
+                                 (logits.argmax(-1) == y).sum().double(), sums.new_tensor(len(y))])
+        model.train(was_training)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        loss, correct, count = sums.tolist()
+        return {"loss": loss / count, "accuracy": correct / count}
+
+    # --- the run ---------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        own_group = self._setup_distributed()
+        try:
+            state = ckpt.load_checkpoint(self.resume_from) if self.resume_from else None
+            self.resumed = state is not None
+            self._setup(state)
+            self._wall_before = state["wall_time_s"] if state else 0.0
+            self._started = started
+            for cb in self.callbacks:
+                cb.on_train_start(self)
+            if state is not None:
+                self._restore(state)
+            self._train()
+            return self._finish()
+        finally:
+            self._close()
+            if own_group:
+                dist.destroy_process_group()
+
+    def _setup_distributed(self) -> bool:
+        own = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            wants_cuda = self.spec.device.startswith("cuda") or (self.spec.device == "auto" and torch.cuda.is_available())
+            dist.init_process_group("nccl" if wants_cuda else "gloo")
+            own = True
+        if dist.is_initialized():
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        return own
+
+    def _setup(self, state: dict[str, Any] | None) -> None:
+        spec = self.spec
+        if state is not None:
+            old, new = state["train_spec"], spec.model_dump(mode="json")
+            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in FREE_ON_RESUME)
+            if changed:
+                raise FxgrowError(f"resume: the train spec differs from the checkpoint's in {', '.join(changed)}")
+        self.device = self._pick_device()
+        self._bf16 = spec.precision == "bf16" or (spec.precision == "auto" and self.device.type == "cuda")
+        self._channels_last = spec.channels_last if spec.channels_last != "auto" else (
+            self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in self.model.modules()))
+
+        data = self.data if self.data is not None else load_data(spec.data)
+        self.data = data.to(self.device)
+        self._train_batches = Batches(data, "train", spec.batch_size, self.device, self.rank, self.world, spec.seed)
+        self._test = Batches(data, "test", spec.eval_batch_size or spec.batch_size, self.device, self.rank, self.world)
+        self.steps_per_epoch = self._train_batches.steps_per_epoch
+        self.total_steps = spec.steps or spec.epochs * self.steps_per_epoch
+        self._lr_factor = lr_factor(spec.schedule, self.total_steps, self.steps_per_epoch)
+
+        if state is None:
+            torch.manual_seed(spec.seed + self.rank)
+            random.seed(spec.seed + self.rank)
+            np.random.seed(spec.seed + self.rank)
+        self._install(self.model)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = build_scheduler(self.optimizer, self._lr_factor, 0)
+        # Running sums of the current logging interval, kept on the device (no sync per step)
+        self._sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
+        self._first_bad = torch.full((), _NEVER, dtype=torch.int64, device=self.device)
+        self._interval_samples = self._samples = 0
+        self._check_every_step = self.device.type == "cpu"  # a sync costs nothing there
+
+        if self.out_dir is None:
+            self.out_dir = self.resume_from.parent if self.resume_from else Path("runs") / (
+                f"{self.spec_dump.get('name', 'run')}-{datetime.now():%Y%m%d-%H%M%S}")
+        if self.world > 1:  # one folder for all ranks: rank 0's
+            shared = [str(self.out_dir)]
+            dist.broadcast_object_list(shared, src=0)
+            self.out_dir = Path(shared[0])
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write(self.out_dir / "spec.yaml",
+                              lambda f: f.write(yaml.safe_dump(self.spec_dump, sort_keys=False).encode()))
+            metrics = self.out_dir / "metrics.jsonl"
+            if state is not None and metrics.exists():  # drop what the interrupted run logged after its checkpoint
+                kept = [line for line in metrics.read_text().splitlines(keepends=True)
+                        if line.strip() and json.loads(line)["step"] <= state["step"]]
+                ckpt.atomic_write(metrics, lambda f: f.write("".join(kept).encode()))
+            self._metrics = open(metrics, "a" if state is not None else "w", buffering=1)
+            self._progress = Progress(spec.progress, self.total_steps, state["step"] if state else 0)
+
+    def _pick_device(self) -> torch.device:
+        name = self.spec.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cuda":
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        device = torch.device(name)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
+
+    def _install(self, model: nn.Module) -> None:
+        """Make `model` the one trained: on the device, in its memory format, wrapped
+        for DDP and compiled as the spec says (callbacks always see the bare module)."""
+        model.to(self.device)
+        if self._channels_last:
+            model.to(memory_format=torch.channels_last)
+        model.train()
+        forward = model
+        self._ddp = None
+        if self.world > 1:
+            forward = self._ddp = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.spec.find_unused_parameters)
+        if self.spec.compile:
+            forward = torch.compile(forward)
+        self.model, self._forward = model, forward
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        overrides = merge_overrides(self.model, ((cb.name, cb.param_group_overrides(self.model))
+                                                 for cb in self.callbacks))
+        return build_optimizer(self.model, self.spec.optimizer, overrides)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.epoch = self.step // self.steps_per_epoch
+        for cb in self.callbacks:  # before the model state: growth rebuilds the model here
+            cb.load_state_dict(state["callbacks"].get(cb.name, {}), self)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        if self.rank == 0:  # the interval's sums over all ranks, as saved
+            self._sums.copy_(state["interval_sums"])
+        self._last_checkpoint = self.step
+
+    # --- training ------------------------------------------------------------------
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16)
+
+    def _prepare(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = self.data.prepare(x, generator, (self.rank, self.world))
+        if self._channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _train(self) -> None:
+        spe = self.steps_per_epoch
+        self._interval_start = train_started = time.perf_counter()
+        while self.step < self.total_steps:
+            self.epoch, start = divmod(self.step, spe)
+            for x, y in self._train_batches.epoch(self.epoch, start):
+                self._train_step(x, y)
+                end_of_epoch = self.step % spe == 0
+                last = self.step == self.total_steps
+                self._after_step_events(end_of_epoch, last)
+                if last:
+                    break
+        self._train_time = time.perf_counter() - train_started
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.batch = (self._prepare(x, step_generator(self.device, self.seed, self.step)), y)
+        for cb in self.callbacks:
+            cb.on_step_start(self)
+        n = max([cb.micro_steps(self) for cb in self.callbacks], default=1)
+        self.optimizer.zero_grad(set_to_none=True)
+        inputs, targets = self.batch
+        for i in range(n):
+            for cb in self.callbacks:
+                cb.on_micro_step(self, i)
+            # DDP all-reduces gradients in the last micro-step's backward only
+            with (self._ddp.no_sync() if self._ddp is not None and i < n - 1 else contextlib.nullcontext()):
+                with self._autocast():
+                    logits = self._forward(inputs)
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.spec.label_smoothing)
+                (loss / n).backward()
+            loss = loss.detach()
+            self.loss = loss
+            self._sums += torch.stack([loss.double() * len(targets), (logits.argmax(-1) == targets).sum().double(),
+                                       self._sums.new_tensor(len(targets))])
+            bad = (~torch.isfinite(loss)).long() * (self.step + 1 - _NEVER) + _NEVER
+            torch.minimum(self._first_bad, bad, out=self._first_bad)
+        for cb in self.callbacks:
+            cb.after_backward(self)
+        if self.spec.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self._interval_samples += len(targets) * self.world
+        if self._check_every_step:
+            self._check_finite()
+        for cb in self.callbacks:
+            cb.after_step(self)
+
+    def _after_step_events(self, end_of_epoch: bool, last: bool) -> None:
+        spec = self.spec
+        if self.step % spec.log_every_steps == 0 or last:
+            self._log_train()
+        elif self._progress is not None:
+            self._progress.advance(self.step)
+        completed_epoch = self.step // self.steps_per_epoch
+        if (last or (spec.eval_every_steps and self.step % spec.eval_every_steps == 0)
+                or (end_of_epoch and spec.eval_every_epochs and completed_epoch % spec.eval_every_epochs == 0)):
+            self._eval()
+        if end_of_epoch:
+            for cb in self.callbacks:
+                cb.on_epoch_end(self)
+        if spec.checkpoint and (last or (spec.checkpoint_every_steps and self.step % spec.checkpoint_every_steps == 0)
+                                or (end_of_epoch and not spec.checkpoint_every_steps)):
+            self._save_checkpoint()
+
+    def _check_finite(self) -> None:
+        bad = int(self._reduce(self._first_bad.clone(), dist.ReduceOp.MIN))
+        if bad != _NEVER:
+            where = (f"the last good checkpoint is {self.out_dir / ckpt.CHECKPOINT} (step {self._last_checkpoint})"
+                     if self._last_checkpoint is not None else "no checkpoint was written")
+            raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {(bad - 1) // self.steps_per_epoch}); "
+                                f"training stopped, {where}")
+
+    def _reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=op)
+        return t
+
+    def _log_train(self) -> None:
+        self._check_finite()
+        loss, correct, count = self._reduce(self._sums.clone()).tolist()
+        self._sums.zero_()
+        now = time.perf_counter()
+        record = {"step": self.step, "epoch": self.epoch, "split": "train", "loss": loss / count,
+                  "accuracy": correct / count, "lr": self.optimizer.param_groups[0]["lr"],
+                  "samples_per_s": self._interval_samples / max(now - self._interval_start, 1e-9)}
+        self._samples += self._interval_samples
+        self._interval_start, self._interval_samples = now, 0
+        if self.rank == 0:
+            self.log(record)
+            self._progress.train(record)
+
+    def _eval(self) -> None:
+        self._check_finite()
+        metrics = self.evaluate()
+        self._last_eval = (self.step, metrics)
+        record = {"step": self.step, "epoch": self.epoch, "split": "test", **metrics}
+        if self.rank == 0:
+            self.log(record)
+            self._progress.eval(record)
+        for cb in self.callbacks:
+            cb.on_eval(self, metrics)
+
+    def _save_checkpoint(self) -> None:
+        self._check_finite()
+        state = {
+            "step": self.step,
+            "spec": self.spec_dump,
+            "train_spec": self.spec.model_dump(mode="json"),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "interval_sums": self._reduce(self._sums.clone()).cpu(),
+            "wall_time_s": self._wall_time(),
+        }
+        if self.rank == 0:
+            ckpt.save_checkpoint(self.out_dir / ckpt.CHECKPOINT, state)
+        self._last_checkpoint = self.step
+
+    def _wall_time(self) -> float:
+        return self._wall_before + time.perf_counter() - self._started
+
+    # --- the end -------------------------------------------------------------------
+
+    def _finish(self) -> dict[str, Any]:
+        if self._last_eval is None or self._last_eval[0] != self.step:  # a resumed, already finished run
+            self._eval()
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        _, metrics = self._last_eval
+        wall = self._wall_time()
+        report = {
+            "accuracy": metrics["accuracy"],
+            "loss": metrics["loss"],
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "flops": self.forward_flops(),
+            "wall_time_s": wall,
+            "steps": self.step,
+            "epochs": self.step / self.steps_per_epoch,
+            "samples_per_s": self._samples / max(self._train_time, 1e-9),
+            "device": str(self.device),
+            "world_size": self.world,
+            "out_dir": str(self.out_dir),
+        }
+        for cb in self.callbacks:
+            report[cb.name] = cb.report()
+        if self.rank == 0:
+            if self.on_finish is not None:
+                self.on_finish(self.model, self.out_dir, report)
+            ckpt.write_json(self.out_dir / "report.json", report)
+        return report
+
+    @torch.no_grad()
+    def forward_flops(self, model: nn.Module | None = None) -> int:
+        """Forward FLOPs of one example (FlopCounterMode counts matmuls and convs)."""
+        model = model if model is not None else self.model
+        was_training = model.training
+        model.eval()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(self.data.example())
+        model.train(was_training)
+        return counter.get_total_flops()
+
+    def _close(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
