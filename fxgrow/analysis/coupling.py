@@ -1,0 +1,722 @@
+"""Channel coupling: which channel indices of which parameters must move together.
+
+Growth widens, filter pruning removes and width slicing keeps channels; each must act on
+every parameter slice that indexes the same channels, or the network stops computing.
+
+The analysis works on a `GraphModule` after `ShapeProp` and tracks *every* dim of every
+tensor, so it never has to guess which dim holds channels: a conv reads dim 1, a linear the
+last dim, a LayerNorm its trailing dims, and the ops in between say how their output dims
+relate to their input dims. Each tensor dim that is one block of channels gets a node
+("tensor", node name, dim) in a networkx graph; an edge says "same channel count and
+order" (residual add, activation, norm, depthwise conv, matmul contraction). A dim that
+holds several blocks side by side (the output of `cat`, or a flatten that repeats each
+channel H*W times) is not a node but a layout: a list of segments (atom, size, repeat).
+Every parameter slice is a node ("param", layer, param, dim, offset, repeat) tied to the
+block it indexes. A connected component holding parameter slices is a `ChannelGroup`.
+
+Anything the analysis cannot follow exactly marks the touched blocks fixed with a reason
+(unknown op, grouped conv, a reshape that splits channels, ...): a fixed group is never
+grown, pruned or sliced, which is always safe, where a wrong coupling would not be.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.passes.shape_prop import TensorMetadata
+
+
+@dataclass(frozen=True, order=True)
+class ChannelUse:
+    """One parameter slice a group's channels index: channel c of the group is the
+    indices `offset + c * repeat + r` (r < repeat) of `layer.param` along `dim`."""
+
+    layer: str  # module path of the layer owning the parameter, e.g. "layer1.0.conv1"
+    param: str  # "weight" | "bias" | "running_mean" | "running_var" | ...
+    dim: int  # the parameter dim that indexes these channels
+    offset: int = 0  # first index of this group's block along `dim` (concat puts groups side by side)
+    repeat: int = 1  # each channel spans `repeat` consecutive indices (flatten of C x H x W: H*W)
+
+    def indices(self, channels) -> torch.Tensor:
+        """The indices along `dim` that hold `channels` (channel numbers within the group)."""
+        channels = torch.as_tensor(channels, dtype=torch.long).reshape(-1, 1)
+        return (self.offset + channels * self.repeat + torch.arange(self.repeat)).reshape(-1)
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be grown, pruned or sliced together: channel c means the same
+    thing in every use. Groups come in graph order; `fixed` ones must be left alone."""
+
+    id: int
+    size: int  # number of channels C
+    uses: list[ChannelUse]  # every parameter slice that must move together
+    producers: list[str]  # layers whose OUTPUT channels define this group
+    fixed: bool  # True: never grow/slice/prune
+    reason: str = ""  # why fixed
+
+
+@dataclass(frozen=True)
+class _Segment:
+    atom: tuple  # ("tensor", node name, dim): one block of channels
+    size: int
+    repeat: int = 1
+
+
+Layout = tuple[_Segment, ...]  # what one tensor dim holds, block after block
+
+
+# ---------------------------------------------------------------------------------------
+# "What layer is this node": one answer for call_module layers and functionalized calls.
+
+@dataclass(frozen=True)
+class _Layer:
+    kind: str  # "conv" | "linear" | "embedding" | "channel_norm" | "group_norm" | "layer_norm"
+    path: str  # module path, names the layer as a producer
+    x: Node  # the activation input
+    params: dict[str, tuple[str, str]]  # role ("weight", ...) -> (owner path, param name)
+    operands: tuple[Node, ...] = ()  # graph nodes computing the parameters (functional form)
+    groups: int = 1  # conv groups, or GroupNorm's num_groups
+    norm_dims: int = 1  # LayerNorm: how many trailing dims it normalizes
+
+
+_MODULE_KINDS: tuple[tuple[tuple[type, ...], str], ...] = (
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"),
+    ((nn.Linear,), "linear"),
+    ((nn.Embedding,), "embedding"),
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+      nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), "channel_norm"),
+    ((nn.GroupNorm,), "group_norm"),
+    ((nn.LayerNorm,), "layer_norm"),
+)
+_NORM_ROLES = ("weight", "bias", "running_mean", "running_var")
+
+# target -> (kind, {role: arg position}, (option name, arg position) or None); the roles are
+# also the keyword names in torch.nn.functional's signatures.
+_WEIGHT_BIAS = {"weight": 1, "bias": 2}
+_NORM_ARGS = {"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4}
+_FUNCTIONAL_LAYERS: dict[Callable, tuple[str, dict[str, int], tuple[str, int] | None]] = {
+    F.linear: ("linear", _WEIGHT_BIAS, None),
+    F.conv1d: ("conv", _WEIGHT_BIAS, ("groups", 6)),
+    F.conv2d: ("conv", _WEIGHT_BIAS, ("groups", 6)),
+    F.conv3d: ("conv", _WEIGHT_BIAS, ("groups", 6)),
+    F.embedding: ("embedding", {"weight": 1}, None),
+    F.batch_norm: ("channel_norm", _NORM_ARGS, None),
+    F.instance_norm: ("channel_norm", _NORM_ARGS, None),
+    F.group_norm: ("group_norm", {"weight": 2, "bias": 3}, ("num_groups", 1)),
+    F.layer_norm: ("layer_norm", {"weight": 2, "bias": 3}, ("normalized_shape", 1)),
+}
+
+
+def _arg(node: Node, position: int, name: str, default=None):
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
+def _layer_of(node: Node, gm: GraphModule) -> _Layer | None:
+    """The layer `node` computes, or None. Both graph forms give the same `_Layer`."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        kind = next((k for types, k in _MODULE_KINDS if isinstance(module, types)), None)
+        if kind is None:
+            return None
+        roles = ("weight", "bias") if kind in ("conv", "linear") else ("weight",) if kind == "embedding" else _NORM_ROLES
+        params = {r: (node.target, r) for r in roles if getattr(module, r, None) is not None}
+        groups = module.groups if kind == "conv" else module.num_groups if kind == "group_norm" else 1
+        norm_dims = len(module.normalized_shape) if kind == "layer_norm" else 1
+        return _Layer(kind, node.target, node.args[0], params, (), groups, norm_dims)
+    if node.op != "call_function" or node.target not in _FUNCTIONAL_LAYERS:
+        return None
+    kind, positions, option = _FUNCTIONAL_LAYERS[node.target]
+    operands = {r: _arg(node, p, r) for r, p in positions.items()}
+    operands = {r: op for r, op in operands.items() if isinstance(op, Node)}
+    tag = node.meta.get("fxgrow") or {}
+    if tag.get("role") == "layer":
+        path = tag["source"]
+        params = {r: (path, r) for r in operands}
+    elif operands and all(op.op == "get_attr" for op in operands.values()):
+        # a functional layer the user wrote: its parameters are named by their attributes
+        params = {r: tuple(op.target.rpartition(".")[::2]) for r, op in operands.items()}
+        path = params["weight"][0] if "weight" in params else next(iter(params.values()))[0]
+    else:
+        return None
+    value = _arg(node, option[1], option[0], 1) if option else 1
+    groups = value if kind in ("conv", "group_norm") else 1
+    norm_dims = (1 if isinstance(value, int) else len(value)) if kind == "layer_norm" else 1
+    return _Layer(kind, path, _arg(node, 0, "input"), params, tuple(operands.values()), groups, norm_dims)
+
+
+def _weight_chains(nodes: list[Node], layers: dict[Node, _Layer]) -> set[Node]:
+    """Nodes that only compute layer parameters (get_attr -> producers -> operand): the
+    layer's own uses already stand for them, so the analysis skips them."""
+    static: set[Node] = set()
+    for n in nodes:
+        inputs = n.all_input_nodes
+        if n.op == "get_attr" or (
+            n.op.startswith("call_")
+            and all(i in static for i in inputs)
+            and (inputs or (n.meta.get("fxgrow") or {}).get("role") == "producer")
+        ):
+            static.add(n)
+    chain: set[Node] = set()
+    for n in reversed(nodes):
+        if n in static and n.users and all(
+            u in chain or (u in layers and n in layers[u].operands) for u in n.users
+        ):
+            chain.add(n)
+    return chain
+
+
+# ---------------------------------------------------------------------------------------
+# What the other ops do with dims.
+
+_POINTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.maximum,
+    torch.minimum, torch.where, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs,
+    torch.sqrt, torch.rsqrt, torch.square, torch.erf, torch.clamp, torch.softmax,
+    torch.log_softmax,
+    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh,
+    F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.sigmoid, F.tanh, F.softmax,
+    F.log_softmax, F.normalize, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.alpha_dropout,
+}
+# Named so the analysis does not import torchvision: stochastic depth scales whole samples.
+_POINTWISE_BY_NAME = {"torchvision.ops.stochastic_depth.stochastic_depth"}
+_POINTWISE_METHODS_ALL_ARGS = {
+    "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "pow", "maximum", "minimum",
+    "masked_fill", "where",
+}
+# Only `self` carries data: `x.to(y)`, `x.expand_as(y)` take just a dtype or shape from y.
+_POINTWISE_METHODS_SELF = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "sqrt", "rsqrt",
+    "neg", "square", "erf", "clamp", "clamp_", "softmax", "log_softmax", "contiguous",
+    "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as",
+    "expand", "expand_as",
+}
+_POINTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softmax,
+    nn.LogSoftmax, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout,
+)
+# op -> how many trailing (spatial) dims it changes; the leading dims pass through.
+_SPATIAL_FUNCTIONS = {
+    F.max_pool1d: 1, F.avg_pool1d: 1, F.adaptive_avg_pool1d: 1, F.adaptive_max_pool1d: 1,
+    F.max_pool2d: 2, F.avg_pool2d: 2, F.adaptive_avg_pool2d: 2, F.adaptive_max_pool2d: 2,
+    F.max_pool3d: 3, F.avg_pool3d: 3, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool3d: 3,
+}
+_SPATIAL_MODULES = (
+    (nn.MaxPool1d, 1), (nn.AvgPool1d, 1), (nn.AdaptiveAvgPool1d, 1), (nn.AdaptiveMaxPool1d, 1),
+    (nn.MaxPool2d, 2), (nn.AvgPool2d, 2), (nn.AdaptiveAvgPool2d, 2), (nn.AdaptiveMaxPool2d, 2),
+    (nn.MaxPool3d, 3), (nn.AvgPool3d, 3), (nn.AdaptiveAvgPool3d, 3), (nn.AdaptiveMaxPool3d, 3),
+)
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_JOIN_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
+
+
+def _tensor_meta(node) -> TensorMetadata | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, Node) else None
+    return meta if isinstance(meta, TensorMetadata) else None
+
+
+def _holds_tensor(meta) -> bool:
+    if isinstance(meta, TensorMetadata):  # a NamedTuple: test it before the containers
+        return True
+    if isinstance(meta, (list, tuple)):
+        return any(_holds_tensor(m) for m in meta)
+    if isinstance(meta, dict):
+        return any(_holds_tensor(m) for m in meta.values())
+    return False
+
+
+def _describe(node: Node, gm: GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(node.target)).__name__} ({node.target})"
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _qualified_name(target) -> str:
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}"
+
+
+def _dims(value, ndim: int) -> list[int]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [d % ndim for d in values]
+
+
+def _reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of dims of `a` and `b` whose products match: in row-major order each run of
+    `a` holds exactly the elements of its run of `b`."""
+    groups, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        run_a, run_b = ([i] if i < len(a) else []), ([j] if j < len(b) else [])
+        i, j = i + len(run_a), j + len(run_b)
+        while (pa := math.prod(a[k] for k in run_a)) != (pb := math.prod(b[k] for k in run_b)):
+            if pa < pb and i < len(a):
+                run_a, i = run_a + [i], i + 1
+            elif pb < pa and j < len(b):
+                run_b, j = run_b + [j], j + 1
+            else:
+                break
+        groups.append((run_a, run_b))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------
+
+class _Builder:
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.graph = nx.Graph()
+        self.layouts: dict[Node, tuple[Layout, ...]] = {}
+
+    # --- graph primitives ---
+    def _add(self, key: tuple, **attrs) -> None:
+        if key not in self.graph:
+            self.graph.add_node(key, order=self.graph.number_of_nodes(), **attrs)
+
+    def _atom(self, node: Node, dim: int, size: int) -> Layout:
+        key = ("tensor", node.name, dim)
+        self._add(key, kind="tensor", node=node.name, dim=dim, size=size, reasons=[],
+                  label=f"{node.name}[{dim}]")
+        return (_Segment(key, size),)
+
+    def _fix_atoms(self, atoms: Iterable[tuple], reason: str) -> None:
+        for atom in atoms:
+            reasons = self.graph.nodes[atom]["reasons"]
+            if reason not in reasons:
+                reasons.append(reason)
+
+    def _fix(self, layouts: Iterable[Layout], reason: str) -> None:
+        self._fix_atoms((seg.atom for layout in layouts for seg in layout), reason)
+
+    def _unify(self, a: Layout, b: Layout, node: Node) -> None:
+        """Say that two layouts hold the same channels in the same order."""
+        if a == b:
+            return
+        if [(s.size, s.repeat) for s in a] == [(s.size, s.repeat) for s in b]:
+            for sa, sb in zip(a, b):
+                self.graph.add_edge(sa.atom, sb.atom, op=node.name)
+        else:
+            self._fix((a, b), f"cannot align channel blocks at {node.name}")
+
+    def _use(self, layout: Layout, param: tuple[str, str] | None, dim: int, op: Node) -> None:
+        """Tie the slices of parameter `param` = (owner path, name) along `dim` to the blocks
+        of `layout`, block after block."""
+        if param is None:
+            return
+        owner, name = param
+        offset = 0
+        for seg in layout:
+            key = ("param", owner, name, dim, offset, seg.repeat)
+            self._add(key, kind="param", use=ChannelUse(owner, name, dim, offset, seg.repeat),
+                      label=f"{owner}.{name}[{dim}]@{offset}x{seg.repeat}")
+            self.graph.add_edge(key, seg.atom, op=op.name)
+            offset += seg.size * seg.repeat
+
+    def _set(self, node: Node, coupled: dict[int, list[Layout]], reason: str | None = None) -> tuple[Layout, ...]:
+        """Give each dim of `node`'s output a layout: its own atom tied to the input layouts
+        it equals, or the composite layout it passes on; dims not in `coupled` are new."""
+        shape = _tensor_meta(node).shape
+        out = []
+        for d, size in enumerate(shape):
+            sources = coupled.get(d, [])
+            first = sources[0] if sources else None
+            if first is not None and not (len(first) == 1 and first[0].repeat == 1):
+                layout = first  # several blocks (or repeated channels): pass the layout on
+            else:
+                layout = self._atom(node, d, size)
+            for source in sources:
+                self._unify(layout, source, node)
+            out.append(layout)
+        self.layouts[node] = tuple(out)
+        if reason:
+            self._fix(out, reason)
+        return self.layouts[node]
+
+    def _inputs(self, node: Node) -> list[Node]:
+        return [n for n in node.all_input_nodes if n in self.layouts]
+
+    # --- rules ---
+    def visit(self, node: Node, layer: _Layer | None) -> None:
+        if node.op == "placeholder":
+            if _tensor_meta(node) is not None:
+                self._set(node, {}, "model input")
+        elif node.op == "output":
+            for source in self._inputs(node):
+                self._fix(self.layouts[source], "model output")
+        elif node.op == "get_attr":
+            self._get_attr(node)
+        elif layer is not None:
+            self._layer(node, layer)
+        elif not _holds_tensor(node.meta.get("tensor_meta")):
+            pass  # x.size(), x.dim(), asserts: no tensor, so no channels flow through
+        else:
+            rule = self._rule(node)
+            if rule is None or _tensor_meta(node) is None or rule(node) is False:
+                self._unknown(node, f"unknown op {_describe(node, self.gm)}")
+
+    def _rule(self, node: Node) -> Callable[[Node], bool | None] | None:
+        target = node.target
+        if node.op == "call_module":
+            module = self.gm.get_submodule(target)
+            if isinstance(module, _POINTWISE_MODULES):
+                return self._pointwise
+            if isinstance(module, (nn.Flatten, nn.Unflatten)):
+                return self._reshape
+            if isinstance(module, nn.PReLU):
+                return self._prelu
+            if isinstance(module, (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)):
+                return lambda n: self._spatial(n, len(_tensor_meta(n).shape) - 2)
+            for types, k in _SPATIAL_MODULES:
+                if isinstance(module, types):
+                    return lambda n: self._spatial(n, k)
+            return None
+        if node.op == "call_method":
+            if target in _POINTWISE_METHODS_ALL_ARGS:
+                return self._pointwise
+            if target in _POINTWISE_METHODS_SELF:
+                return lambda n: self._pointwise(n, first_only=True)
+            if target in _RESHAPE_METHODS:
+                return self._reshape
+            if target in ("permute", "transpose", "swapaxes", "t"):
+                return self._permute
+            if target in _REDUCE_METHODS:
+                return self._reduce
+            if target in ("matmul", "bmm", "mm"):
+                return self._matmul
+            return None
+        if target in _POINTWISE_FUNCTIONS or _qualified_name(target) in _POINTWISE_BY_NAME:
+            return self._pointwise
+        if target in _SPATIAL_FUNCTIONS:
+            return lambda n: self._spatial(n, _SPATIAL_FUNCTIONS[target])
+        if target is F.interpolate:
+            return lambda n: self._spatial(n, len(_tensor_meta(n).shape) - 2)
+        if target is F.pad:
+            return self._pad
+        if target in _RESHAPE_FUNCTIONS:
+            return self._reshape
+        if target in (torch.permute, torch.transpose, torch.swapaxes, torch.t):
+            return self._permute
+        if target in _REDUCE_FUNCTIONS:
+            return self._reduce
+        if target in _JOIN_FUNCTIONS:
+            return self._join
+        if target in _MATMUL_FUNCTIONS:
+            return self._matmul
+        if target is operator.getitem:
+            return self._getitem
+        return None
+
+    def _unknown(self, node: Node, reason: str) -> None:
+        for source in self._inputs(node):
+            self._fix(self.layouts[source], reason)
+        if _tensor_meta(node) is not None:
+            self._set(node, {}, reason)
+
+    def _get_attr(self, node: Node) -> None:
+        if _tensor_meta(node) is None:
+            return
+        owner, _, name = node.target.rpartition(".")
+        for d, layout in enumerate(self._set(node, {})):
+            self._use(layout, (owner, name), d, node)
+
+    def _layer(self, node: Node, layer: _Layer) -> None:
+        x = layer.x
+        if x not in self.layouts or _tensor_meta(node) is None:
+            return self._unknown(node, f"unknown op {_describe(node, self.gm)}")
+        xin = self.layouts[x]
+        ndim = len(xin)
+        if layer.kind == "conv":
+            channels_in, channels_out = _tensor_meta(x).shape[1], _tensor_meta(node).shape[1]
+            depthwise = 1 < layer.groups == channels_in == channels_out
+            if depthwise:  # channel c -> c: a use of the input's channels, not a producer
+                out = self._set(node, {0: [xin[0]], 1: [xin[1]]})
+            else:
+                out = self._set(node, {0: [xin[0]]})
+                self.graph.nodes[out[1][0].atom]["producer"] = layer.path
+                if layer.groups == 1:
+                    self._use(xin[1], layer.params.get("weight"), 1, node)
+                else:  # input channel c meets weight column c % (C / groups): not a slice
+                    reason = f"grouped conv {layer.path} (groups={layer.groups})"
+                    self._fix([xin[1], out[1]], reason)
+            self._use(out[1], layer.params.get("weight"), 0, node)
+            self._use(out[1], layer.params.get("bias"), 0, node)
+        elif layer.kind in ("linear", "embedding"):
+            if layer.kind == "linear":
+                out = self._set(node, {d: [xin[d]] for d in range(ndim - 1)})
+                self._use(xin[-1], layer.params.get("weight"), 1, node)
+            else:  # indices in, one new last dim of features out
+                out = self._set(node, {d: [xin[d]] for d in range(ndim)})
+            self.graph.nodes[out[-1][0].atom]["producer"] = layer.path
+            self._use(out[-1], layer.params.get("weight"), 0 if layer.kind == "linear" else 1, node)
+            self._use(out[-1], layer.params.get("bias"), 0, node)
+        else:  # norms: shape unchanged, per-channel parameters on dim 1 or the trailing dims
+            out = self._set(node, {d: [xin[d]] for d in range(ndim)})
+            if layer.kind == "layer_norm":
+                param_dims = {ndim - layer.norm_dims + i: i for i in range(layer.norm_dims)}
+            else:
+                param_dims = {1 if ndim > 1 else 0: 0}
+                channels = _tensor_meta(node).shape[next(iter(param_dims))]
+                if layer.kind == "group_norm" and layer.groups not in (1, channels):
+                    self._fix([out[1]], f"group norm {layer.path} ({layer.groups} groups of channels)")
+            for d, param_dim in param_dims.items():
+                for role in _NORM_ROLES:
+                    self._use(out[d], layer.params.get(role), param_dim, node)
+
+    def _pointwise(self, node: Node, first_only: bool = False) -> bool | None:
+        """Elementwise with broadcasting: output dims equal the right-aligned input dims of
+        the same size (a size-1 input dim that broadcasts couples nothing)."""
+        shape = _tensor_meta(node).shape
+        inputs = node.all_input_nodes[: 1 if first_only else None]
+        if not all(n in self.layouts for n in inputs):
+            return False
+        coupled: dict[int, list[Layout]] = {}
+        for n in inputs:
+            in_shape = _tensor_meta(n).shape
+            for k, size in enumerate(in_shape):
+                d = len(shape) - len(in_shape) + k
+                if d >= 0 and size == shape[d]:
+                    coupled.setdefault(d, []).append(self.layouts[n][k])
+        self._set(node, coupled)
+
+    def _prelu(self, node: Node) -> bool | None:
+        xin = self.layouts.get(node.args[0])
+        if xin is None:
+            return False
+        out = self._set(node, {d: [layout] for d, layout in enumerate(xin)})
+        if self.gm.get_submodule(node.target).num_parameters > 1:  # one slope per channel
+            self._use(out[1 if len(out) > 1 else 0], (node.target, "weight"), 0, node)
+
+    def _spatial(self, node: Node, k: int) -> bool | None:
+        xin = self.layouts.get(node.args[0])
+        if xin is None:
+            return False
+        self._set(node, {d: [xin[d]] for d in range(len(xin) - k)})
+
+    def _pad(self, node: Node) -> bool | None:
+        xin, pad, padded = self.layouts.get(node.args[0]), _arg(node, 1, "pad"), set()
+        if xin is None or not isinstance(pad, (list, tuple)):
+            return False
+        for i in range(len(pad) // 2):
+            if pad[2 * i] != 0 or pad[2 * i + 1] != 0:
+                padded.add(len(xin) - 1 - i)
+        reason = f"pad {node.name} changes the size of a dim"
+        self._fix([xin[d] for d in padded], reason)
+        out = self._set(node, {d: [xin[d]] for d in range(len(xin)) if d not in padded})
+        self._fix([out[d] for d in padded], reason)
+
+    def _reshape(self, node: Node) -> bool | None:
+        x = node.args[0]
+        if x not in self.layouts:
+            return False
+        xin, a, b = self.layouts[x], _tensor_meta(x).shape, _tensor_meta(node).shape
+        coupled, fixed_out = {}, []
+        for run_a, run_b in _reshape_groups(a, b):
+            ins = [d for d in run_a if a[d] != 1]
+            outs = [d for d in run_b if b[d] != 1]
+            if not ins or not outs:
+                continue
+            if len(outs) == 1:
+                # the first dim of the run carries the channels, each repeated over the rest;
+                # channels of the inner dims land at a stride we do not follow
+                inner = math.prod(a[d] for d in ins[1:])
+                self._fix([xin[d] for d in ins[1:]], f"flattened into an inner position by {node.name}")
+                coupled[outs[0]] = [tuple(_Segment(s.atom, s.size, s.repeat * inner) for s in xin[ins[0]])]
+            else:
+                inner = math.prod(b[d] for d in outs[1:])
+                if len(ins) == 1 and all(s.repeat % inner == 0 for s in xin[ins[0]]):
+                    # undoing a flatten: the repeated channels become the leading dim again
+                    coupled[outs[0]] = [tuple(_Segment(s.atom, s.size, s.repeat // inner) for s in xin[ins[0]])]
+                else:
+                    self._fix([xin[d] for d in ins], f"reshape {node.name} splits channels")
+                    fixed_out += outs
+        out = self._set(node, coupled)
+        self._fix([out[d] for d in fixed_out], f"reshape {node.name} splits channels")
+
+    def _permute(self, node: Node) -> bool | None:
+        xin = self.layouts.get(node.args[0])
+        if xin is None:
+            return False
+        ndim = len(xin)
+        perm = list(range(ndim))
+        if node.target in ("permute", torch.permute):
+            dims = node.args[1:] if node.op == "call_method" else [_arg(node, 1, "dims")]
+            perm = _dims(dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else list(dims), ndim)
+        elif node.target in ("transpose", "swapaxes", torch.transpose, torch.swapaxes):
+            d0, d1 = _dims([_arg(node, 1, "dim0"), _arg(node, 2, "dim1")], ndim)
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+        elif ndim == 2:  # t()
+            perm = [1, 0]
+        self._set(node, {d: [xin[p]] for d, p in enumerate(perm)})
+
+    def _reduce(self, node: Node) -> bool | None:
+        xin = self.layouts.get(node.args[0])
+        dim, keepdim = _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False)
+        if xin is None or not isinstance(dim, (int, list, tuple, type(None))):
+            return False
+        if dim is None:
+            self._set(node, {})  # a full reduction keeps no dim
+            return None
+        reduced = set(_dims(dim, len(xin)))
+        kept = [d for d in range(len(xin)) if keepdim or d not in reduced]
+        self._set(node, {o: [xin[d]] for o, d in enumerate(kept) if d not in reduced})
+
+    def _join(self, node: Node) -> bool | None:
+        """`cat` puts the inputs' blocks side by side along `dim`; `stack` adds a new dim."""
+        tensors = _arg(node, 0, "tensors")
+        if not isinstance(tensors, (list, tuple)) or not all(t in self.layouts for t in tensors):
+            return False
+        ndim = len(_tensor_meta(node).shape)
+        dim = _dims(_arg(node, 1, "dim", 0), ndim)[0]
+        if node.target is torch.stack:
+            self._set(node, {d: [self.layouts[t][d - (d > dim)] for t in tensors] for d in range(ndim) if d != dim})
+            return None
+        coupled = {d: [self.layouts[t][d] for t in tensors] for d in range(ndim) if d != dim}
+        coupled[dim] = [tuple(seg for t in tensors for seg in self.layouts[t][dim])]
+        self._set(node, coupled)
+
+    def _matmul(self, node: Node) -> bool | None:
+        operands = [n for n in node.args[:2] if isinstance(n, Node) and n in self.layouts]
+        if len(operands) != 2 or min(len(self.layouts[n]) for n in operands) < 2:
+            return False
+        a, b = (self.layouts[n] for n in operands)
+        self._unify(a[-1], b[-2], node)  # the contracted dim: same channels on both sides
+        shape = _tensor_meta(node).shape
+        ndim = len(shape)
+        coupled = {ndim - 2: [a[-2]], ndim - 1: [b[-1]]}
+        for n, layout in zip(operands, (a, b)):
+            batch = _tensor_meta(n).shape[:-2]
+            for k, size in enumerate(batch):
+                d = ndim - 2 - len(batch) + k
+                if size == shape[d]:
+                    coupled.setdefault(d, []).append(layout[k])
+        self._set(node, coupled)
+
+    def _getitem(self, node: Node) -> bool | None:
+        x, index = node.args
+        if x not in self.layouts:  # an element of a tuple some unknown op returned
+            self._unknown(node, f"unknown op {_describe(x, self.gm)}" if isinstance(x, Node) else "unknown op getitem")
+            return None
+        xin = self.layouts[x]
+        index = index if isinstance(index, tuple) else (index,)
+        if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in index):
+            return False
+        consumed = sum(isinstance(i, (int, slice)) for i in index)
+        if Ellipsis not in index:
+            index = index + (Ellipsis,)
+        coupled, fixed_out, d_in, d_out = {}, [], 0, 0
+        reason = f"indexing {node.name} selects channels"
+        shape = _tensor_meta(node).shape
+        for i in index:
+            if i is Ellipsis:
+                for _ in range(len(xin) - consumed):
+                    coupled[d_out] = [xin[d_in]]
+                    d_in, d_out = d_in + 1, d_out + 1
+            elif i is None:
+                d_out += 1
+            elif isinstance(i, int):
+                self._fix([xin[d_in]], reason)
+                d_in += 1
+            else:
+                if i.step in (None, 1) and shape[d_out] == _tensor_meta(x).shape[d_in]:  # whole dim
+                    coupled[d_out] = [xin[d_in]]
+                else:
+                    self._fix([xin[d_in]], reason)
+                    fixed_out.append(d_out)
+                d_in, d_out = d_in + 1, d_out + 1
+        out = self._set(node, coupled)
+        self._fix([out[d] for d in fixed_out], reason)
+
+    # --- after the walk ---
+    def check(self) -> None:
+        """Mark fixed what the walk got inconsistent: blocks of different sizes in one
+        component, or parameter slices that overlap or leave gaps along a dim."""
+        for component in nx.connected_components(self.graph):
+            atoms = sorted((k for k in component if k[0] == "tensor"), key=lambda k: self.graph.nodes[k]["order"])
+            sizes = sorted({self.graph.nodes[k]["size"] for k in atoms})
+            if len(sizes) > 1:
+                self._fix_atoms(atoms[:1], f"inconsistent channel counts {sizes}")
+        spans: dict[tuple[str, str, int], list[tuple[int, int, tuple]]] = {}
+        for key, data in self.graph.nodes(data=True):
+            if data["kind"] == "param":
+                use, atom = data["use"], next(iter(self.graph.neighbors(key)))
+                end = use.offset + self.graph.nodes[atom]["size"] * use.repeat
+                spans.setdefault((use.layer, use.param, use.dim), []).append((use.offset, end, atom))
+        for (layer, param, dim), found in spans.items():
+            found.sort()
+            length = self._param_length(layer, param, dim)
+            covered = [0] + [end for _, end, _ in found]
+            starts = [start for start, _, _ in found] + [length if length is not None else covered[-1]]
+            if starts != covered:
+                reason = f"parameter slices of {layer}.{param} along dim {dim} overlap or leave gaps"
+                self._fix_atoms([atom for _, _, atom in found], reason)
+
+    def _param_length(self, layer: str, param: str, dim: int) -> int | None:
+        try:
+            value = self.gm.get_submodule(layer) if layer else self.gm
+            value = getattr(value, param)
+        except AttributeError:
+            return None
+        return value.shape[dim] if isinstance(value, torch.Tensor) and value.dim() > dim else None
+
+
+_MAX_REASONS = 3
+
+
+def coupling_graph(gm: GraphModule) -> nx.Graph:
+    """The raw coupling graph: ("tensor", node, dim) blocks of channels and ("param", layer,
+    param, dim, offset, repeat) slices; edges mean "same channel count and order". Node data:
+    kind, size, reasons (why fixed), producer, label; param nodes hold their `ChannelUse`."""
+    nodes = list(gm.graph.nodes)
+    if not any(_tensor_meta(n) is not None for n in nodes):
+        raise ValueError("coupling analysis needs shapes: run "
+                         "torch.fx.passes.shape_prop.ShapeProp(gm).propagate(example) first")
+    layers = {n: layer for n in nodes if (layer := _layer_of(n, gm)) is not None}
+    chains = _weight_chains(nodes, layers)
+    builder = _Builder(gm)
+    for node in nodes:
+        if node not in chains:
+            builder.visit(node, layers.get(node))
+    builder.check()
+    return builder.graph
+
+
+def channel_groups(gm: GraphModule) -> list[ChannelGroup]:
+    """The channel groups of `gm` (after ShapeProp), in graph order."""
+    graph = coupling_graph(gm)
+    order = lambda k: graph.nodes[k]["order"]  # noqa: E731
+    components = [sorted(c, key=order) for c in nx.connected_components(graph)]
+    components = sorted((c for c in components if any(k[0] == "param" for k in c)), key=lambda c: order(c[0]))
+    groups = []
+    for component in components:
+        atoms = [graph.nodes[k] for k in component if k[0] == "tensor"]
+        producers = list(dict.fromkeys(a["producer"] for a in atoms if "producer" in a))
+        reasons = list(dict.fromkeys(r for a in atoms for r in a["reasons"]))
+        if not producers and not reasons:
+            reasons = ["no producing layer"]  # a spatial or token dim, not channels
+        if len(reasons) > _MAX_REASONS:
+            reasons = reasons[:_MAX_REASONS] + [f"and {len(reasons) - _MAX_REASONS} more"]
+        groups.append(ChannelGroup(
+            id=len(groups),
+            size=atoms[0]["size"],
+            uses=[graph.nodes[k]["use"] for k in component if k[0] == "param"],
+            producers=producers,
+            fixed=bool(reasons),
+            reason="; ".join(reasons),
+        ))
+    return groups
