@@ -130,7 +130,7 @@ def _layer_of(node: Node, gm: GraphModule) -> _Layer | None:
         params = {r: (node.target, r) for r in roles if getattr(module, r, None) is not None}
         groups = module.groups if kind == "conv" else module.num_groups if kind == "group_norm" else 1
         norm_dims = len(module.normalized_shape) if kind == "layer_norm" else 1
-        return _Layer(kind, node.target, node.args[0], params, (), groups, norm_dims)
+        return _Layer(kind, node.target, _arg(node, 0, "input"), params, (), groups, norm_dims)
     if node.op != "call_function" or node.target not in _FUNCTIONAL_LAYERS:
         return None
     kind, positions, option = _FUNCTIONAL_LAYERS[node.target]
