@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)
@@ -23,14 +21,11 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """Forward FLOPs of one call on `example`, counted on fake tensors: no kernel runs and
-    the model's buffers are not touched."""
-    with no_fused_attention(), FakeTensorMode(allow_non_fake_inputs=True) as mode, \
-            FlopCounterMode(display=False) as counter:
-        model(mode.from_tensor(example))
-    return int(counter.get_total_flops())
+    """Forward FLOPs of one call on `example` (FlopCounterMode's count), on meta tensors:
+    no kernel runs and the model's buffers are not touched."""
+    from .shapes import run_abstract
+    return run_abstract(model, example)
 
 
 @contextlib.contextmanager

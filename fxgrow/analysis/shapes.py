@@ -1,14 +1,59 @@
-"""Shape propagation: torch's ShapeProp, run on fake tensors.
+"""Shape propagation and FLOP counting without running a kernel.
 
-Under FakeTensorMode no kernel runs, so propagation costs the graph walk only, and the
-model's real parameters and buffers (BN running statistics) are never touched."""
+torch's ShapeProp and FlopCounterMode run with every parameter and buffer swapped for a
+meta tensor (`torch.func.functional_call`): shapes and FLOPs come out, no arithmetic is
+done, and the model's real state (BN running statistics) is never touched. Graphs that
+hold plain tensor constants fall back to FakeTensorMode, which is slower but general."""
 from __future__ import annotations
 
+import itertools
+from typing import Callable
+
 import torch
-from torch import fx
+from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
+
+
+class _Propagate(nn.Module):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, x: torch.Tensor):
+        return ShapeProp(self.gm).propagate(x)
+
+
+def run_abstract(module: nn.Module, example: torch.Tensor, fn: Callable | None = None) -> int:
+    """Call `module(example)` (or `fn(example)` with `module`'s state swapped) on meta
+    tensors, falling back to fake tensors; returns the forward FLOPs counted."""
+    from .cost import no_fused_attention
+    state = {k: torch.empty_like(v, device="meta") for k, v in itertools.chain(
+        module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False))}
+    with torch.no_grad(), no_fused_attention():
+        try:
+            if _has_attention(module):
+                raise NotImplementedError("meta tensors pick another attention kernel than the CPU")
+            with FlopCounterMode(display=False) as counter:
+                torch.func.functional_call(module, state, (example.to("meta"),), strict=True)
+        except (RuntimeError, NotImplementedError, TypeError):
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode, \
+                    FlopCounterMode(display=False) as counter:
+                module(mode.from_tensor(example))
+    return int(counter.get_total_flops())
+
+
+def _has_attention(module: nn.Module) -> bool:
+    """Attention's FLOPs depend on the kernel torch picks for the device, so count them on
+    fake tensors of the real device rather than on meta tensors."""
+    for m in module.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            return True
+        if isinstance(m, fx.GraphModule) and any(
+                n.target is torch.nn.functional.scaled_dot_product_attention for n in m.graph.nodes):
+            return True
+    return False
 
 
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
@@ -17,14 +62,9 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModul
     return gm
 
 
-@torch.no_grad()
 def propagate_shapes_and_flops(gm: fx.GraphModule, example: torch.Tensor) -> int:
-    """Shapes into node meta, and the forward FLOPs FlopCounterMode counts, in one fake run."""
-    from .cost import no_fused_attention
-    with no_fused_attention(), FakeTensorMode(allow_non_fake_inputs=True) as mode, \
-            FlopCounterMode(display=False) as counter:
-        ShapeProp(gm).propagate(mode.from_tensor(example))
-    return int(counter.get_total_flops())
+    """Shapes into node meta, and the forward FLOPs FlopCounterMode counts, in one run."""
+    return run_abstract(_Propagate(gm), example)
 
 
 def output_shape(node: fx.Node) -> tuple[int, ...] | None:
