@@ -1,0 +1,243 @@
+"""Template mixing pass (ALGORITHMS.md section 1.1).
+
+Every targeted weight becomes `W_l = sum_k alpha[l, k] * T[b(l), k]`: the layer's weight
+parameter is removed, its chain now starts at `get_attr(fxgrow.banks.bank<i>.templates)`
+and a `MixProducer` holding the layer's alphas is the chain's first producer.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import fx, nn
+
+from ..errors import FxgrowError
+from ..ir import META, WeightChain, fetch_attr, insert_producer, weight_chains
+from ..nn.mixing import MixProducer, TemplateBank
+from ..specs.base import PassSpec
+from ..train.callbacks import Callback, TrainContext
+from .base import Match, Pass, PassContext, register_pass
+
+BANKS = f"{META}.banks"
+_SEED_OFFSET = 0x6D6978  # decorrelates this pass's generator from other passes using the seed
+
+
+class TemplateMixingSpec(PassSpec):
+    kind: Literal["template_mixing"] = "template_mixing"
+    templates: int = Field(2, ge=1, description="K: templates per bank")
+    share: Literal["pairs", "none", "shape"] = "pairs"
+    coefficient_init: Literal["orthogonal", "random"] = "orthogonal"
+    template_init: Literal["kaiming", "preserve"] = "kaiming"
+    coefficient_weight_decay: float | None = Field(
+        0.0, ge=0, description="weight decay on the alphas; null: the optimizer's")
+
+
+def share_groups(shapes: dict[str, tuple[int, ...]], rule: str) -> list[list[str]]:
+    """Layers (in graph order) grouped into banks.
+
+    pairs: two layers adjacent in graph order with the same weight shape share a bank
+    (groups of at most 2); none: one bank per layer; shape: one bank per shape."""
+    names = list(shapes)
+    if rule == "none":
+        return [[n] for n in names]
+    if rule == "shape":
+        by_shape: dict[tuple[int, ...], list[str]] = {}
+        for n in names:
+            by_shape.setdefault(shapes[n], []).append(n)
+        return list(by_shape.values())
+    groups: list[list[str]] = []
+    for n in names:
+        last = groups[-1] if groups else None
+        if last is not None and len(last) == 1 and shapes[last[0]] == shapes[n]:
+            last.append(n)
+        else:
+            groups.append([n])
+    return groups
+
+
+def init_coefficients(layers: int, k: int, how: str, generator: torch.Generator) -> torch.Tensor:
+    """(layers, K) alphas: orthonormal rows when layers <= K (columns otherwise), or N(0, 1)."""
+    alphas = torch.empty(layers, k, dtype=torch.float64)
+    if how == "orthogonal":
+        nn.init.orthogonal_(alphas, generator=generator)
+    else:
+        alphas.normal_(generator=generator)
+    return alphas
+
+
+def kaiming_templates(k: int, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """K templates, each with the He init (fan_in, ReLU) of a weight shaped like `like`."""
+    t = torch.empty((k, *like.shape), dtype=like.dtype, device="cpu")
+    for i in range(k):
+        nn.init.kaiming_normal_(t[i], mode="fan_in", nonlinearity="relu", generator=generator)
+    return t.to(like.device)
+
+
+def preserving_templates(alphas: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """T with alphas @ T == the stacked weights: T = pinv(alphas) @ W (exact when the
+    L x K alphas have full row rank, i.e. L <= K; = alphas^T W for orthonormal rows)."""
+    w = torch.stack([x.detach().to(torch.float64).flatten() for x in weights])
+    t = torch.linalg.pinv(alphas) @ w
+    like = weights[0]
+    return t.view(alphas.shape[1], *like.shape).to(like.dtype)
+
+
+def retarget(gm: nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Re-solve bank templates so each mixed weight in `targets` ({"layer.weight": value})
+    comes out as that value; layers of an affected bank not in `targets` keep their
+    current mix. For a pass stacked after mixing that re-initialises its input (the
+    compander's v = psi^-1(W)). Returns the max abs residual per key: 0 up to rounding
+    when the bank has at most K layers (ungrown), a least-squares fit otherwise."""
+    producers = mix_producers(gm)
+    by_source = {p.source: (path, p) for path, p in producers.items()}
+    missing = [k for k in targets if k not in by_source]
+    if missing:
+        raise FxgrowError(f"not template-mixed: {', '.join(missing)}")
+    banks = {by_source[k][1].bank for k in targets}
+    residual: dict[str, float] = {}
+    with torch.no_grad():
+        for bank_path in banks:
+            bank: TemplateBank = gm.get_submodule(bank_path)
+            users = [p for p in producers.values() if p.bank == bank_path]
+            if bank.sets != 1 or any(p.grid != (1, 1) for p in users):
+                raise FxgrowError(f"cannot re-solve the templates of grown bank '{bank_path}'")
+            alphas = torch.stack([p.alpha.detach().view(-1) for p in users]).to(torch.float64)
+            values = [targets.get(p.source, p(bank.templates)) for p in users]
+            bank.templates.copy_(preserving_templates(alphas, values))
+            for p, v in zip(users, values):
+                residual[p.source] = float((p(bank.templates) - v).abs().max())
+    return {k: residual[k] for k in targets}
+
+
+def mix_producers(model: nn.Module) -> dict[str, MixProducer]:
+    """{module path: producer} of every MixProducer in `model`, in registration order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MixProducer)}
+
+
+def describe(gm: nn.Module) -> list[dict[str, Any]]:
+    """The bank table for `fxgrow inspect` and report.json: one row per mixed weight, with
+    its bank, the layers sharing that bank, and after growth the block grid and the
+    template set each block mixes."""
+    producers = list(mix_producers(gm).values())
+    sharing: dict[str, list[str]] = {}
+    for p in producers:
+        sharing.setdefault(p.bank, []).append(p.source)
+    rows = []
+    for p in producers:
+        bank: TemplateBank = gm.get_submodule(p.bank)
+        r, c = p.grid
+        rows.append({
+            "weight": p.source,
+            "bank": p.bank.removeprefix(BANKS + "."),
+            "shared_with": [s for s in sharing[p.bank] if s != p.source],
+            "templates": bank.per_set,
+            "sets": bank.sets,
+            "shape": list(p.weight_shape),
+            "blocks": f"{r}x{c}",
+            "block_sets": p.block_sets(),
+        })
+    return rows
+
+
+class TemplateMixingCallback(Callback):
+    name = "template_mixing"
+
+    def __init__(self, spec: TemplateMixingSpec):
+        self.spec = spec
+        self.table: list[dict[str, Any]] = []
+
+    def param_group_overrides(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        if self.spec.coefficient_weight_decay is None:
+            return {}
+        return {f"{path}.alpha": {"weight_decay": self.spec.coefficient_weight_decay}
+                for path in mix_producers(model)}
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        self.table = describe(ctx.model)
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        self.table = describe(ctx.model)
+
+    def report(self) -> dict[str, Any]:
+        return {"templates": self.spec.templates, "share": self.spec.share,
+                "coefficient_init": self.spec.coefficient_init,
+                "template_init": self.spec.template_init,
+                "banks": len({row["bank"] for row in self.table}), "weights": self.table}
+
+
+@register_pass
+class TemplateMixingPass(Pass):
+    kind = "template_mixing"
+    spec_cls = TemplateMixingSpec
+    preserves_computation = False  # with the default kaiming templates; see __init__
+    rank = MixProducer.rank
+
+    def __init__(self, spec: TemplateMixingSpec | None = None, **fields: Any):
+        super().__init__(spec, **fields)
+        # `preserve` templates reproduce every weight exactly.
+        self.preserves_computation = self.spec.template_init == "preserve"
+
+    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
+        spec: TemplateMixingSpec = self.spec
+        chains = weight_chains(gm)
+        targeted: dict[str, WeightChain] = {}
+        for m in matches:
+            chain = chains[f"{m.layer}.weight"]
+            if chain.producers:
+                raise FxgrowError(f"'{chain.key}' already has producers "
+                                  f"({', '.join(p.target for p in chain.producers)}); template "
+                                  "mixing must be the first producer of a weight chain")
+            targeted[m.layer] = chain
+        shapes = {name: tuple(fetch_attr(gm, c.head.target).shape) for name, c in targeted.items()}
+        groups = share_groups(shapes, spec.share)
+        k = spec.templates
+        if spec.template_init == "preserve":
+            for group in groups:
+                if len(group) > k:
+                    raise FxgrowError(
+                        f"template_init: preserve needs at most K={k} layers per bank, but "
+                        f"{', '.join(group)} share one; raise `templates` or use share: pairs/none")
+        generator = torch.Generator().manual_seed(ctx.seed + _SEED_OFFSET)
+        first = _next_bank_index(gm)
+        for i, group in enumerate(groups):
+            weights = [fetch_attr(gm, targeted[name].head.target) for name in group]
+            alphas = init_coefficients(len(group), k, spec.coefficient_init, generator)
+            if spec.template_init == "preserve":
+                templates = preserving_templates(alphas, weights)
+            else:
+                templates = kaiming_templates(k, weights[0], generator)
+            path = f"{BANKS}.bank{first + i}"
+            gm.add_submodule(path, TemplateBank(templates.detach().clone()))
+            for name, alpha in zip(group, alphas):
+                chain = targeted[name]
+                _replace_head(gm, chain, f"{path}.templates")
+                weight = weights[group.index(name)]
+                mix = MixProducer(alpha.to(weight.dtype).to(weight.device).clone(),
+                                  tuple(weight.shape), bank=path, source=chain.key)
+                insert_producer(gm, chain, mix, self.kind)
+
+    def callbacks(self, gm: fx.GraphModule) -> list[Callback]:
+        return [TemplateMixingCallback(self.spec)]
+
+
+def _replace_head(gm: fx.GraphModule, chain: WeightChain, target: str) -> None:
+    """Point the chain at the bank's templates and drop the layer's own weight parameter
+    (its state_dict key disappears; fold rebuilds it)."""
+    old = chain.head
+    with gm.graph.inserting_before(old):
+        head = gm.graph.get_attr(target)
+    head.meta[META] = {"role": "param", "source": target, "layer": chain.layer,
+                       "param": chain.param}
+    old.replace_all_uses_with(head)
+    gm.graph.erase_node(old)
+    gm.get_submodule(chain.layer).register_parameter(chain.param, None)
+    chain.head = head
+
+
+def _next_bank_index(gm: nn.Module) -> int:
+    try:
+        banks = gm.get_submodule(BANKS)
+    except AttributeError:
+        return 0
+    return len(list(banks.children()))
