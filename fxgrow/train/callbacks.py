@@ -10,6 +10,7 @@ loop's `ctx` (see `TrainContext` below for what it offers).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -29,6 +30,10 @@ class TrainContext(Protocol):
     loss: torch.Tensor | None   # the last micro-step's loss
     device: torch.device
     seed: int
+    rank: int                   # this process's DDP rank (0 without DDP)
+    world: int                  # number of DDP processes (1 without DDP)
+    resumed: bool               # this run continues from a checkpoint
+    out_dir: Path               # the run folder; only rank 0 writes there
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (with step/epoch filled in) to metrics.jsonl."""

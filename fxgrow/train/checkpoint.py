@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import FxgrowError
+
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
 
@@ -39,14 +41,14 @@ def write_json(path: Path, obj: Any) -> None:
 def find_checkpoint(resume: Path) -> Path:
     path = resume / CHECKPOINT if resume.is_dir() else resume
     if not path.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {path}")
+        raise FxgrowError(f"resume: no checkpoint at {path}")
     return path
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
+        raise FxgrowError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
     return state
 
 

@@ -33,6 +33,7 @@ from ..specs.train import TrainSpec
 from . import checkpoint as ckpt
 from .callbacks import Callback
 from .data import Batches, Data, load_data, step_generator
+from .meter import Meter
 from .optim import build_optimizer, build_scheduler, lr_factor, merge_overrides, transfer_state
 from .progress import Progress
 
@@ -40,7 +41,7 @@ REPORT_KEYS = ("accuracy", "loss", "parameters", "flops", "wall_time_s", "steps"
                "device", "world_size", "out_dir")
 # Fields a resumed run may change: they do not change what is computed.
 FREE_ON_RESUME = {"device", "compile", "progress", "log_every_steps", "checkpoint_every_steps"}
-_NEVER = 2 ** 62  # "no bad step yet" in the non-finite tracker
+_NEVER = 2 ** 62  # "no bad step" when ranks agree on the first one
 
 
 class NonFiniteLoss(FxgrowError):
@@ -177,9 +178,7 @@ class Trainer:
         self._install(self.model)
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, self._lr_factor, 0)
-        # Running sums of the current logging interval, kept on the device (no sync per step)
-        self._sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
-        self._first_bad = torch.full((), _NEVER, dtype=torch.int64, device=self.device)
+        self._meter = Meter(self.device)
         self._interval_samples = self._samples = 0
         self._check_every_step = self.device.type == "cpu"  # a sync costs nothing there
 
@@ -245,7 +244,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         if self.rank == 0:  # the interval's sums over all ranks, as saved
-            self._sums.copy_(state["interval_sums"])
+            self._meter.carry = list(state["interval_sums"])
         self._last_checkpoint = self.step
 
     # --- training ------------------------------------------------------------------
@@ -274,7 +273,8 @@ class Trainer:
         self._train_time = time.perf_counter() - train_started
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.batch = (self._prepare(x, step_generator(self.device, self.seed, self.step)), y)
+        generator = step_generator(self.device, self.seed, self.step) if self.data.augment != "none" else None
+        self.batch = (self._prepare(x, generator), y)
         for cb in self.callbacks:
             cb.on_step_start(self)
         n = max([cb.micro_steps(self) for cb in self.callbacks], default=1)
@@ -289,12 +289,8 @@ class Trainer:
                     logits = self._forward(inputs)
                 loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.spec.label_smoothing)
                 (loss / n).backward()
-            loss = loss.detach()
-            self.loss = loss
-            self._sums += torch.stack([loss.double() * len(targets), (logits.argmax(-1) == targets).sum().double(),
-                                       self._sums.new_tensor(len(targets))])
-            bad = (~torch.isfinite(loss)).long() * (self.step + 1 - _NEVER) + _NEVER
-            torch.minimum(self._first_bad, bad, out=self._first_bad)
+            self.loss = loss.detach()
+            self._meter.add(self.step + 1, self.loss, logits.detach(), targets)
         for cb in self.callbacks:
             cb.after_backward(self)
         if self.spec.grad_clip is not None:
@@ -326,8 +322,12 @@ class Trainer:
             self._save_checkpoint()
 
     def _check_finite(self) -> None:
-        bad = int(self._reduce(self._first_bad.clone(), dist.ReduceOp.MIN))
-        if bad != _NEVER:
+        bad = self._meter.first_bad_step()
+        if self.world > 1:
+            bad = int(self._reduce(torch.tensor(_NEVER if bad is None else bad, device=self.device),
+                                   dist.ReduceOp.MIN))
+            bad = None if bad == _NEVER else bad
+        if bad is not None:
             where = (f"the last good checkpoint is {self.out_dir / ckpt.CHECKPOINT} (step {self._last_checkpoint})"
                      if self._last_checkpoint is not None else "no checkpoint was written")
             raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {(bad - 1) // self.steps_per_epoch}); "
@@ -338,10 +338,16 @@ class Trainer:
             dist.all_reduce(t, op=op)
         return t
 
-    def _log_train(self) -> None:
+    def _interval_sums(self) -> list[float]:
+        """This interval's [loss x count, correct, count] over all ranks; starts the next."""
         self._check_finite()
-        loss, correct, count = self._reduce(self._sums.clone()).tolist()
-        self._sums.zero_()
+        sums = self._meter.take()
+        if self.world > 1:
+            sums = self._reduce(torch.tensor(sums, dtype=torch.float64, device=self.device)).tolist()
+        return sums
+
+    def _log_train(self) -> None:
+        loss, correct, count = self._interval_sums()
         now = time.perf_counter()
         record = {"step": self.step, "epoch": self.epoch, "split": "train", "loss": loss / count,
                   "accuracy": correct / count, "lr": self.optimizer.param_groups[0]["lr"],
@@ -364,7 +370,10 @@ class Trainer:
             cb.on_eval(self, metrics)
 
     def _save_checkpoint(self) -> None:
-        self._check_finite()
+        # Fold the interval so far into one carried sum, here and in the resumed run alike,
+        # so both log the same figures.
+        carry = self._interval_sums()
+        self._meter.carry = carry if self.rank == 0 else [0.0, 0.0, 0.0]
         state = {
             "step": self.step,
             "spec": self.spec_dump,
@@ -374,7 +383,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": ckpt.rng_state(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
-            "interval_sums": self._reduce(self._sums.clone()).cpu(),
+            "interval_sums": carry,
             "wall_time_s": self._wall_time(),
         }
         if self.rank == 0:

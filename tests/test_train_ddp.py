@@ -1,0 +1,35 @@
+"""The same loop under torchrun: DistributedDataParallel over gloo on the CPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.test_train_resume import DRIVER, driver_env, metrics
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+def test_two_rank_gloo_run_matches_one_process(tmp_path):
+    args = lambda name: [str(DRIVER), "--model", "mlp", "--out", str(tmp_path / name),  # noqa: E731
+                         "--final", str(tmp_path / f"{name}.pt")]
+    single = subprocess.Popen([sys.executable] + args("single"), env=driver_env(), stdout=subprocess.DEVNULL)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                         + args("ddp"), env=driver_env(), capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert single.wait() == 0
+
+    rank0, rank1 = torch.load(tmp_path / "ddp.rank0.pt"), torch.load(tmp_path / "ddp.rank1.pt")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    # Each rank trains on half of every global batch (with the same augmentation draws):
+    # the all-reduced mean gradient is the one-process gradient up to summation order.
+    reference = torch.load(tmp_path / "single.pt")
+    for k in reference:
+        torch.testing.assert_close(rank0[k], reference[k], rtol=0, atol=1e-5)
+    assert ddp.stdout.count("step 40\n") == 1  # only rank 0 reports
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 40
+    assert [r["step"] for r in metrics(tmp_path / "ddp")] == [r["step"] for r in metrics(tmp_path / "single")]

@@ -1,0 +1,82 @@
+"""A small training run for the tests that need a separate process: kill-and-resume
+(SIGKILL at a random step) and DDP under torchrun. Prints `step N` after every optimizer
+step and saves the final parameters to --final (one file per rank under DDP). The
+caller puts fxgrow on PYTHONPATH.
+
+    python tests/train_driver.py --out DIR --final F.pt [--resume] [--model conv|mlp]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fxgrow.specs.train import TrainSpec
+from fxgrow.train import Callback, Trainer
+
+
+class Announce(Callback):
+    """Has state that evolves with random draws, asks for two micro-steps, and says
+    which step finished (the test kills the process on that signal)."""
+
+    name = "announce"
+
+    def __init__(self):
+        self.draws = torch.zeros(())
+
+    def micro_steps(self, ctx) -> int:
+        return 2
+
+    def on_micro_step(self, ctx, index: int) -> None:
+        self.draws += torch.rand(())  # global RNG: must be restored exactly on resume
+
+    def after_step(self, ctx) -> None:
+        if ctx.rank == 0:
+            print(f"step {ctx.step}", flush=True)
+
+    def state_dict(self):
+        return {"draws": self.draws.clone()}
+
+    def load_state_dict(self, state, ctx=None):
+        self.draws = state["draws"].clone()
+
+    def report(self):
+        return {"draws": float(self.draws)}
+
+
+def build(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "mlp":  # no batch statistics, no dropout: DDP equals one process up to rounding
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.Tanh(), nn.Linear(32, 4))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
+                         nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--final", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--model", choices=["conv", "mlp"], default="conv")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    parser.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    optimizer = {"name": "sgd", "lr": 0.05, "nesterov": True} if args.optimizer == "sgd" else {"name": "adamw"}
+    spec = TrainSpec(
+        data={"name": "synthetic", "shape": [3, 8, 8], "num_classes": 4, "train_size": 160, "test_size": 64,
+              "augment": "crop_flip", "crop_padding": 1},
+        epochs=args.epochs, batch_size=16, optimizer=optimizer, schedule={"warmup_steps": 5},
+        checkpoint_every_steps=3, log_every_steps=4, progress="none")
+    trainer = Trainer(build(args.model), spec, callbacks=[Announce()], out_dir=args.out,
+                      resume=args.out if args.resume else None)
+    trainer.fit()
+    final = args.final if trainer.world == 1 else args.final.with_suffix(f".rank{trainer.rank}.pt")
+    torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, final)
+
+
+if __name__ == "__main__":
+    main()
