@@ -446,3 +446,153 @@ def test_resumed_run_continues_the_schedule_exactly():
     for (k, a), (_, b) in zip(gm.state_dict().items(), gm2.state_dict().items()):
         assert torch.equal(a, b), k
     assert cbs2[0].report() == cbs[0].report()
+
+
+# --- the real loop on digits ----------------------------------------------------------------------
+
+def train_digits(tmp_path, name, passes=(), epochs=8):
+    import json
+
+    from fxgrow.specs.train import TrainSpec
+    from fxgrow.train import Trainer
+    from examples.models.small_cnn import build
+
+    torch.manual_seed(0)
+    model, callbacks = build(), []
+    if passes:
+        result = compose(*passes)(model)
+        model, callbacks = result.graph_module, result.callbacks
+    spec = TrainSpec(data="digits", epochs=epochs, batch_size=64, optimizer={"lr": 0.05},
+                     schedule={"warmup_epochs": 1}, progress="none")
+    trainer = Trainer(model, spec, callbacks, out_dir=tmp_path / name)
+    report = trainer.fit()
+    metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return trainer, report, metrics
+
+
+@pytest.fixture
+def one_thread():
+    """Two runs of a small CNN: one thread avoids oversubscribing a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_digits_at_90_percent_sparsity_stays_within_3_points_of_dense(tmp_path, one_thread):
+    _, dense, _ = train_digits(tmp_path, "dense")
+    trainer, sparse, metrics = train_digits(tmp_path, "granet", [PruneRegrowPass(
+        preset="granet", final_sparsity=0.9, schedule={"start": 0.0, "end": 0.6, "every": 8})])
+    print(f"digits accuracy: dense {dense['accuracy']:.4f}, GraNet 90% {sparse['accuracy']:.4f}")
+    assert sparse["accuracy"] >= dense["accuracy"] - 0.03
+    section = sparse["prune_regrow"]
+    n = sum(w.numel for w in masked_weights(trainer.model))
+    assert section["final_sparsity"] == 0.9
+    assert section["actual_sparsity"] == pytest.approx(round(0.9 * n) / n, abs=1e-12)
+    assert set(section["layers"]) == {"0.weight", "3.weight", "7.weight", "12.weight"}
+    events = [r for r in metrics if "prune_regrow/target_sparsity" in r]
+    assert len(events) == section["events"] == len(trainer.callbacks[0].schedule.events())
+    assert events[-1]["prune_regrow/target_sparsity"] == 0.9 and section["moved"] > 0
+    folded = fold(trainer.model).eval()
+    zeros = sum(int((folded.state_dict()[k] == 0).sum()) for k in section["layers"])
+    assert zeros >= round(0.9 * n)
+    assert trainer.evaluate(folded)["accuracy"] == sparse["accuracy"]
+
+
+# --- filter granularity -------------------------------------------------------------------------
+
+def filter_pruned(model, x, **fields):
+    fields = {"final_sparsity": 0.5, "granularity": "filter", "schedule": {"start": 0, "end": 4, "every": 2},
+              **fields}
+    return prune(model, x, **fields)
+
+
+def channel_state(gm, x):
+    """{coupling group id: {(layer, param, dim): per-channel 'all zero' flags}} over masked weights."""
+    from fxgrow.analysis import channel_groups, propagate_shapes
+    from fxgrow.nn.mask import MaskProducer
+
+    masks = {m.source: m.mask for m in gm.modules() if isinstance(m, MaskProducer)}
+    propagate_shapes(gm, x)
+    out = {}
+    for g in channel_groups(gm):
+        for u in g.uses:
+            key = f"{u.layer}.{u.param}"
+            if key in masks and not g.fixed:
+                m = masks[key].movedim(u.dim, 0).narrow(0, u.offset, g.size * u.repeat).reshape(g.size, -1)
+                out.setdefault(g.id, {})[(u.layer, u.dim)] = (m == 0).all(1)
+    return out
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_filter_pruning_moves_coupled_channels_together_on_a_residual_net(scope):
+    x = torch.randn(4, 3, 16, 16)
+    gm, cbs = filter_pruned(ResNetTiny(), x, scope=scope, final_sparsity=0.5)
+    Loop(gm, cbs, total_steps=6, in_shape=(3, 16, 16)).run()
+    state = channel_state(gm, x)
+    residual = next(g for g in state.values() if ("layer1.0.conv2", 0) in g)
+    assert {k for k in residual} >= {("conv1", 0), ("layer1.0.conv2", 0), ("layer1.1.conv2", 0),
+                                     ("layer1.0.conv1", 1), ("layer2.0.conv1", 1), ("layer2.0.shortcut.0", 1)}
+    for slices in state.values():
+        flags = list(slices.values())
+        assert all(torch.equal(f, flags[0]) for f in flags)       # a channel is gone everywhere or nowhere
+        assert 0 < int((~flags[0]).sum())                          # every group keeps a channel
+    report = cbs[0].report()
+    total = sum(len(next(iter(s.values()))) for s in state.values())
+    pruned = sum(int(next(iter(s.values())).sum()) for s in state.values())
+    if scope == "layer":
+        assert all(int(next(iter(s.values())).sum()) == round(0.5 * len(next(iter(s.values()))))
+                   for s in state.values())
+    else:
+        assert pruned == round(0.5 * total)
+    assert report["actual_sparsity"] == pytest.approx(pruned / total)
+    assert report["weight_sparsity"] > 0.5 and set(report["channels"]) == {str(k) for k in state}
+
+
+@pytest.mark.parametrize("build, shape", [(ResNetTiny, (3, 16, 16)), (MLP, (1, 8, 8)),
+                                          (lambda: __import__("tests.zoo").zoo.Depthwise(), (3, 16, 16))])
+def test_filter_export_is_physically_smaller_with_the_same_outputs(build, shape):
+    from fxgrow.passes.prune_regrow_filters import export_pruned
+
+    x = torch.randn(4, *shape)
+    gm, cbs = filter_pruned(build(), x, final_sparsity=0.6, regrow="random")
+    Loop(gm, cbs, total_steps=6, in_shape=shape).run()
+    gm.eval()
+    small = export_pruned(gm, x).eval()
+    torch.testing.assert_close(small(x), gm(x), rtol=1e-5, atol=1e-5)
+    n_small = sum(p.numel() for p in small.parameters())
+    n_full = sum(p.numel() for n, p in gm.named_parameters())
+    assert n_small < 0.75 * n_full
+    assert not any(isinstance(m, MaskProducer) for m in small.modules())
+
+
+def test_filter_regrowth_moves_whole_channels_and_keeps_counts():
+    x = torch.randn(4, 1, 8, 8)
+    gm, cbs = filter_pruned(MLP(), x, final_sparsity=0.5, scope="layer",
+                            schedule={"start": 0, "end": 2, "every": 2})
+    loop = Loop(gm, cbs, total_steps=12).run()
+    assert sum(r["prune_regrow/moved"] for r in loop.records) > 0
+    for slices in channel_state(gm, x).values():
+        flags = list(slices.values())
+        assert all(torch.equal(f, flags[0]) for f in flags) and int(flags[0].sum()) == 16
+
+
+def test_filter_granularity_errors_name_the_field():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+            self.fc = nn.Linear(4, 10)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    with pytest.raises(SpecError) as e:
+        filter_pruned(Grouped(), torch.randn(2, 4, 8, 8))
+    assert e.value.errors[0][0] == "passes.0.granularity" and "'conv'" in e.value.errors[0][1]
+    with pytest.raises(SpecError) as e:
+        filter_pruned(MLP(), None)
+    assert e.value.errors[0][0] == "passes.0.granularity"
+    with pytest.raises(SpecError) as e:
+        spec(final_sparsity=0.9, initial_sparsity=0.5, granularity="filter")
+    assert e.value.errors[0][0] == "passes.0.granularity"

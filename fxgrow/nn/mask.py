@@ -26,6 +26,9 @@ class MaskProducer(Producer):
         super().__init__()
         self.register_buffer("mask", torch.ones(shape, dtype=dtype, device=device))
         self.source = source          # "layer.param" this mask belongs to (for reports)
+        # Filter granularity: (group id, group size, dim, offset, repeat) per channel group
+        # this weight indexes (see fxgrow/passes/prune_regrow_filters.py).
+        self.channel_uses: list[tuple[int, int, int, int, int]] = []
         self.capture = False
         self.dense_grad: torch.Tensor | None = None
 

@@ -25,8 +25,9 @@ from ..nn.mask import MaskProducer
 from ..specs.base import PassSpec, StrictModel
 from ..train.callbacks import Callback, TrainContext
 from .base import Match, Pass, PassContext, register_pass
-from .prune_regrow_masks import (MaskedWeight, masked_weights, prune_global, prune_layer,
-                                 regrow)
+from .prune_regrow_filters import (annotate_groups, filter_groups, keep_channels_group, keep_channels_total,
+                                   prune_channels, regrow_channels)
+from .prune_regrow_masks import MaskedWeight, masked_weights, prune_global, prune_layer, regrow
 
 PRESETS = ("granet", "granet_sparse", "gmp", "rigl", "set")
 SAME_AS_FINAL = object()  # preset value: initial_sparsity equals final_sparsity
@@ -145,6 +146,14 @@ class PruneRegrowSpec(PassSpec):
                 raise ValueError(f"initial_sparsity must be <= final_sparsity ({final})")
         return value
 
+    @field_validator("granularity")
+    @classmethod
+    def _filters_start_dense(cls, value: str, info: ValidationInfo) -> str:
+        if value == "filter" and info.data.get("initial_sparsity", 0) > 0:
+            raise ValueError("filter granularity prunes from a dense start: initial_sparsity must be 0 "
+                             "(an initial channel layout is not defined)")
+        return value
+
     def check_train(self, train) -> list[tuple[str, str]]:
         steps = getattr(train, "steps", None)
         if steps is None:
@@ -251,9 +260,6 @@ class PruneRegrowPass(Pass):
         if any(isinstance(m, MaskProducer) for m in gm.modules()):
             raise FxgrowError("the model already has mask producers: use one prune_regrow pass "
                               "(list every layer in its targets)")
-        if spec.granularity == "filter":
-            raise FxgrowError("granularity: filter needs the channel-coupling analysis, "
-                              "which is not available yet")
         chains = weight_chains(gm)
         for m in matches:
             chain = chains[f"{m.layer}.weight"]
@@ -264,6 +270,8 @@ class PruneRegrowPass(Pass):
                     value = module(value)
             insert_producer(gm, chain, MaskProducer(value.shape, head.dtype, head.device, chain.key),
                             self.kind)
+        if spec.granularity == "filter":
+            annotate_groups(gm, ctx.example_input, ctx.where)
         if spec.initial_sparsity > 0:
             apply_initial_layout(masked_weights(gm), spec.initial_sparsity, spec.init_distribution, ctx.seed)
 
@@ -325,34 +333,42 @@ class PruneRegrowCallback(Callback):
             self._set_capture(ctx.model, False)
 
     def on_train_end(self, ctx: TrainContext) -> None:
-        self.last = {**(self.last or {}), **self.measure(masked_weights(ctx.model))}
+        weights = masked_weights(ctx.model)
+        filters = filter_groups(weights) if self.spec.granularity == "filter" else None
+        self.last = {**(self.last or {}), **self.measure(weights, filters)}
 
     # -- one event
     def event(self, ctx: TrainContext, t: int) -> dict[str, Any]:
-        s = self.schedule
+        s, spec, opt = self.schedule, self.spec, ctx.optimizer
         weights = masked_weights(ctx.model)
+        filters = filter_groups(weights) if spec.granularity == "filter" else None
         target = s.sparsity_at(t)
         pruned = dropped = moved = 0
         if s.is_prune_event(t):
-            if self.spec.scope == "global":
-                pruned = prune_global(weights, keep_total(weights, target), ctx.optimizer)
+            if filters is not None:
+                pruned = prune_channels(filters, target, spec.scope, opt)
+            elif spec.scope == "global":
+                pruned = prune_global(weights, keep_total(weights, target), opt)
             else:
-                for w, keep in zip(weights, self.keep_per_layer(weights, target)):
-                    pruned += prune_layer(w, keep, ctx.optimizer)
+                pruned = sum(prune_layer(w, keep, opt) for w, keep in zip(weights, self.keep_per_layer(weights, target)))
         fraction = None
         if s.is_regrow_event(t):
             fraction = s.regrow_fraction(t)
-            grads = self._dense_grads(weights) if self.spec.regrow == "gradient" else [None] * len(weights)
+            gradient = spec.regrow == "gradient"
             generator = None
-            for w, grad in zip(weights, grads):
-                if grad is None and generator is None:
-                    generator = torch.Generator(w.mask.device).manual_seed((ctx.seed * 1_000_003 + t) % 2**63)
-                d, m = regrow(w, fraction, grad, generator, ctx.optimizer)
-                dropped, moved = dropped + d, moved + m
-        record = {"step": t, "target_sparsity": target, **self.measure(weights), "regrow_fraction": fraction,
-                  "pruned": pruned, "dropped": dropped, "moved": moved}
-        self.check(weights, target, t)
-        return record
+            if gradient:
+                self._reduce_dense_grads(weights)
+            else:  # the same draws on every DDP rank and on resume
+                generator = torch.Generator(weights[0].mask.device).manual_seed((ctx.seed * 1_000_003 + t) % 2**63)
+            if filters is not None:
+                dropped, moved = regrow_channels(filters, fraction, gradient, generator, opt)
+            else:
+                for w in weights:
+                    d, m = regrow(w, fraction, w.mask_module.dense_grad if gradient else None, generator, opt)
+                    dropped, moved = dropped + d, moved + m
+        self.check(weights, filters, target, t)
+        return {"step": t, "target_sparsity": target, **self.measure(weights, filters),
+                "regrow_fraction": fraction, "pruned": pruned, "dropped": dropped, "moved": moved}
 
     def keep_per_layer(self, weights: list[MaskedWeight], target: float) -> list[int]:
         """Layer scope: each layer keeps its initial share, scaled to the overall target:
@@ -362,39 +378,47 @@ class PruneRegrowCallback(Callback):
         initial = layout_counts([w.mask.shape for w in weights], s_i, self.spec.init_distribution)
         return [c - round(c * (target - s_i) / (1 - s_i)) for c in initial]
 
-    def check(self, weights: list[MaskedWeight], target: float, t: int) -> None:
-        """The invariant: the kept counts are exactly what the target says."""
-        if self.spec.scope == "global":
-            want, have = keep_total(weights, target), sum(w.nnz() for w in weights)
-            if want != have:
-                raise FxgrowError(f"prune_regrow: after the event at step {t}, {have} weights are "
-                                  f"active where the target sparsity {target:.6f} keeps {want}")
-            return
-        for w, want in zip(weights, self.keep_per_layer(weights, target)):
-            if w.nnz() != want:
-                raise FxgrowError(f"prune_regrow: after the event at step {t}, '{w.key}' has {w.nnz()} "
-                                  f"active weights where the target sparsity {target:.6f} keeps {want}")
+    def check(self, weights: list[MaskedWeight], filters, target: float, t: int) -> None:
+        """The invariant: the kept counts (weights, or channels) are what the target says."""
+        if filters is not None:
+            have = {f"channel group {g.id}": int(g.active().sum()) for g in filters}
+            want = ({f"channel group {g.id}": keep_channels_group(g, target) for g in filters}
+                    if self.spec.scope == "layer" else {"all channel groups": keep_channels_total(filters, target)})
+            unit = "channels"
+        else:
+            have = {w.key: w.nnz() for w in weights}
+            want = (dict(zip(have, self.keep_per_layer(weights, target))) if self.spec.scope == "layer"
+                    else {"all targeted weights": keep_total(weights, target)})
+            unit = "weights"
+        if len(want) == 1 and len(have) > 1:
+            have = {next(iter(want)): sum(have.values())}
+        for where, n in want.items():
+            if have[where] != n:
+                raise FxgrowError(f"prune_regrow: after the event at step {t}, {where} has {have[where]} active "
+                                  f"{unit} where the target sparsity {target:.6f} keeps {n}")
 
     @staticmethod
-    def measure(weights: list[MaskedWeight]) -> dict[str, Any]:
+    def measure(weights: list[MaskedWeight], filters=None) -> dict[str, Any]:
         counts = {w.key: (w.nnz(), w.numel) for w in weights}
         nnz, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
-        return {"actual_sparsity": 1 - nnz / total,
-                "layers": {key: 1 - n / size for key, (n, size) in counts.items()}}
+        out = {"actual_sparsity": 1 - nnz / total, "weight_sparsity": 1 - nnz / total,
+               "layers": {key: 1 - n / size for key, (n, size) in counts.items()}}
+        if filters is not None:  # the target counts channels
+            active = {g.id: int(g.active().sum()) for g in filters}
+            out["actual_sparsity"] = 1 - sum(active.values()) / sum(g.size for g in filters)
+            out["channels"] = {str(g.id): 1 - active[g.id] / g.size for g in filters}
+        return out
 
-    def _dense_grads(self, weights: list[MaskedWeight]) -> list[torch.Tensor]:
-        grads = []
+    def _reduce_dense_grads(self, weights: list[MaskedWeight]) -> None:
         for w in weights:
             if w.mask_module.dense_grad is None:
                 raise FxgrowError(f"prune_regrow: no dense gradient was captured for '{w.key}' "
                                   "(was it used in this step's forward?)")
-            grads.append(w.mask_module.dense_grad)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every rank must grow the same positions: regrow from the mean gradient.
-            for g in grads:
-                torch.distributed.all_reduce(g)
-                g.div_(torch.distributed.get_world_size())
-        return grads
+            for w in weights:
+                torch.distributed.all_reduce(w.mask_module.dense_grad)
+                w.mask_module.dense_grad.div_(torch.distributed.get_world_size())
 
     def _set_capture(self, model: torch.nn.Module, on: bool) -> None:
         for module in model.modules():
@@ -405,9 +429,9 @@ class PruneRegrowCallback(Callback):
     # -- report and resume
     def report(self) -> dict[str, Any]:
         last = self.last or {}
-        return {"final_sparsity": self.spec.final_sparsity,
-                "actual_sparsity": last.get("actual_sparsity"),
-                "layers": last.get("layers", {}),
+        measured = {k: last.get(k) for k in ("actual_sparsity", "weight_sparsity", "layers", "channels")
+                    if k in last or k == "actual_sparsity"}
+        return {"final_sparsity": self.spec.final_sparsity, "granularity": self.spec.granularity, **measured,
                 "events": self.events, "moved": self.moved,
                 "schedule": None if self.schedule is None else
                 {"start": self.schedule.start, "end": self.schedule.end, "every": self.schedule.every,
