@@ -312,9 +312,14 @@ def test_output_folder_report_and_callback_state_round_trip(tmp_path):
 
 
 def test_resume_with_a_different_spec_is_refused(tmp_path):
-    Trainer(mlp(), spec(), out_dir=tmp_path).fit()
-    with pytest.raises(FxgrowError, match="differs from the checkpoint's in batch_size"):
-        Trainer(mlp(), spec(batch_size=2), resume=tmp_path / "checkpoint.pt").fit()
+    dump = lambda s, passes: {"passes": passes, "train": s.model_dump(mode="json")}  # noqa: E731
+    Trainer(mlp(), spec(), out_dir=tmp_path, spec_dump=dump(spec(), [])).fit()
+    with pytest.raises(FxgrowError, match="differs from the checkpoint's in train.batch_size$"):
+        Trainer(mlp(), spec(batch_size=2), resume=tmp_path / "checkpoint.pt", spec_dump=dump(spec(), [])).fit()
+    with pytest.raises(FxgrowError, match="differs from the checkpoint's in passes$"):
+        Trainer(mlp(), spec(), resume=tmp_path, spec_dump=dump(spec(), [{"kind": "compander"}])).fit()
+    # what does not change the computation may change
+    Trainer(mlp(), spec(progress="plain", log_every_steps=7), resume=tmp_path, spec_dump=dump(spec(), [])).fit()
 
 
 def test_default_out_dir_and_log_records(tmp_path, monkeypatch):

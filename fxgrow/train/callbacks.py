@@ -7,6 +7,10 @@ The loop knows these events, never the passes. Event order for one optimizer ste
 
 plus on_train_start / on_eval / on_epoch_end / on_train_end. Every hook receives the
 loop's `ctx` (see `TrainContext` below for what it offers).
+
+A resumed run calls on_train_start (ctx.resumed is True), then every callback's
+load_state_dict, then loads the model, optimizer, scheduler and RNG states, and goes on
+with the step after the checkpoint's.
 """
 from __future__ import annotations
 

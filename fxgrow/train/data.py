@@ -126,11 +126,11 @@ class Batches:
 
     def __init__(self, data: Data, split: str, batch_size: int, device: torch.device,
                  rank: int = 0, world: int = 1, seed: int = 0):
-        if batch_size % world:
-            raise FxgrowError(f"batch_size {batch_size} is not divisible by the {world} DDP processes")
         self.data, self.split, self.device = data, getattr(data, split), device
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.n = _length(self.split)
+        if split == "train" and batch_size % world:
+            raise FxgrowError(f"batch_size {batch_size} is not divisible by the {world} DDP processes")
         if split == "train" and self.n < batch_size:
             raise FxgrowError(f"batch_size {batch_size} exceeds the {self.n} training examples")
 
@@ -142,20 +142,22 @@ class Batches:
         """Raw (inputs, targets) on the device for training batches start.. of `epoch`."""
         perm = epoch_permutation(self.n, self.seed, epoch)
         shard = self.batch_size // self.world
-        index = [perm[b * self.batch_size + self.rank * shard:][:shard]
-                 for b in range(start, self.steps_per_epoch)]
-        return self._load(index)
+        if isinstance(self.split, tuple):
+            perm = perm.to(self.split[1].device)  # one copy an epoch; each batch is a view of it
+        return self._load(perm[b * self.batch_size + self.rank * shard:][:shard]
+                          for b in range(start, self.steps_per_epoch))
 
     def sequential(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         per_rank = -(-self.n // self.world)
         lo, hi = self.rank * per_rank, min(self.n, (self.rank + 1) * per_rank)
-        return self._load([torch.arange(i, min(i + self.batch_size, hi)) for i in range(lo, hi, self.batch_size)])
+        return self._load(slice(i, min(i + self.batch_size, hi)) for i in range(lo, hi, self.batch_size))
 
-    def _load(self, index: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _load(self, index: Iterator[torch.Tensor | slice]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if isinstance(self.split, tuple):
             x, y = self.split
-            return ((x[i], y[i]) for i in (i.to(x.device) for i in index))
-        loader = DataLoader(self.split, batch_sampler=[i.tolist() for i in index], num_workers=self.data.workers,
+            return ((x[i], y[i]) for i in index)
+        batches = [list(range(len(self.split))[i]) if isinstance(i, slice) else i.tolist() for i in index]
+        loader = DataLoader(self.split, batch_sampler=batches, num_workers=self.data.workers,
                             pin_memory=self.device.type == "cuda")
         return ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in loader)
 

@@ -44,6 +44,10 @@ FREE_ON_RESUME = {"device", "compile", "progress", "log_every_steps", "checkpoin
 _NEVER = 2 ** 62  # "no bad step" when ranks agree on the first one
 
 
+def _changed(old: dict, new: dict, ignore: set[str], prefix: str = "") -> list[str]:
+    return [prefix + k for k in sorted(old.keys() | new.keys()) if k not in ignore and old.get(k) != new.get(k)]
+
+
 class NonFiniteLoss(FxgrowError):
     """The loss became NaN or infinite; the run stopped."""
 
@@ -107,16 +111,14 @@ class Trainer:
         model = model if model is not None else self.model
         was_training = model.training
         model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums, count = torch.zeros(2, dtype=torch.float64, device=self.device), 0  # loss, correct
         for x, y in self._test.sequential():
             with self._autocast():
                 logits = model(self._prepare(x))
-            sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
-                                 (logits.argmax(-1) == y).sum().double(), sums.new_tensor(len(y))])
+            sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum"), (logits.argmax(-1) == y).sum()])
+            count += len(y)
         model.train(was_training)
-        if self.world > 1:
-            dist.all_reduce(sums)
-        loss, correct, count = sums.tolist()
+        loss, correct, count = self._reduce(torch.cat([sums, sums.new_tensor([count])])).tolist()
         return {"loss": loss / count, "accuracy": correct / count}
 
     # --- the run ---------------------------------------------------------------------
@@ -154,10 +156,10 @@ class Trainer:
     def _setup(self, state: dict[str, Any] | None) -> None:
         spec = self.spec
         if state is not None:
-            old, new = state["train_spec"], spec.model_dump(mode="json")
-            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in FREE_ON_RESUME)
+            changed = _changed(state["train_spec"], spec.model_dump(mode="json"), FREE_ON_RESUME, "train.")
+            changed += _changed(state["spec"], self.spec_dump, {"train"})
             if changed:
-                raise FxgrowError(f"resume: the train spec differs from the checkpoint's in {', '.join(changed)}")
+                raise FxgrowError(f"resume: the spec differs from the checkpoint's in {', '.join(changed)}")
         self.device = self._pick_device()
         self._bf16 = spec.precision == "bf16" or (spec.precision == "auto" and self.device.type == "cuda")
         self._channels_last = spec.channels_last if spec.channels_last != "auto" else (
