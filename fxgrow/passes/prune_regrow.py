@@ -29,7 +29,6 @@ from .prune_regrow_filters import (annotate_groups, filter_groups, keep_channels
                                    prune_channels, regrow_channels)
 from .prune_regrow_masks import MaskedWeight, masked_weights, prune_global, prune_layer, regrow
 
-PRESETS = ("granet", "granet_sparse", "gmp", "rigl", "set")
 SAME_AS_FINAL = object()  # preset value: initial_sparsity equals final_sparsity
 
 # What each preset fixes. Setting one of these fields to another value is an error; every
@@ -367,7 +366,7 @@ class PruneRegrowCallback(Callback):
                     d, m = regrow(w, fraction, w.mask_module.dense_grad if gradient else None, generator, opt)
                     dropped, moved = dropped + d, moved + m
         self.check(weights, filters, target, t)
-        return {"step": t, "target_sparsity": target, **self.measure(weights, filters),
+        return {"target_sparsity": target, **self.measure(weights, filters),
                 "regrow_fraction": fraction, "pruned": pruned, "dropped": dropped, "moved": moved}
 
     def keep_per_layer(self, weights: list[MaskedWeight], target: float) -> list[int]:
