@@ -405,3 +405,50 @@ def test_compiled_training_matches_eager(tmp_path):
         torch.manual_seed(0)
         reports.append(Trainer(mlp(), spec(compile=compile), out_dir=tmp_path / str(compile)).fit())
     assert reports[0]["loss"] == pytest.approx(reports[1]["loss"], rel=1e-4)
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A map-style dataset that is not a TensorDataset: the loop streams it."""
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.arange(n) % 3
+        self.x = torch.randn(n, 12, generator=g) * 0.5 + nn.functional.one_hot(self.y, 12).float() * 2
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def streamed_splits():
+    return {"train": ListDataset(48, 0), "test": ListDataset(24, 1), "num_classes": 3}
+
+
+def test_streamed_python_dataset_trains(tmp_path):
+    s = spec(data={"name": "python", "entry": "tests.test_train_loop:streamed_splits", "workers": 0},
+             epochs=6, batch_size=8)
+    trainer = Trainer(mlp(), s, out_dir=tmp_path)
+    report = trainer.fit()
+    assert isinstance(trainer.data.train, torch.utils.data.Dataset) and trainer.data.num_classes == 3
+    assert report["steps"] == 36 and report["accuracy"] > 0.9
+
+
+def test_conv_net_with_channels_last_and_augmentation(tmp_path):
+    data = {"name": "synthetic", "shape": [3, 8, 8], "num_classes": 3, "train_size": 64, "test_size": 32,
+            "noise": 0.5, "augment": "crop_flip", "crop_padding": 1}
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(32, 3))
+
+    class Layout(Callback):
+        name = "layout"
+
+        def on_step_start(self, ctx):
+            self.inputs_channels_last = ctx.batch[0].is_contiguous(memory_format=torch.channels_last)
+
+    layout = Layout()
+    report = Trainer(model, TrainSpec(data=data, epochs=4, batch_size=8, channels_last=True, progress="none"),
+                     [layout], out_dir=tmp_path).fit()
+    assert layout.inputs_channels_last and model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert report["accuracy"] > 0.6
