@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ def build_model(spec: Spec, model_ref: str | None = None) -> nn.Module:
     ref = model_ref or spec.model.entry
     if ref is None:
         raise SpecError([("model.entry", "no model given: pass MODEL or set model.entry")])
+    torch.manual_seed(spec.train.seed)  # the same spec builds the same initial weights
     return load_model(ref, spec.model.kwargs)
 
 
@@ -63,12 +63,9 @@ def run(spec: Spec, model_ref: str | None = None, out_dir: str | Path | None = N
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"entry": model_ref})})
     result = compile_spec(spec, model)
     trainer = Trainer(result.graph_module, spec.train, callbacks=result.callbacks,
-                      out_dir=Path(out_dir) if out_dir else default_out_dir(spec),
-                      spec_dump=spec_dump(spec), resume=resume)
-    report = trainer.fit()
-    save_folded(trainer.model, trainer.out_dir, report)
-    (trainer.out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    return report
+                      out_dir=Path(out_dir) if out_dir else None,
+                      spec_dump=spec_dump(spec), resume=resume, on_finish=save_folded)
+    return trainer.fit()
 
 
 def spec_dump(spec: Spec) -> dict[str, Any]:
@@ -112,17 +109,11 @@ def restore(run: str | Path, model_ref: str | None = None) -> tuple[Spec, fx.Gra
     return spec, ctx.model.eval()
 
 
-def default_out_dir(spec: Spec) -> Path:
-    import time
-    return Path("runs") / f"{spec.name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def save_folded(model: nn.Module, out_dir: Path, report: dict[str, Any]) -> Path:
+def save_folded(model: nn.Module, out_dir: Path, report: dict[str, Any]) -> None:
     """Write the folded plain model (`folded.pt`: the module; `folded_state_dict.pt`)."""
     if not isinstance(model, fx.GraphModule):
-        return out_dir
+        return
     folded = fold(model).cpu().eval()
     torch.save(folded, out_dir / "folded.pt")
     torch.save(folded.state_dict(), out_dir / "folded_state_dict.pt")
     report.setdefault("artifacts", {}).update(folded="folded.pt", folded_state_dict="folded_state_dict.pt")
-    return out_dir / "folded.pt"

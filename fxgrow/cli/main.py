@@ -53,7 +53,8 @@ def apply(
     spec: Path = typer.Argument(..., help="YAML spec."),
     model: Optional[str] = typer.Argument(None, help="file.py (with build() or model) or package.module:callable; "
                                                       "default: the spec's model.entry"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<name>-<time>)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<time>, "
+                                                                 "or the resumed run's)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
 ) -> None:
     """Rewrite MODEL as SPEC says, train it, fold it and save everything under --out."""
@@ -61,8 +62,6 @@ def apply(
     from ..specs.root import load_spec
 
     s = load_spec(spec)
-    if resume is not None and out_dir is None:
-        out_dir = resume
     report = api.run(s, model, out_dir=out_dir, resume=resume)
     acc = report.get("accuracy")
     out.print(f"done: test accuracy {acc:.4f}" if isinstance(acc, float) else "done",
