@@ -1,4 +1,9 @@
-"""Weight compander: w = psi(v) = a * f(v / b) with f in {atan, asinh, erf}."""
+"""Weight compander (ALGORITHMS.md section 2): w = psi(v) = a * f(v / b), f in {atan, asinh, erf}.
+
+The producer holds (a, b) and computes psi. The functions here are the math the pass and
+its training callback share: psi, its derivative, its inverse (for the init), and a
+many-tensor form of psi and psi' for the per-step corrections.
+"""
 from __future__ import annotations
 
 import math
@@ -9,9 +14,12 @@ from torch import nn
 from .base import Producer
 
 FUNCTIONS = ("atan", "asinh", "erf")
+_TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
+
+Scalar = float | torch.Tensor  # a and b: Python floats when fixed, 0-d parameters when learnable
 
 
-def psi(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, function: str) -> torch.Tensor:
+def psi(v: torch.Tensor, a: Scalar, b: Scalar, function: str) -> torch.Tensor:
     x = v / b
     if function == "atan":
         return a * torch.atan(x)
@@ -20,56 +28,99 @@ def psi(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, function: str) -> tor
     return a * torch.erf(x)
 
 
-def psi_prime(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, function: str) -> torch.Tensor:
+def psi_prime(v: torch.Tensor, a: Scalar, b: Scalar, function: str) -> torch.Tensor:
     """d psi / d v."""
     x = v / b
     if function == "atan":
         return (a / b) / (1 + x * x)
     if function == "asinh":
-        return (a / b) / torch.sqrt(1 + x * x)
-    return (a / b) * (2 / math.sqrt(math.pi)) * torch.exp(-x * x)
+        return (a / b) * torch.rsqrt(1 + x * x)
+    return (a / b) * _TWO_OVER_SQRT_PI * torch.exp(-x * x)
 
 
-# Inputs of the inverse are clamped to where it is finite.
+# |w / a| is clamped to these before inverting, where the inverse would be infinite.
 INVERSE_LIMIT = {"atan": math.pi / 2 - 1e-3, "asinh": math.inf, "erf": 1 - 1e-6}
 
 
 def psi_inverse(w: torch.Tensor, a: float, b: float, function: str) -> tuple[torch.Tensor, int]:
-    """v with psi(v) == w, and how many entries had to be clamped to get a finite v."""
-    x = w / a
+    """v with psi(v) == w (computed in float64, returned in w's dtype), and how many
+    entries of w lay outside psi's range and were clamped to its edge."""
+    x = w.to(torch.float64) / a
     limit = INVERSE_LIMIT[function]
-    clamped = int((x.abs() > limit).sum()) if math.isfinite(limit) else 0
-    if math.isfinite(limit):
-        x = x.clamp(-limit, limit)
+    clamped = int((x.abs() > limit).sum())
+    x = x.clamp(-limit, limit)
     if function == "atan":
-        return b * torch.tan(x), clamped
-    if function == "asinh":
-        return b * torch.sinh(x), clamped
-    return b * torch.erfinv(x), clamped
+        v = b * torch.tan(x)
+    elif function == "asinh":
+        v = b * torch.sinh(x)
+    else:
+        v = b * torch.erfinv(x)
+    return v.to(w.dtype), clamped
+
+
+def inverse_needs_a(w: torch.Tensor, function: str) -> float:
+    """The smallest `a` for which no entry of w is clamped by the inverse."""
+    return float(w.abs().max()) / INVERSE_LIMIT[function]
+
+
+def psi_and_prime_many(vs: list[torch.Tensor], a: Scalar, b: Scalar, function: str
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """[psi(v)], [psi'(v)] for tensors sharing one (a, b), with torch._foreach ops: a few
+    kernel launches for all of them rather than several per tensor."""
+    x = torch._foreach_div(vs, b)
+    sq = torch._foreach_mul(x, x)
+    if function == "atan":
+        f = torch._foreach_atan(x)
+        torch._foreach_add_(sq, 1.0)
+        df = torch._foreach_reciprocal(sq)
+    elif function == "asinh":
+        f = [torch.asinh(t) for t in x]  # torch has no _foreach_asinh
+        torch._foreach_add_(sq, 1.0)
+        df = torch._foreach_rsqrt(sq)
+    else:
+        f = torch._foreach_erf(x)
+        torch._foreach_neg_(sq)
+        df = torch._foreach_exp(sq)
+        torch._foreach_mul_(df, _TWO_OVER_SQRT_PI)
+    torch._foreach_mul_(f, a)
+    torch._foreach_mul_(df, a / b)
+    return f, df
 
 
 class CompanderScale(nn.Module):
-    """The (a, b) pair: buffers when fixed, parameters when learnable. One instance may be
-    shared by every producer (`learnable: global`)."""
+    """The (a, b) pair. Learnable: 0-d parameters, and one instance may be shared by every
+    producer (`learnable: global`). Fixed: plain floats, so they cost no tensor operand
+    and torch.compile folds them in as constants."""
 
     def __init__(self, a: float, b: float, learnable: bool):
         super().__init__()
-        a_t, b_t = torch.tensor(float(a)), torch.tensor(float(b))
+        self.learnable = learnable
         if learnable:
-            self.a, self.b = nn.Parameter(a_t), nn.Parameter(b_t)
+            self.a = nn.Parameter(torch.tensor(float(a)))
+            self.b = nn.Parameter(torch.tensor(float(b)))
         else:
-            self.register_buffer("a", a_t)
-            self.register_buffer("b", b_t)
+            self.a, self.b = float(a), float(b)
+
+    def values(self) -> tuple[float, float]:
+        if self.learnable:
+            return self.a.item(), self.b.item()
+        return self.a, self.b
+
+    def extra_repr(self) -> str:
+        a, b = self.values()
+        return f"a={a:.4g}, b={b:.4g}, learnable={self.learnable}"
 
 
 class CompandProducer(Producer):
+    """w = psi(v): the weight chain's value v in, the effective weight out."""
+
     rank = 10
     role = "compand"
 
     def __init__(self, scale: CompanderScale, function: str = "atan"):
         super().__init__()
         if function not in FUNCTIONS:
-            raise ValueError(f"unknown compander function {function!r}")
+            raise ValueError(f"unknown compander function {function!r} (known: {', '.join(FUNCTIONS)})")
         self.scale = scale
         self.function = function
 

@@ -1,21 +1,32 @@
 """Weight compander pass (ALGORITHMS.md section 2): every targeted weight becomes
-w = psi(v) with v initialised to psi^-1(w), so outputs are unchanged right after it."""
+w = psi(v) with v initialised to psi^-1(w), so outputs are unchanged right after it.
+
+Stacked after template mixing, v is not a parameter but the mixed weight: the inverse
+init then re-solves the bank's templates so that the mix yields psi^-1(W) (template
+mixing's `retarget`), and the function is still preserved. Masks and slicing come after
+the compander and see psi(v) as their input. Training-time behaviour (weight decay on
+the effective weight, the Adam correction, metrics, report) is in `compander_callback`.
+"""
 from __future__ import annotations
 
 import warnings
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 from torch import fx
 
 from ..errors import FxgrowError
-from ..ir import fetch_attr, insert_producer, weight_chains
-from ..nn.compander import CompanderScale, CompandProducer, psi_inverse
+from ..ir import WeightChain, evaluate_chain, fetch_attr, insert_producer, weight_chains
+from ..nn.compander import CompanderScale, CompandProducer, inverse_needs_a, psi_inverse
 from ..specs.base import PassSpec
+from ..train.callbacks import Callback
 from .base import Match, Pass, PassContext, register_pass
+from .compander_callback import CompanderCallback
 
+FIXED_INIT = (0.7, 0.8)      # the most frequent best pair of the paper's grid search
 LEARNABLE_INIT = (0.5, 1.0)  # the paper's "fine" version starts here
+ADAPTIVE_OPTIMIZERS = ("adam", "adamw")
 
 
 class CompanderSpec(PassSpec):
@@ -25,20 +36,23 @@ class CompanderSpec(PassSpec):
     b: float | None = Field(None, gt=0, description="default 0.8, or 1.0 when learnable")
     learnable: Literal["none", "layer", "global"] = "none"
     weight_decay: Literal["effective", "raw"] | None = Field(
-        None, description="default: effective for fixed a, b; raw (on v) when learnable")
-    adaptive_fix: bool = False
-    max_clamped_fraction: float = Field(0.01, ge=0, le=1)
+        None, description="effective: decay psi(v) (default for fixed a, b); raw: decay v "
+                          "(default, and the only choice, for learnable a, b)")
+    adaptive_fix: bool = Field(False, description="Adam/AdamW: moments from dL/dw, step times psi'(v)")
+    max_clamped_fraction: float = Field(
+        0.01, ge=0, le=1, description="fail when the inverse init clamps more than this share of a layer")
 
-    @model_validator(mode="after")
-    def _decay_matches_learnable(self) -> "CompanderSpec":
-        if self.learnable != "none" and self.weight_decay == "effective":
-            raise ValueError("weight_decay: 'effective' needs fixed a and b; "
-                             "with learnable a, b decay applies to v only ('raw')")
-        return self
+    @field_validator("weight_decay")
+    @classmethod
+    def _decay_matches_learnable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value == "effective" and info.data.get("learnable", "none") != "none":
+            raise ValueError("'effective' needs fixed a and b; with learnable a, b decay "
+                             "applies to v only ('raw')")
+        return value
 
     @property
     def initial_ab(self) -> tuple[float, float]:
-        da, db = LEARNABLE_INIT if self.learnable != "none" else (0.7, 0.8)
+        da, db = LEARNABLE_INIT if self.learnable != "none" else FIXED_INIT
         return (self.a if self.a is not None else da, self.b if self.b is not None else db)
 
     @property
@@ -46,7 +60,7 @@ class CompanderSpec(PassSpec):
         return self.weight_decay or ("raw" if self.learnable != "none" else "effective")
 
     def check_train(self, train) -> list[tuple[str, str]]:
-        if self.adaptive_fix and train.optimizer.name not in ("adam", "adamw"):
+        if self.adaptive_fix and train.optimizer.name not in ADAPTIVE_OPTIMIZERS:
             return [("adaptive_fix", f"applies to Adam/AdamW only (train.optimizer.name is "
                                      f"{train.optimizer.name!r})")]
         return []
@@ -62,28 +76,63 @@ class CompanderPass(Pass):
     def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
         spec: CompanderSpec = self.spec
         a, b = spec.initial_ab
-        chains = weight_chains(gm)
-        shared = CompanderScale(a, b, learnable=True) if spec.learnable == "global" else None
         self.clamped: dict[str, int] = {}
-        for m in matches:
-            chain = chains[f"{m.layer}.weight"]
+        all_chains = weight_chains(gm)
+        chains = [all_chains[f"{m.layer}.weight"] for m in matches]
+        # Every inverse is computed from the weights as they are before any is written,
+        # so a parameter tied into two chains is inverted once.
+        with torch.no_grad():
+            targets = {c.key: self._inverse(c.key, evaluate_chain(gm, c)) for c in chains}
+        shared = CompanderScale(a, b, learnable=True) if spec.learnable == "global" else None
+        generated: dict[str, torch.Tensor] = {}
+        for chain in chains:
             if chain.producers:
-                raise FxgrowError(f"'{chain.key}' already has producers "
-                                  f"({', '.join(p.target for p in chain.producers)}); the compander "
-                                  "initialises v from the raw parameter, so apply it first or "
-                                  "right after template mixing")
-            param = fetch_attr(gm, chain.head.target)
-            with torch.no_grad():
-                v, clamped = psi_inverse(param, a, b, spec.function)
-                param.copy_(v)
-            self._check_clamped(chain.key, clamped, param.numel())
+                self._check_upstream(gm, chain)
+                generated[chain.key] = targets[chain.key]
+            else:
+                with torch.no_grad():
+                    fetch_attr(gm, chain.head.target).copy_(targets[chain.key])
             scale = shared if shared is not None else CompanderScale(a, b, spec.learnable == "layer")
             insert_producer(gm, chain, CompandProducer(scale, spec.function), self.kind)
+        if generated:
+            _retarget_templates(gm, generated)
 
-    def _check_clamped(self, key: str, clamped: int, total: int) -> None:
+    def callbacks(self, gm: fx.GraphModule) -> list[Callback]:
+        return [CompanderCallback(self.spec, dict(getattr(self, "clamped", {})))]
+
+    def _inverse(self, key: str, w: torch.Tensor) -> torch.Tensor:
+        a, b = self.spec.initial_ab
+        v, clamped = psi_inverse(w, a, b, self.spec.function)
         self.clamped[key] = clamped
-        if clamped > self.spec.max_clamped_fraction * total:
-            raise FxgrowError(f"{clamped} of {total} weights of '{key}' lie outside the range of "
-                              f"{self.spec.function} with a={self.spec.initial_ab[0]}: raise `a`")
+        if clamped > self.spec.max_clamped_fraction * w.numel():
+            raise FxgrowError(f"{clamped} of {w.numel()} weights of '{key}' lie outside the range of "
+                              f"{a} * {self.spec.function}(v / b): raise `a` to at least "
+                              f"{inverse_needs_a(w, self.spec.function):.3g} or exclude the layer")
         if clamped:
-            warnings.warn(f"compander: clamped {clamped} of {total} weights of '{key}'", stacklevel=2)
+            warnings.warn(f"compander: clamped {clamped} of {w.numel()} weights of '{key}' to the "
+                          f"range of psi; outputs change slightly", stacklevel=3)
+        return v
+
+    def _check_upstream(self, gm: fx.GraphModule, chain: WeightChain) -> None:
+        from ..nn.mixing import MixProducer
+
+        modules = chain.modules(gm)
+        if len(modules) != 1 or not isinstance(modules[0], MixProducer):
+            names = ", ".join(f"{type(m).__name__} ({p.target})" for m, p in zip(modules, chain.producers))
+            raise FxgrowError(f"'{chain.key}' already has producers {names}: the compander must come "
+                              "right after the parameter or a template mix")
+        if self.spec.adaptive_fix:
+            raise FxgrowError(f"adaptive_fix needs v to be a parameter, but '{chain.key}' is generated "
+                              "by template mixing; drop adaptive_fix or the mixing of this layer")
+
+
+def _retarget_templates(gm: fx.GraphModule, targets: dict[str, torch.Tensor]) -> None:
+    """Make template mixing produce v = psi^-1(W) for each key of `targets`."""
+    from .template_mixing import retarget
+
+    residual = retarget(gm, targets)
+    for key, r in residual.items():
+        scale = max(1.0, float(targets[key].abs().max()))
+        if r > 1e-5 * scale:
+            raise FxgrowError(f"cannot initialise v = psi^-1(W) for '{key}' through its template bank "
+                              f"(residual {r:.3g}): the bank's alphas do not have full row rank")

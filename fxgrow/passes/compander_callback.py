@@ -1,0 +1,269 @@
+"""Training-time behaviour of the compander (ALGORITHMS.md section 2).
+
+Weight decay. `effective` (fixed a, b) decays the effective weight w = psi(v): the
+penalty lambda/2 * ||psi(v)||^2 has gradient lambda * w * psi'(v) in v, which is added to
+v's gradient (SGD, Adam: coupled L2) or taken as a plain step v -= lr * lambda * w * psi'(v)
+(AdamW: decoupled), and v's own optimizer decay is set to 0. lambda is the optimizer's
+`weight_decay`. `raw` leaves the optimizer's decay on v. a and b never get decay.
+
+Adam correction (`adaptive_fix`). Adam divides away the psi'(v) factor of dL/dv, so the
+reparameterization would no longer shape the step. Before the step, v's gradient is
+divided by psi'(v): the optimizer's moments are those of dL/dw. After the step, the step
+it took is multiplied by psi'(v): v <- v0 + (v - v0) * psi'(v0).
+
+Both run in optimizer step pre/post hooks, armed by `after_backward`: so the decay term
+and the division come after gradient clipping (which sees dL/dv, as for any parameter)
+and GradScaler unscaling, a skipped step does nothing, and the rescale happens before
+any `after_step` callback (e.g. growth replacing the model).
+
+When v is generated (template mixing before the compander) there is no v parameter: the
+decay gradient is then taken through the chain by autograd, into the templates and
+alphas, and `adaptive_fix` is rejected at rewrite time.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..ir import fetch_attr, weight_chains
+from ..nn.base import Producer
+from ..nn.compander import CompanderScale, CompandProducer, psi, psi_and_prime_many, psi_prime
+from ..train.callbacks import Callback, TrainContext
+
+# The lines of the paper's weight-distribution figure (TensorBoard's distribution bands).
+PERCENTILES = (100, 93, 84, 69, 50, 31, 16, 7, 0)
+
+
+@dataclass
+class Site:
+    """One compander in a model: the chain `key`, its parameter `head`, the producers
+    between the head and the compander (`upstream`: empty unless mixing), the producer."""
+
+    key: str
+    head: nn.Parameter
+    upstream: list[Producer]
+    producer: CompandProducer
+
+    @property
+    def v_is_parameter(self) -> bool:
+        return not self.upstream
+
+    def v(self) -> torch.Tensor:
+        """The compander's input."""
+        value = self.head
+        for module in self.upstream:
+            value = module(value)
+        return value
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What v is computed from."""
+        return [self.head] + [p for m in self.upstream for p in m.parameters()]
+
+
+def compand_sites(model: nn.Module) -> list[Site]:
+    """Every compander of `model`, in graph order of the layers it feeds."""
+    if not isinstance(model, fx.GraphModule):
+        return []
+    sites = []
+    for chain in weight_chains(model).values():
+        modules = chain.modules(model)
+        for i, module in enumerate(modules):
+            if isinstance(module, CompandProducer):
+                sites.append(Site(chain.key, fetch_attr(model, chain.head.target), modules[:i], module))
+    return sites
+
+
+def percentiles(t: torch.Tensor, qs: tuple[float, ...] = PERCENTILES) -> list[float]:
+    """Linear-interpolated percentiles (numpy's default) of all entries of `t`; unlike
+    torch.quantile, no size limit."""
+    flat = t.detach().flatten().float().sort().values
+    pos = torch.tensor(qs, dtype=torch.float64, device=flat.device) / 100 * (flat.numel() - 1)
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    frac = (pos - lo).to(flat.dtype)
+    return (flat[lo] + (flat[hi] - flat[lo]) * frac).tolist()
+
+
+def _decoupled(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, torch.optim.AdamW) or bool(optimizer.defaults.get("decoupled_weight_decay"))
+
+
+def _adaptive(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+class CompanderCallback(Callback):
+    name = "compander"
+
+    def __init__(self, spec, clamped: dict[str, int]):
+        self.function: str = spec.function
+        self.learnable: str = spec.learnable
+        self.decay: str = spec.decay_mode
+        self.adaptive_fix: bool = spec.adaptive_fix
+        self.initial_ab = spec.initial_ab
+        self.clamped = clamped
+        self.scales: dict[str, tuple[float, float]] = {}  # last seen (a, b) per layer
+        self._cache: tuple[nn.Module | None, list[Site]] = (None, [])
+        self._armed: tuple[nn.Module, float] | None = None  # (model, lambda) for the next step
+        self._hooked: weakref.ref | None = None  # the optimizer our step hooks are on
+        self._pending: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = []
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        # Cached per model object: growth and resume install a new one.
+        if self._cache[0] is not model:
+            self._cache = (model, compand_sites(model))
+        return self._cache[1]
+
+    # --- optimizer groups ----------------------------------------------------------------
+
+    def param_group_overrides(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        no_decay: list[torch.Tensor] = []
+        for site in self.sites(model):
+            if self.decay == "effective":
+                no_decay.append(site.head)  # decayed through psi(v) at the optimizer step instead
+            if site.producer.scale.learnable:
+                no_decay += [site.producer.scale.a, site.producer.scale.b]
+        return {name_of[id(p)]: {"weight_decay": 0.0} for p in no_decay if id(p) in name_of}
+
+    # --- per step ------------------------------------------------------------------------
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        if self.adaptive_fix and not _adaptive(ctx.optimizer):
+            raise ValueError(f"compander: adaptive_fix applies to Adam/AdamW, not "
+                             f"{type(ctx.optimizer).__name__}")
+
+    def on_step_start(self, ctx: TrainContext) -> None:
+        if ctx.step == 0:  # the initial distribution, for the weight-distribution figure
+            ctx.log({"compander": self.snapshot(ctx.model)})
+
+    def after_backward(self, ctx: TrainContext) -> None:
+        # The work happens inside optimizer.step(), in the hooks below: after gradient
+        # clipping and GradScaler unscaling, and only when the step is really taken.
+        lam = float(ctx.optimizer.defaults.get("weight_decay", 0.0)) if self.decay == "effective" else 0.0
+        self._armed = (ctx.model, lam) if lam or self.adaptive_fix else None
+        if self._armed is not None and (self._hooked is None or self._hooked() is not ctx.optimizer):
+            ctx.optimizer.register_step_pre_hook(self._on_optimizer_step)
+            ctx.optimizer.register_step_post_hook(self._after_optimizer_step)
+            self._hooked = weakref.ref(ctx.optimizer)
+
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._armed is None:
+            return
+        (model, lam), self._armed = self._armed, None
+        decoupled = _decoupled(optimizer)
+        lr = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        sites = self.sites(model)
+        with torch.no_grad():
+            for scale, vs in _leaf_groups(sites):
+                self._correct(vs, scale, lam, decoupled, lr)
+        if lam:
+            _decay_generated([s for s in sites if not s.v_is_parameter], self.function, lam, decoupled, lr)
+
+    def _correct(self, vs: list[nn.Parameter], scale: CompanderScale, lam: float, decoupled: bool,
+                 lr: dict[int, float]) -> None:
+        grads = [v.grad for v in vs]
+        ws, ds = psi_and_prime_many(vs, scale.a, scale.b, self.function)
+        if lam:
+            decay = torch._foreach_mul(ws, ds)  # d/dv of ||psi(v)||^2 / 2
+            if decoupled:
+                torch._foreach_mul_(decay, [lam * lr[id(v)] for v in vs])
+                torch._foreach_sub_(vs, decay)
+            elif not self.adaptive_fix:
+                torch._foreach_add_(grads, decay, alpha=lam)
+        if self.adaptive_fix:
+            # psi' > 0 mathematically; where it underflows dL/dv is 0 too, and so stays.
+            torch._foreach_clamp_min_(ds, max(torch.finfo(v.dtype).tiny for v in vs))
+            torch._foreach_div_(grads, ds)  # dL/dw
+            if lam and not decoupled:
+                torch._foreach_add_(grads, ws, alpha=lam)  # d/dw of lam/2 ||w||^2
+            self._pending.append((vs, torch._foreach_clone(vs), ds))
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            for vs, before, ds in self._pending:
+                torch._foreach_sub_(vs, before)  # the step the optimizer took on dL/dw
+                torch._foreach_mul_(vs, ds)
+                torch._foreach_add_(vs, before)
+        self._pending = []
+
+    # --- metrics and report ----------------------------------------------------------------
+
+    def snapshot(self, model: nn.Module) -> dict[str, Any]:
+        """a and b per layer (when learnable) and the weight percentiles of the first and
+        last companded layer: w = psi(v) and v, at PERCENTILES."""
+        sites = self.sites(model)
+        record: dict[str, Any] = {}
+        if self.learnable != "none":
+            self.scales = {s.key: s.producer.scale.values() for s in sites}
+            record["a"] = {k: a for k, (a, _) in self.scales.items()}
+            record["b"] = {k: b for k, (_, b) in self.scales.items()}
+        with torch.no_grad():
+            ends = {s.key: s for s in (sites[:1] + sites[-1:])}
+            record["percentiles"] = {"q": list(PERCENTILES), **{
+                key: {"w": percentiles(s.producer(s.v())), "v": percentiles(s.v())} for key, s in ends.items()}}
+        return record
+
+    def on_eval(self, ctx: TrainContext, metrics: dict[str, float]) -> None:
+        ctx.log({"compander": self.snapshot(ctx.model)})
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        if self.learnable != "none":
+            self.scales = {s.key: s.producer.scale.values() for s in self.sites(ctx.model)}
+
+    def report(self) -> dict[str, Any]:
+        a, b = self.initial_ab
+        if self.learnable != "none" and self.scales:
+            a = {k: v[0] for k, v in self.scales.items()}
+            b = {k: v[1] for k, v in self.scales.items()}
+        return {"function": self.function, "learnable": self.learnable, "weight_decay": self.decay,
+                "adaptive_fix": self.adaptive_fix, "a": a, "b": b, "clamped": dict(self.clamped),
+                "clamped_total": sum(self.clamped.values())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"clamped": dict(self.clamped)}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: TrainContext | None = None) -> None:
+        self.clamped = dict(state.get("clamped", self.clamped))
+
+
+def _leaf_groups(sites: list[Site]) -> list[tuple[CompanderScale, list[nn.Parameter]]]:
+    """The v parameters that have a gradient, grouped by the (a, b) they share (fixed
+    values, or one learnable pair), so each group is one set of foreach calls."""
+    groups: dict[Any, tuple[CompanderScale, list[nn.Parameter]]] = {}
+    seen: set[int] = set()
+    for s in sites:
+        if s.v_is_parameter and s.head.grad is not None and id(s.head) not in seen:
+            seen.add(id(s.head))
+            scale = s.producer.scale
+            key = id(scale) if scale.learnable else scale.values()
+            groups.setdefault(key, (scale, []))[1].append(s.head)
+    return list(groups.values())
+
+
+def _decay_generated(sites: list[Site], function: str, lam: float, decoupled: bool,
+                     lr: dict[int, float]) -> None:
+    """Effective decay for a generated v: the gradient of lam/2 ||psi(v)||^2 with respect
+    to what v is made of, by autograd through the chain."""
+    if not sites:
+        return
+    with torch.enable_grad():
+        vs = [s.v() for s in sites]
+    with torch.no_grad():
+        terms = [lam * psi(v, *s.producer.scale.values(), function) *
+                 psi_prime(v, *s.producer.scale.values(), function) for s, v in zip(sites, vs)]
+    params = list({id(p): p for s in sites for p in s.parameters() if p.requires_grad}.values())
+    grads = torch.autograd.grad(vs, params, terms, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if decoupled:
+                p.sub_(g, alpha=lr[id(p)])
+            elif p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
