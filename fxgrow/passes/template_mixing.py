@@ -6,12 +6,15 @@ and a `MixProducer` holding the layer's alphas is the chain's first producer.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import fx, nn
 
+from ..analysis import forward_flops
 from ..errors import FxgrowError
 from ..ir import META, WeightChain, fetch_attr, insert_producer, weight_chains
 from ..nn.mixing import MixProducer, TemplateBank
@@ -141,11 +144,25 @@ def describe(gm: nn.Module) -> list[dict[str, Any]]:
 
 
 class TemplateMixingCallback(Callback):
+    """No weight decay on the alphas, the bank table, and the run's training FLOPs.
+
+    FLOPs: forward FLOPs per sample are counted with FlopCounterMode on a training batch
+    (again whenever the model is replaced, e.g. by growth); each step adds 3 x forward x
+    samples. At the end `flops_norm` = (this run's FLOPs + those of the runs fused into it)
+    / (3 x the final model's forward FLOPs x the samples this run saw): the cost relative
+    to training the final architecture from scratch for the same epochs."""
+
     name = "template_mixing"
 
-    def __init__(self, spec: TemplateMixingSpec):
+    def __init__(self, spec: TemplateMixingSpec, fused_runs: list[str] | None = None):
         self.spec = spec
+        self.fused_runs = list(fused_runs or [])
         self.table: list[dict[str, Any]] = []
+        self.train_flops = 0.0
+        self.samples = 0
+        self.flops_per_sample = 0.0
+        self._measured: nn.Module | None = None
+        self.summary: dict[str, Any] = {}
 
     def param_group_overrides(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         if self.spec.coefficient_weight_decay is None:
@@ -156,14 +173,58 @@ class TemplateMixingCallback(Callback):
     def on_train_start(self, ctx: TrainContext) -> None:
         self.table = describe(ctx.model)
 
+    def after_step(self, ctx: TrainContext) -> None:
+        inputs = ctx.batch[0]
+        if self._measured is not ctx.model:
+            self.flops_per_sample = forward_flops(ctx.model, inputs) / len(inputs)
+            self._measured = ctx.model
+        samples = len(inputs) * getattr(ctx, "world", 1)
+        self.samples += samples
+        self.train_flops += 3 * self.flops_per_sample * samples
+
+    def on_epoch_end(self, ctx: TrainContext) -> None:
+        ctx.log({"split": "flops", "train_flops": self.train_flops,
+                 "forward_flops_per_sample": self.flops_per_sample})
+
     def on_train_end(self, ctx: TrainContext) -> None:
         self.table = describe(ctx.model)
+        fused = [_run_train_flops(run) for run in self.fused_runs]
+        reference = 3 * self.flops_per_sample * self.samples
+        spent = self.train_flops + sum(f for f in fused if f is not None)
+        self.summary = {
+            "train_flops": self.train_flops,
+            "fused_train_flops": fused,
+            "reference_flops": reference,
+            "flops_norm": spent / reference if reference else None,
+        }
+        if any(f is None for f in fused):
+            self.summary["note"] = "a fused run has no report.json with template_mixing.train_flops"
+        ctx.log({"split": "flops", "train_flops": self.train_flops, **self.summary})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_flops": self.train_flops, "samples": self.samples}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: TrainContext | None = None) -> None:
+        self.train_flops = float(state.get("train_flops", 0.0))
+        self.samples = int(state.get("samples", 0))
 
     def report(self) -> dict[str, Any]:
         return {"templates": self.spec.templates, "share": self.spec.share,
                 "coefficient_init": self.spec.coefficient_init,
                 "template_init": self.spec.template_init,
-                "banks": len({row["bank"] for row in self.table}), "weights": self.table}
+                "banks": len({row["bank"] for row in self.table}), **self.summary,
+                "weights": self.table}
+
+
+def _run_train_flops(run: str) -> float | None:
+    """Training FLOPs another run reported (its own plus what it fused), or None."""
+    path = Path(run)
+    report = (path if path.is_dir() else path.parent) / "report.json"
+    try:
+        section = json.loads(report.read_text())["template_mixing"]
+        return float(section["train_flops"]) + sum(f or 0.0 for f in section.get("fused_train_flops", []))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @register_pass
@@ -177,6 +238,7 @@ class TemplateMixingPass(Pass):
         super().__init__(spec, **fields)
         # `preserve` templates reproduce every weight exactly.
         self.preserves_computation = self.spec.template_init == "preserve"
+        self.fused_runs: list[str] = []  # set by a later grow pass that fuses other runs
 
     def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
         spec: TemplateMixingSpec = self.spec
@@ -218,7 +280,7 @@ class TemplateMixingPass(Pass):
                 insert_producer(gm, chain, mix, self.kind)
 
     def callbacks(self, gm: fx.GraphModule) -> list[Callback]:
-        return [TemplateMixingCallback(self.spec)]
+        return [TemplateMixingCallback(self.spec, self.fused_runs)]
 
 
 def _replace_head(gm: fx.GraphModule, chain: WeightChain, target: str) -> None:
