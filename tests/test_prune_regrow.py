@@ -1,7 +1,6 @@
 """prune_regrow (ALGORITHMS.md section 3): schedule, masks, events, invariants, resume."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -14,7 +13,6 @@ from fxgrow.errors import FxgrowError, SpecError
 from fxgrow.fold import fold
 from fxgrow.nn.mask import MaskProducer
 from fxgrow.passes import compose
-from fxgrow.passes.compander import CompanderPass
 from fxgrow.passes.prune_regrow import PruneRegrowPass, Schedule, resolve_schedule
 from fxgrow.passes.prune_regrow_masks import drop_count, masked_weights, prune_global, prune_layer, regrow
 from fxgrow.specs.root import parse_spec
@@ -145,6 +143,7 @@ def test_resolve_fractions_and_steps():
     ({"final_sparsity": 0.5, "preset": "set", "regrow_fraction": {"initial": 0.5}}, "passes.0.regrow_fraction"),
     ({"final_sparsity": 0.5, "preset": "magic"}, "passes.0.preset"),
     ({"final_sparsity": 0.5, "scope": "row"}, "passes.0.scope"),
+    ({"final_sparsity": 0.5, "preset": ["gmp"]}, "passes.0.preset"),
 ])
 def test_bad_input_names_the_field(fields, path):
     with pytest.raises(SpecError) as e:
@@ -408,35 +407,6 @@ def test_broken_invariant_fails_loudly():
         loop.run(start=False)
 
 
-def test_resumed_run_continues_the_schedule_exactly():
-    fields = dict(final_sparsity=0.85, schedule={"start": 0, "end": 10, "every": 2})
-
-    def fresh():
-        torch.manual_seed(3)
-        return prune(MLP(), **fields)
-
-    gm, cbs = fresh()
-    straight = Loop(gm, cbs, total_steps=14).run()
-
-    gm1, cbs1 = fresh()
-    first = Loop(gm1, cbs1, total_steps=14).run(until=7)
-    saved = (copy.deepcopy(gm1.state_dict()), copy.deepcopy(first.optimizer.state_dict()),
-             copy.deepcopy(cbs1[0].state_dict()))
-
-    gm2, cbs2 = fresh()                                       # re-apply the spec, then load
-    second = Loop(gm2, cbs2, total_steps=14)
-    cbs2[0].load_state_dict(saved[2], second)
-    gm2.load_state_dict(saved[0])
-    second.optimizer.load_state_dict(saved[1])
-    second.step = 7
-    second.records = list(first.records)
-    second.run()
-    assert second.records == straight.records
-    for (k, a), (_, b) in zip(gm.state_dict().items(), gm2.state_dict().items()):
-        assert torch.equal(a, b), k
-    assert cbs2[0].report() == cbs[0].report()
-
-
 # --- the real loop on digits ----------------------------------------------------------------------
 
 def train_digits(tmp_path, name, passes=(), epochs=8):
@@ -619,6 +589,39 @@ def test_stacked_after_other_producers(before):
     folded = fold(gm).eval()
     gm.eval()
     torch.testing.assert_close(folded(x), gm(x))
+
+
+def test_a_run_killed_and_resumed_continues_the_schedule_exactly(tmp_path, one_thread):
+    from fxgrow.specs.train import TrainSpec
+    from fxgrow.train import Callback, Trainer
+    from examples.models.small_cnn import build
+
+    class Crash(Callback):
+        name = "crash"
+
+        def after_step(self, ctx):
+            if ctx.step == 27:  # between the checkpoint at 20 and the events at 30 and 35
+                raise KeyboardInterrupt
+
+    def run(name, extra=(), resume=None):
+        torch.manual_seed(0)
+        result = PruneRegrowPass(final_sparsity=0.8, schedule={"start": 0, "end": 30, "every": 5})(build())
+        spec = TrainSpec(data="digits", steps=40, batch_size=64, checkpoint_every_steps=20, progress="none")
+        trainer = Trainer(result.graph_module, spec, result.callbacks + list(extra), out_dir=tmp_path / name,
+                          resume=resume)
+        return trainer, trainer.fit()
+
+    straight, report = run("straight")
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed", [Crash()])
+    resumed, again = run("resumed", resume=tmp_path / "resumed")
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert again["prune_regrow"] == report["prune_regrow"] and report["prune_regrow"]["events"] == 7
+
+    def events(name):
+        return [line for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if "prune_regrow" in line]
+    assert events("resumed") == events("straight")
 
 
 @pytest.mark.slow

@@ -93,7 +93,7 @@ class RegrowFractionSpec(StrictModel):
 class PruneRegrowSpec(PassSpec):
     kind: Literal["prune_regrow"] = "prune_regrow"
     preset: Literal["granet", "granet_sparse", "gmp", "rigl", "set"] | None = None
-    final_sparsity: float = Field(ge=0, lt=1)
+    final_sparsity: float = Field(0.9, ge=0, lt=1)
     initial_sparsity: float = Field(0.0, ge=0, lt=1)
     schedule: PruneScheduleSpec = Field(default_factory=PruneScheduleSpec)
     scope: Literal["global", "layer"] = "global"
@@ -107,7 +107,8 @@ class PruneRegrowSpec(PassSpec):
     @classmethod
     def _expand_preset(cls, data: Any) -> Any:
         """Fill the preset's fields the user left out; conflicts are caught per field below."""
-        if not isinstance(data, dict) or data.get("preset") not in PRESET_FIELDS:
+        if not isinstance(data, dict) or not isinstance(data.get("preset"), str) \
+                or data["preset"] not in PRESET_FIELDS:
             return data
         data = dict(data)
         for name, value in PRESET_FIELDS[data["preset"]].items():
