@@ -7,11 +7,16 @@ user's original model class.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import fx, nn
 
 from .ir import _KIND_BY_FN, META, evaluate_chain, is_layer, layer_operands, meta, weight_chains
+
+# Passes whose graph nodes are not weight chains (sorted slicing's depth gates and sliced
+# norms) register here how to turn them into plain graph code before chains are folded.
+FOLD_PREPARERS: list[Callable[[fx.GraphModule], None]] = []
 
 
 @torch.no_grad()
@@ -19,6 +24,8 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     """Return a GraphModule whose layers are plain modules holding the chains' values."""
     if not inplace:
         gm = copy.deepcopy(gm)
+    for prepare in FOLD_PREPARERS:
+        prepare(gm)
     chains = weight_chains(gm)
     rebuilt: dict[str, nn.Module] = {}
     graph = gm.graph
