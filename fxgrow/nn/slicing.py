@@ -1,0 +1,309 @@
+"""Sorted slicing (SortedNet): the modules that make one model run any of its nested sub-models.
+
+- `SubnetState`: which sub-model runs now (width index, kept-block count). One instance is
+  shared by every module below; it holds Python ints only, so eager code branches on them
+  and torch.compile specializes (one graph per sub-model).
+- `SliceProducer` (chain rank 30, last): cuts a weight or bias to the active channels of
+  the coupled groups of each of its dims. A prefix is a `narrow` view, anything else an
+  `index_select`: the sub-model runs physically smaller tensors, never masks.
+- `SlicedBatchNorm` / `SlicedLayerNorm`: the norm layer at its original path (same state
+  keys), normalizing the active channels with sliced affine parameters and statistics;
+  `per_width` keeps separate running statistics for each narrower width.
+- `DepthGate`: brackets a skippable residual block y = x + f(x). Off, the block runs on an
+  empty batch (no FLOPs, no autograd graph) and hands on x unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Producer
+
+
+def active_channels(channels: int, fraction: float, multiple_of: int = 1) -> int:
+    """ceil(fraction * channels) rounded up to a multiple of `multiple_of`, at most `channels`
+    and at least one channel. The 1e-9 keeps 0.3 * 10 from rounding up to 4."""
+    kept = math.ceil(fraction * channels - 1e-9)
+    kept = -(-kept // multiple_of) * multiple_of
+    return max(1, min(channels, kept))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The channels of coupled group `group` inside one tensor dim: channel c occupies
+    positions offset + c * repeat ... offset + c * repeat + repeat - 1."""
+
+    group: int
+    offset: int = 0
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class DimLayout:
+    """How the `size` positions of tensor dim `dim` map to channel groups. Positions no
+    segment covers (e.g. the model input's channels after a concat) are always kept."""
+
+    dim: int
+    size: int
+    segments: tuple[Segment, ...]
+
+    def kept(self, active: Mapping[int, int], full: Mapping[int, int]) -> torch.Tensor:
+        """Indices (ascending) of the positions kept when group g has active[g] of its
+        full[g] channels."""
+        keep = torch.ones(self.size, dtype=torch.bool)
+        for s in self.segments:
+            start = s.offset + active[s.group] * s.repeat
+            stop = s.offset + full[s.group] * s.repeat
+            keep[start:stop] = False
+        return keep.nonzero().flatten()
+
+
+class SubnetState(nn.Module):
+    """The active sub-model of one model: a grid point (width, depth).
+
+    `sizes[g][i]` is group g's channel count at width fraction i. `depth` counts the kept
+    skippable blocks (`num_blocks` when the model has no depth dimension). No tensors:
+    this module adds nothing to the state_dict."""
+
+    def __init__(self, fractions: Sequence[float], group_sizes: Mapping[int, int], multiple_of: int,
+                 num_blocks: int, points: Sequence[tuple[float, int]]):
+        super().__init__()
+        self.fractions = tuple(float(f) for f in fractions)
+        self.full = dict(group_sizes)
+        self.sizes = {g: tuple(active_channels(c, f, multiple_of) for f in self.fractions)
+                      for g, c in self.full.items()}
+        self.num_blocks = num_blocks
+        self.points = tuple((float(w), int(d)) for w, d in points)
+        self.width_index = len(self.fractions) - 1
+        self.depth = num_blocks
+
+    @property
+    def num_widths(self) -> int:
+        return len(self.fractions)
+
+    @property
+    def point(self) -> tuple[float, int]:
+        return self.fractions[self.width_index], self.depth
+
+    @property
+    def largest(self) -> tuple[float, int]:
+        return max(self.points)
+
+    def active_sizes(self, width_index: int | None = None) -> dict[int, int]:
+        i = self.width_index if width_index is None else width_index
+        return {g: s[i] for g, s in self.sizes.items()}
+
+    def activate(self, width: float, depth: int) -> None:
+        """Make grid point (width, depth) the running sub-model."""
+        if (width, depth) not in self.points:
+            raise ValueError(f"({width}, {depth}) is not a grid point")
+        self.width_index = self.fractions.index(width)
+        self.depth = depth
+
+    def extra_repr(self) -> str:
+        return f"fractions={self.fractions}, blocks={self.num_blocks}, active={self.point}"
+
+
+class _Sliced(nn.Module):
+    """Per width index, how to cut dim 0.. of a tensor: a prefix length (a `narrow` view)
+    or an index buffer (non-persistent: it follows `.to(device)`, stays out of checkpoints)."""
+
+    def _build_cuts(self, state: SubnetState, layouts: Sequence[DimLayout]) -> None:
+        self.state = state
+        self.layouts = tuple(layouts)
+        self.cuts: list[tuple[tuple[int, int, str | None], ...]] = []
+        for i in range(state.num_widths):
+            cuts = []
+            for layout in self.layouts:
+                kept = layout.kept(state.active_sizes(i), state.full)
+                if len(kept) == layout.size:
+                    continue
+                if torch.equal(kept, torch.arange(len(kept))):
+                    cuts.append((layout.dim, len(kept), None))
+                else:
+                    name = f"index_w{i}_d{layout.dim}"
+                    self.register_buffer(name, kept, persistent=False)
+                    cuts.append((layout.dim, len(kept), name))
+            self.cuts.append(tuple(cuts))
+
+    def _cut(self, t: torch.Tensor, width_index: int | None = None) -> torch.Tensor:
+        for dim, length, index in self.cuts[self.state.width_index if width_index is None else width_index]:
+            t = t.narrow(dim, 0, length) if index is None else t.index_select(dim, getattr(self, index))
+        return t
+
+
+class SliceProducer(Producer, _Sliced):
+    """Last producer of a weight chain: the tensor cut to the active channels."""
+
+    rank = 30
+    role = "slice"
+
+    def __init__(self, state: SubnetState, layouts: Sequence[DimLayout]):
+        super().__init__()
+        self._build_cuts(state, layouts)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self._cut(w)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"dim {lay.dim}: groups {[s.group for s in lay.segments]}" for lay in self.layouts)
+
+
+def conv_groups(weight: torch.Tensor, groups: int, out_channels: int) -> int:
+    """`groups` of a grouped (depthwise) conv whose weight was cut to whole groups."""
+    return groups * weight.shape[0] // out_channels
+
+
+class SlicedBatchNorm(nn.modules.batchnorm._BatchNorm, _Sliced):
+    """BatchNorm{1,2,3}d over the active channels, at the original module's path with its
+    parameter and buffer names. `per_width`: each narrower width keeps its own running
+    statistics (`running_mean_w<i>`, ...); the full width keeps the original buffers."""
+
+    per_width = False  # read by reset_running_stats while the base class initializes
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, state: SubnetState, layout: DimLayout,
+                 per_width: bool = False):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                         device=_device_of(bn), dtype=_dtype_of(bn))
+        self.load_state_dict(bn.state_dict())
+        self.train(bn.training)
+        self._build_cuts(state, [layout])
+        self.per_width = per_width and self.track_running_stats
+        if self.per_width:
+            for i in range(state.num_widths - 1):
+                n = len(layout.kept(state.active_sizes(i), state.full))
+                self.register_buffer(f"running_mean_w{i}", self.running_mean[:n].clone())
+                self.register_buffer(f"running_var_w{i}", self.running_var[:n].clone())
+                self.register_buffer(f"num_batches_tracked_w{i}", self.num_batches_tracked.clone())
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def statistics(self, width_index: int | None = None):
+        """(running_mean, running_var, num_batches_tracked, index) of a width: its own
+        buffers under `per_width`, else the shared ones (cut lazily through `index`)."""
+        i = self.state.width_index if width_index is None else width_index
+        if self.per_width and i < self.state.num_widths - 1:
+            return (getattr(self, f"running_mean_w{i}"), getattr(self, f"running_var_w{i}"),
+                    getattr(self, f"num_batches_tracked_w{i}"), False)
+        return self.running_mean, self.running_var, self.num_batches_tracked, True
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if self.per_width:
+            for i in range(self.state.num_widths - 1):
+                getattr(self, f"running_mean_w{i}").zero_()
+                getattr(self, f"running_var_w{i}").fill_(1)
+                getattr(self, f"num_batches_tracked_w{i}").zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if x.shape[0] == 0:  # a skipped block: nothing to normalize, no statistics to update
+            return x
+        mean, var, tracked, shared = self.statistics()
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            tracked.add_(1)
+            factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
+        use_batch = self.training or mean is None
+        cuts = self.cuts[self.state.width_index]
+        if shared and mean is not None:
+            # A prefix cut is a view: batch_norm updates the shared buffers in place. An
+            # index cut copies, so the updated statistics are written back below.
+            mean, var = self._cut(mean), self._cut(var)
+        weight = self._cut(self.weight) if self.weight is not None else None
+        bias = self._cut(self.bias) if self.bias is not None else None
+        update = self.training and self.track_running_stats
+        y = F.batch_norm(x, mean if not self.training or self.track_running_stats else None,
+                         var if not self.training or self.track_running_stats else None,
+                         weight, bias, use_batch, factor, self.eps)
+        if update and shared and any(index is not None for _, _, index in cuts):
+            with torch.no_grad():
+                (_, _, index), = cuts
+                self.running_mean.index_copy_(0, getattr(self, index), mean)
+                self.running_var.index_copy_(0, getattr(self, index), var)
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", per_width=True" if self.per_width else "")
+
+
+class SlicedBatchNorm1d(SlicedBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class SlicedBatchNorm2d(SlicedBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class SlicedBatchNorm3d(SlicedBatchNorm, nn.BatchNorm3d):
+    pass
+
+
+def sliced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, state: SubnetState, layout: DimLayout,
+                      per_width: bool = False) -> SlicedBatchNorm:
+    """The sliced twin of `bn` (still an instance of its BatchNorm{1,2,3}d class)."""
+    for base, sliced in ((nn.BatchNorm1d, SlicedBatchNorm1d), (nn.BatchNorm2d, SlicedBatchNorm2d),
+                         (nn.BatchNorm3d, SlicedBatchNorm3d)):
+        if isinstance(bn, base):
+            return sliced(bn, state, layout, per_width)
+    raise TypeError(f"cannot slice {type(bn).__name__}")
+
+
+class SlicedLayerNorm(nn.LayerNorm, _Sliced):
+    """LayerNorm over the active features of its last dim (elementwise affine cut alike)."""
+
+    def __init__(self, ln: nn.LayerNorm, state: SubnetState, layout: DimLayout):
+        if len(ln.normalized_shape) != 1:
+            raise ValueError("only LayerNorm over the last dim can be sliced")
+        super().__init__(ln.normalized_shape, ln.eps, ln.elementwise_affine, bias=ln.bias is not None,
+                         device=_device_of(ln), dtype=_dtype_of(ln))
+        self.load_state_dict(ln.state_dict())
+        self.train(ln.training)
+        self._build_cuts(state, [layout])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._cut(self.weight) if self.weight is not None else None
+        bias = self._cut(self.bias) if self.bias is not None else None
+        return F.layer_norm(x, x.shape[-1:], weight, bias, self.eps)
+
+
+class DepthGate(nn.Module):
+    """Gate of skippable block `index` (0-based, counted from the input). It is called twice:
+    `gate(x)` where the block reads its input x, and `gate(x, out)` where the block hands on
+    its output. While the block is kept both pass through; when it is dropped the block's
+    ops see an empty batch (no FLOPs, no autograd graph) and the exit hands on x."""
+
+    def __init__(self, state: SubnetState, index: int, block: str):
+        super().__init__()
+        self.state = state
+        self.index = index
+        self.block = block
+
+    @property
+    def kept(self) -> bool:
+        return self.index < self.state.depth
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            return x if self.kept else x[:0]
+        return out if self.kept else x
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, block={self.block!r}"
+
+
+def _device_of(m: nn.Module) -> torch.device | None:
+    t = next(iter(m.state_dict().values()), None)
+    return t.device if t is not None else None
+
+
+def _dtype_of(m: nn.Module) -> torch.dtype | None:
+    p = next(iter(m.parameters()), None)
+    return p.dtype if p is not None else None

@@ -1,0 +1,508 @@
+"""Sorted slicing (ALGORITHMS.md section 4, SortedNet): one set of weights trained as a grid
+of nested sub-models. A sub-model is a point (width fraction, kept skippable blocks).
+
+Width w keeps the first ceil(w * C) channels of every coupled channel group (the analysis
+in `fxgrow.analysis.coupling`): a `SliceProducer` ends the chain of every weight and bias
+that indexes a sliced group, norm layers are replaced at their path by sliced ones, and
+depthwise convs get their `groups` from the cut weight. Depth d keeps the first d
+skippable residual blocks (output shape == input shape, y = x + f(x)), found in the traced
+graph and bracketed by `DepthGate`s. The callback picks the sub-models of every step from
+a generator seeded by (seed, step) and evaluates the whole grid at the end of training.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+from torch import fx, nn
+
+from ..analysis import propagate_shapes
+from ..analysis.coupling import ChannelGroup, channel_groups
+from ..errors import FxgrowError, SpecError
+from ..ir import META, insert_producer, is_layer, weight_chains
+from ..nn.slicing import (DepthGate, DimLayout, Segment, SlicedLayerNorm, SliceProducer, SubnetState,
+                          conv_groups, sliced_batch_norm)
+from ..specs.base import PassSpec, StrictModel
+from ..subnets import evaluate_grid, find_state, recalibrate
+from ..train.callbacks import Callback
+from .base import Match, Pass, PassContext, register_pass
+
+# --- spec -------------------------------------------------------------------------------
+
+
+class WidthSpec(StrictModel):
+    fractions: list[float] = Field(min_length=1, description="width fractions in (0, 1]; must include 1.0")
+    multiple_of: int = Field(1, ge=1, description="round every group's kept channels up to a multiple")
+
+    @field_validator("fractions")
+    @classmethod
+    def _valid(cls, fractions: list[float]) -> list[float]:
+        bad = [f for f in fractions if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"fractions must lie in (0, 1] (got {bad[0]})")
+        if 1.0 not in fractions:
+            raise ValueError("fractions must include 1.0 (the largest sub-model)")
+        if len(set(fractions)) != len(fractions):
+            raise ValueError("fractions must be distinct")
+        return sorted(fractions)
+
+
+class DepthSpec(StrictModel):
+    blocks: list[int] | Literal["all"] = Field(
+        "all", description="kept-block counts; `all`: every count from 0 to the number of skippable blocks")
+
+    @field_validator("blocks")
+    @classmethod
+    def _valid(cls, blocks):
+        if blocks == "all":
+            return blocks
+        if not blocks:
+            raise ValueError("give at least one block count")
+        if min(blocks) < 0:
+            raise ValueError(f"block counts must be >= 0 (got {min(blocks)})")
+        if len(set(blocks)) != len(blocks):
+            raise ValueError("block counts must be distinct")
+        return sorted(blocks)
+
+
+class SortedSlicingSpec(PassSpec):
+    kind: Literal["sorted_slicing"] = "sorted_slicing"
+    width: WidthSpec | None = None
+    depth: DepthSpec | None = None
+    grid: Literal["product", "list"] = Field(
+        "product", description="product: every (width, depth) pair; list: the i-th width with the i-th depth")
+    sampling: Literal["uniform", "weighted"] = "uniform"
+    weights: list[float] | None = Field(None, description="one per grid point (grid order), for sampling: weighted")
+    mode: Literal["stochastic", "summation", "sandwich"] = "stochastic"
+    accumulate: int | None = Field(
+        None, ge=1, description="sub-models drawn per optimizer step; default 1, sandwich 4 "
+                                "(the largest, the smallest and 2 random)")
+    bn: Literal["recalibrate", "per_width", "shared"] = "recalibrate"
+    recalibrate_batches: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SortedSlicingSpec":
+        if self.width is None and self.depth is None:
+            raise ValueError("give width and/or depth: nothing to slice")
+        if self.sampling == "weighted":
+            if not self.weights:
+                raise ValueError("sampling: weighted needs `weights` (one per grid point)")
+            if min(self.weights) < 0 or sum(self.weights) <= 0:
+                raise ValueError("weights must be >= 0 with a positive sum")
+        elif self.weights is not None:
+            raise ValueError("weights apply to sampling: weighted only")
+        if self.mode == "sandwich" and self.accumulate is not None and self.accumulate < 2:
+            raise ValueError("sandwich runs the largest and the smallest sub-model: accumulate must be >= 2")
+        if (self.grid == "list" and self.width is not None and isinstance(self.depth, DepthSpec)
+                and self.depth.blocks != "all" and len(self.depth.blocks) != len(self.width.fractions)):
+            raise ValueError(f"grid: list pairs widths with depths: {len(self.width.fractions)} fractions "
+                             f"but {len(self.depth.blocks)} block counts")
+        return self
+
+    @property
+    def draws(self) -> int:
+        return self.accumulate if self.accumulate is not None else (4 if self.mode == "sandwich" else 1)
+
+
+# --- skippable residual blocks ------------------------------------------------------------
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+# Parameter-free elementwise ops after the add belong to the block (y = relu(x + f(x)) in a
+# post-activation ResNet): a dropped block then hands on x itself, an exact identity.
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU,
+                       nn.SELU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity)
+_ACTIVATION_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.leaky_relu,
+                         F.elu, F.mish, torch.sigmoid, torch.tanh, F.dropout}
+_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+
+
+@dataclass
+class Block:
+    """A skippable residual block: `x` its input, `end` the node handing on its output,
+    `nodes` everything computed in between (end included)."""
+
+    name: str
+    x: fx.Node
+    end: fx.Node
+    nodes: set[fx.Node] = field(default_factory=set)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    tm = node.meta.get("tensor_meta")
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def _is_residual_add(n: fx.Node) -> bool:
+    is_add = ((n.op == "call_function" and n.target in _ADDS)
+              or (n.op == "call_method" and n.target in ("add", "add_")))
+    return (is_add and len(n.args) == 2 and not n.kwargs and all(isinstance(a, fx.Node) for a in n.args)
+            and n.args[0] is not n.args[1])
+
+
+def _is_activation(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if len(n.all_input_nodes) != 1:
+        return False
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), _ACTIVATION_MODULES)
+    if n.op == "call_function":
+        return n.target in _ACTIVATION_FUNCTIONS
+    return n.op == "call_method" and n.target in _ACTIVATION_METHODS
+
+
+def skippable_blocks(gm: fx.GraphModule) -> list[Block]:
+    """The skippable residual blocks of `gm` (after ShapeProp), in graph order.
+
+    A block is an add of x and f(x) (x an ancestor of the other operand), extended through
+    parameter-free activations after it, whose output shape equals x's shape; f must read
+    nothing computed from the model input but x, and nothing inside may be used outside
+    the block. Overlapping candidates keep the one whose add comes first (the inner one)."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    dynamic: set[fx.Node] = set()  # depends on a model input (not a parameter chain)
+    for n in nodes:
+        if n.op == "placeholder" or any(i in dynamic for i in n.all_input_nodes):
+            dynamic.add(n)
+    blocks: list[Block] = []
+    taken: set[fx.Node] = set()
+    for add in nodes:
+        if not _is_residual_add(add):
+            continue
+        a, b = add.args
+        x, other = (a, b) if pos[a] < pos[b] else (b, a)
+        end = add
+        while len(end.users) == 1:
+            (user,) = end.users
+            if not (_is_activation(gm, user) and _shape(user) == _shape(end)):
+                break
+            end = user
+        if _shape(end) is None or _shape(end) != _shape(x):
+            continue
+        body = _between(x, end, pos)
+        if other not in body or body & taken:
+            continue
+        inside = body | {x}
+        if any(i not in inside and i in dynamic for n in body for i in n.all_input_nodes):
+            continue  # f also reads another activation (a U-Net skip, a second input)
+        if any(u not in body for n in body - {end} for u in n.users):
+            continue  # an intermediate value escapes the block
+        if any(n.op in ("placeholder", "output") for n in body):
+            continue
+        blocks.append(Block(_module_of(body) or f"block{len(blocks)}", x, end, body))
+        taken |= body
+    return blocks
+
+
+def _module_of(body: set[fx.Node]) -> str | None:
+    """The innermost module whose forward computed every node of `body` that records one."""
+    stacks = [[path for path, _ in n.meta["nn_module_stack"].values()]
+              for n in body if n.meta.get("nn_module_stack")]
+    common = stacks[0] if stacks else []
+    for stack in stacks[1:]:
+        k = next((i for i, (a, b) in enumerate(zip(common, stack)) if a != b), min(len(common), len(stack)))
+        common = common[:k]
+    return common[-1] if common else None
+
+
+def _between(x: fx.Node, end: fx.Node, pos: dict[fx.Node, int]) -> set[fx.Node]:
+    """Nodes on a path from x (excluded) to end (included)."""
+    ancestors, stack = {end}, [end]
+    while stack:
+        for i in stack.pop().all_input_nodes:
+            if i not in ancestors and pos[i] > pos[x]:
+                ancestors.add(i)
+                stack.append(i)
+    body, stack = set(), [x]
+    while stack:
+        for u in stack.pop().users:
+            if u in ancestors and u not in body:
+                body.add(u)
+                stack.append(u)
+    return body
+
+
+# --- the slicing plan --------------------------------------------------------------------
+
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
+
+
+def _sliceable_norm(m: nn.Module) -> bool:
+    return not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) == 1
+
+
+@dataclass
+class SlicePlan:
+    """Which groups are sliced and the layout of every tensor dim that indexes them."""
+
+    sliced: list[ChannelGroup]
+    kept: dict[int, str]                      # group id -> why it stays at full width
+    chains: dict[str, list[DimLayout]]        # "layer.param" -> layouts of its sliced dims
+    norms: dict[str, DimLayout]               # norm module path -> layout of its channel dim
+
+
+def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str]) -> SlicePlan:
+    """Slice every group that is not fixed and whose every use is a chain of a targeted
+    layer or a BatchNorm/LayerNorm called as a module."""
+    chains = weight_chains(gm)
+    norm_calls = {n.target for n in gm.graph.nodes if n.op == "call_module"
+                  and isinstance(gm.get_submodule(n.target), _NORM_TYPES)}
+    sliced, kept = [], {}
+    for g in groups:
+        if g.fixed:
+            kept[g.id] = g.reason
+            continue
+        blocker = next((u for u in g.uses if not (
+            (u.layer in layers and f"{u.layer}.{u.param}" in chains)
+            or (u.layer in norm_calls and _sliceable_norm(gm.get_submodule(u.layer))))), None)
+        if blocker is not None:
+            kept[g.id] = (f"{blocker.layer}.{blocker.param} is not a targeted layer or a norm module"
+                          if blocker.layer not in layers else f"{blocker.layer}.{blocker.param} cannot be sliced")
+            continue
+        sliced.append(g)
+    dims: dict[str, dict[int, list[Segment]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for g in sliced:
+        for u in g.uses:
+            dims[f"{u.layer}.{u.param}"][u.dim].append(Segment(g.id, u.offset, u.repeat))
+    plan = SlicePlan(sliced, kept, {}, {})
+    for key, by_dim in dims.items():
+        layer, _, param = key.rpartition(".")
+        tensor = getattr(gm.get_submodule(layer), param)
+        layouts = [DimLayout(d, tensor.shape[d], tuple(sorted(segs, key=lambda s: s.offset)))
+                   for d, segs in sorted(by_dim.items())]
+        if layer in norm_calls:
+            plan.norms.setdefault(layer, layouts[0])
+        else:
+            plan.chains[key] = layouts
+    return plan
+
+
+# --- the pass ----------------------------------------------------------------------------
+
+
+@register_pass
+class SortedSlicingPass(Pass):
+    kind = "sorted_slicing"
+    spec_cls = SortedSlicingSpec
+    preserves_computation = True  # the largest sub-model is the original model
+    rank = SliceProducer.rank
+
+    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
+        spec: SortedSlicingSpec = self.spec
+        if ctx.example_input is None:
+            raise FxgrowError("sorted_slicing needs an example input (model.example_input) to find "
+                              "channel groups and residual blocks")
+        propagate_shapes(gm, ctx.example_input)
+        blocks = skippable_blocks(gm) if spec.depth is not None else []
+        depths = self._depths(blocks, ctx)
+        fractions = spec.width.fractions if spec.width is not None else [1.0]
+        if spec.grid == "product":
+            points = [(w, d) for w in fractions for d in depths]
+        else:
+            widths = fractions if len(fractions) > 1 or len(depths) == 1 else fractions * len(depths)
+            depths_ = depths if len(depths) > 1 or len(fractions) == 1 else depths * len(fractions)
+            if len(widths) != len(depths_):
+                raise SpecError([(f"{ctx.where}.grid", f"list pairs widths with depths: {len(widths)} "
+                                                       f"fractions but {len(depths_)} block counts")])
+            points = list(zip(widths, depths_))
+        if (1.0, len(blocks)) not in points:
+            raise SpecError([(f"{ctx.where}.grid", "the grid must hold the largest sub-model "
+                                                   f"(width 1.0, depth {len(blocks)})")])
+        if spec.weights is not None and len(spec.weights) != len(points):
+            raise SpecError([(f"{ctx.where}.weights", f"{len(spec.weights)} weights for {len(points)} grid points")])
+
+        if spec.width is not None:
+            groups = channel_groups(gm)
+            plan = plan_slicing(gm, groups, {m.layer for m in matches})
+            if not plan.sliced:
+                reasons = "; ".join(f"group {g}: {r}" for g, r in plan.kept.items()) or "no channel groups"
+                raise FxgrowError(f"sorted_slicing: no channel group can be sliced ({reasons})")
+        else:
+            plan = SlicePlan([], {}, {}, {})
+        state = SubnetState(fractions, {g.id: g.size for g in plan.sliced},
+                            spec.width.multiple_of if spec.width else 1, len(blocks), points)
+        gm.add_submodule(f"{META}.subnet", state)
+        self._slice_chains(gm, plan, state)
+        self._slice_norms(gm, plan, state)
+        self._gate_blocks(gm, blocks, state)
+        gm.graph.lint()
+        gm.recompile()
+        self.plan, self.blocks, self.points = plan, [b.name for b in blocks], points
+        _check_every_point(gm, state, ctx.example_input)
+
+    def _depths(self, blocks: list[Block], ctx: PassContext) -> list[int]:
+        spec = self.spec.depth
+        if spec is None:
+            return [len(blocks)]
+        if not blocks:
+            raise SpecError([(f"{ctx.where}.depth", "the model has no skippable residual block "
+                                                    "(y = x + f(x) with equal input and output shapes)")])
+        if spec.blocks == "all":
+            return list(range(len(blocks) + 1))
+        for i, d in enumerate(spec.blocks):
+            if d > len(blocks):
+                raise SpecError([(f"{ctx.where}.depth.blocks.{i}",
+                                  f"{d} blocks asked, the model has {len(blocks)} skippable blocks "
+                                  f"({', '.join(b.name for b in blocks)})")])
+        if len(blocks) not in spec.blocks:
+            raise SpecError([(f"{ctx.where}.depth.blocks", f"must include {len(blocks)}, the full depth (the "
+                                                           f"largest sub-model); the skippable blocks are "
+                                                           f"{', '.join(b.name for b in blocks)}")])
+        return list(spec.blocks)
+
+    def _slice_chains(self, gm: fx.GraphModule, plan: SlicePlan, state: SubnetState) -> None:
+        chains = weight_chains(gm)
+        for key, layouts in plan.chains.items():
+            insert_producer(gm, chains[key], SliceProducer(state, layouts), self.kind)
+        # A depthwise conv cut to k channels is a conv with k groups.
+        for node in gm.graph.nodes:
+            if not (is_layer(node) and node.target in (F.conv1d, F.conv2d, F.conv3d)):
+                continue
+            groups = node.args[6]
+            layouts = plan.chains.get(f"{node.meta[META]['source']}.weight", [])
+            if isinstance(groups, int) and groups > 1 and any(lay.dim == 0 for lay in layouts):
+                out_channels = next(lay.size for lay in layouts if lay.dim == 0)
+                with gm.graph.inserting_before(node):
+                    g = gm.graph.call_function(conv_groups, (node.args[1], groups, out_channels))
+                g.meta[META] = {"role": "groups", "pass": self.kind, "source": node.meta[META]["source"]}
+                node.update_arg(6, g)
+
+    def _slice_norms(self, gm: fx.GraphModule, plan: SlicePlan, state: SubnetState) -> None:
+        for path, layout in plan.norms.items():
+            old = gm.get_submodule(path)
+            new = (SlicedLayerNorm(old, state, layout) if isinstance(old, nn.LayerNorm)
+                   else sliced_batch_norm(old, state, layout, per_width=self.spec.bn == "per_width"))
+            parent, _, name = path.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, name, new)
+
+    def _gate_blocks(self, gm: fx.GraphModule, blocks: list[Block], state: SubnetState) -> None:
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        used: set[str] = set()
+        exits: dict[fx.Node, fx.Node] = {}  # block end -> its exit gate, for blocks in a row
+        for index, block in enumerate(blocks):
+            x = exits.get(block.x, block.x)
+            base = f"{META}.depth.{block.name.replace('.', '_')}"
+            path, k = base, 1
+            while path in used:
+                path, k = f"{base}_{k}", k + 1
+            used.add(path)
+            gm.add_submodule(path, DepthGate(state, index, block.name))
+            tag = {"role": "gate", "pass": self.kind, "block": block.name, "index": index}
+            first = min(block.nodes, key=order.__getitem__)
+            with gm.graph.inserting_before(first):
+                enter = gm.graph.call_module(path, (x,))
+            for n in block.nodes:
+                n.replace_input_with(x, enter)
+            with gm.graph.inserting_after(block.end):
+                leave = gm.graph.call_module(path, (x, block.end))
+            block.end.replace_all_uses_with(leave, delete_user_cb=lambda u: u is not leave)
+            exits[block.end] = leave
+            enter.meta[META] = {**tag, "side": "enter"}
+            leave.meta[META] = {**tag, "side": "exit"}
+
+    def callbacks(self, gm: fx.GraphModule) -> list[Callback]:
+        return [SortedSlicingCallback(self.spec)]
+
+
+@torch.no_grad()
+def _check_every_point(gm: fx.GraphModule, state: SubnetState, example: torch.Tensor) -> None:
+    """Run every sub-model once (eval mode) so a model that hard-codes a channel count or a
+    block that cannot run on an empty batch fails here, naming the sub-model."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        for point in state.points:
+            state.activate(*point)
+            try:
+                gm(example)
+            except Exception as e:
+                raise FxgrowError(f"sub-model (width {point[0]}, depth {point[1]}) does not run: "
+                                  f"{type(e).__name__}: {e}") from e
+    finally:
+        state.activate(*state.largest)
+        gm.train(was_training)
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def _seed(*parts: Any) -> int:
+    """A 63-bit seed from (seed, step, ...), stable across processes and Python versions."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class SortedSlicingCallback(Callback):
+    """Before every micro-step, makes the next planned sub-model active; after the step,
+    the largest again (so evaluation during training sees the full model). At the end of
+    training, evaluates the whole grid (report section `grid`)."""
+
+    name = "sorted_slicing"
+
+    def __init__(self, spec: SortedSlicingSpec):
+        self.spec = spec
+        self.grid: list[dict[str, Any]] = []
+        self._plan: list[tuple[float, int]] = []
+        self._recent: collections.deque[torch.Tensor] = collections.deque(maxlen=spec.recalibrate_batches)
+
+    # sampling: a pure function of (seed, step)
+    def plan(self, points: list[tuple[float, int]], seed: int, step: int) -> list[tuple[float, int]]:
+        """The sub-models step `step` runs, in order."""
+        spec = self.spec
+        g = torch.Generator().manual_seed(_seed(seed, step, self.name))
+        weights = torch.tensor(spec.weights if spec.weights is not None else [1.0] * len(points),
+                               dtype=torch.float64)
+        if spec.mode == "sandwich":
+            largest, smallest = max(points), min(points)
+            middle = [i for i, p in enumerate(points) if p not in (largest, smallest) and weights[i] > 0]
+            drawn = []
+            if middle and spec.draws > 2:
+                idx = torch.multinomial(weights[middle], spec.draws - 2, replacement=True, generator=g)
+                drawn = [points[middle[i]] for i in idx.tolist()]
+            return [largest, smallest] + drawn
+        drawn = [points[i] for i in torch.multinomial(weights, spec.draws, replacement=True, generator=g).tolist()]
+        if spec.mode == "stochastic":
+            return drawn
+        # summation: each drawn sub-model and every grid point it contains, largest first
+        chosen = {p for d in drawn for p in points if p[0] <= d[0] and p[1] <= d[1]}
+        return sorted(chosen, reverse=True)
+
+    def on_train_start(self, ctx) -> None:
+        self._state(ctx).activate(*self._state(ctx).largest)
+
+    def on_step_start(self, ctx) -> None:
+        state = self._state(ctx)
+        self._plan = self.plan(list(state.points), ctx.seed, ctx.step)
+        if ctx.batch is not None and ctx.step >= ctx.total_steps - self.spec.recalibrate_batches:
+            self._recent.append(ctx.batch[0].detach())  # the last batches recalibrate BN at the end
+
+    def micro_steps(self, ctx) -> int:
+        return len(self._plan)
+
+    def on_micro_step(self, ctx, index: int) -> None:
+        self._state(ctx).activate(*self._plan[index % len(self._plan)])
+
+    def after_step(self, ctx) -> None:
+        state = self._state(ctx)
+        state.activate(*state.largest)
+
+    def on_train_end(self, ctx) -> None:
+        model = ctx.model
+        calibration = list(self._recent) if self.spec.bn == "recalibrate" else None
+        example = self._recent[-1][:1] if self._recent else (ctx.batch[0][:1] if ctx.batch is not None else None)
+        self.grid = evaluate_grid(model, ctx.evaluate, example, calibration=calibration or None)
+        if calibration:  # keep the largest sub-model's own statistics in the model it saves
+            recalibrate(model, calibration)
+
+    def report(self) -> dict[str, Any]:
+        return {"mode": self.spec.mode, "bn": self.spec.bn, "grid": self.grid}
+
+    def _state(self, ctx) -> SubnetState:
+        state = find_state(ctx.model)
+        if state is None:
+            raise FxgrowError("sorted_slicing: the model has no slicing state (was the pass applied?)")
+        return state

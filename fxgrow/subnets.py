@@ -1,0 +1,249 @@
+"""Sub-models of a sorted-sliced model: pick one, recalibrate its BatchNorm statistics,
+evaluate the whole grid, extract one as a standalone plain model.
+
+    gm = Pipeline([SortedSlicingPass(width={"fractions": [0.5, 1.0]})])(model, x).graph_module
+    with subnet(gm, 0.5, None):
+        y = gm(x)                       # the half-width sub-model
+    small = extract(gm, 0.5)            # a plain GraphModule with half-size tensors; small(x) == y
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .analysis import measure
+from .errors import FxgrowError
+from .fold import FOLD_PREPARERS, fold
+from .ir import META, evaluate_chain, meta, weight_chains
+from .nn.slicing import DepthGate, SlicedBatchNorm, SlicedLayerNorm, SubnetState, conv_groups
+
+Point = tuple[float, int]
+
+
+def find_state(model: nn.Module) -> SubnetState | None:
+    """The slicing state of a model rewritten by sorted_slicing, else None."""
+    return next((m for m in model.modules() if isinstance(m, SubnetState)), None)
+
+
+def _require_state(model: nn.Module) -> SubnetState:
+    state = find_state(model)
+    if state is None:
+        raise FxgrowError("the model has no sub-models: it was not rewritten by a sorted_slicing pass")
+    return state
+
+
+def resolve_point(state: SubnetState, width: float | None = None, depth: int | None = None) -> Point:
+    """The grid point (width, depth); a missing coordinate takes its largest value among
+    the grid points matching the other one. A point outside the grid is an error that lists
+    the grid."""
+    candidates = [p for p in state.points if (width is None or abs(p[0] - width) < 1e-9)
+                  and (depth is None or p[1] == depth)]
+    if not candidates:
+        listed = ", ".join(f"(width {w:g}, depth {d})" for w, d in state.points)
+        raise FxgrowError(f"(width {width if width is not None else 'any'}, depth "
+                          f"{depth if depth is not None else 'any'}) is not a grid point; the grid holds: {listed}")
+    return max(candidates)
+
+
+@contextlib.contextmanager
+def subnet(model: nn.Module, width: float | None = None, depth: int | None = None) -> Iterator[Point]:
+    """Run the sub-model (width, depth) inside the block; the previous one after it."""
+    state = _require_state(model)
+    before = state.point
+    point = resolve_point(state, width, depth)
+    state.activate(*point)
+    try:
+        yield point
+    finally:
+        state.activate(*before)
+
+
+# --- BatchNorm statistics ------------------------------------------------------------------
+
+def _norms(model: nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def preserved_norm_stats(model: nn.Module) -> Iterator[None]:
+    """Restore every BatchNorm buffer (all widths' statistics) on leaving the block."""
+    saved = [(b, b.detach().clone()) for m in _norms(model) for b in m.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate the active sub-model's BatchNorm statistics: reset them, then average
+    (momentum None: a cumulative mean) over `batches` of model inputs in train mode.
+    Every BatchNorm buffer is reset, so wrap this in `preserved_norm_stats` to keep the
+    other sub-models' statistics. Returns how many batches were used."""
+    norms = _norms(model)
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    count = 0
+    try:
+        for x in batches:
+            model(x)
+            count += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return count
+
+
+# --- the grid ------------------------------------------------------------------------------
+
+def evaluate_grid(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], example: torch.Tensor | None,
+                  calibration: list[torch.Tensor] | None = None, points: list[Point] | None = None) -> list[dict[str, Any]]:
+    """Evaluate every grid point (or `points`): `evaluate(model)` -> {"accuracy", ...} with
+    that sub-model active, after recalibrating its BatchNorm statistics on `calibration`
+    when given (the model's own statistics are restored afterwards). Params and FLOPs are
+    those of the extracted standalone sub-model on `example`. `share` is the accuracy over
+    the largest sub-model's."""
+    state = _require_state(model)
+    before = state.point
+    rows = []
+    stats = preserved_norm_stats(model) if calibration else contextlib.nullcontext()
+    try:
+        with stats:
+            for point in points or list(state.points):
+                state.activate(*point)
+                if calibration:
+                    recalibrate(model, calibration)
+                metrics = evaluate(model)
+                row: dict[str, Any] = {"width": point[0], "depth": point[1], **metrics}
+                if example is not None:
+                    row.update(measure(extract(model, *point).eval(), example).as_dict())
+                rows.append(row)
+    finally:
+        state.activate(*before)
+    largest = max(rows, key=lambda r: (r["width"], r["depth"]))
+    for row in rows:
+        if "accuracy" in row and largest.get("accuracy"):
+            row["share"] = row["accuracy"] / largest["accuracy"]
+    return rows
+
+
+# --- extraction ----------------------------------------------------------------------------
+
+def extract(gm: fx.GraphModule, width: float | None = None, depth: int | None = None) -> fx.GraphModule:
+    """The sub-model (width, depth) as a standalone plain GraphModule: physically smaller
+    tensors, dropped blocks removed from the graph, plain nn layers at the original paths
+    (state_dict keys of the original model, minus the dropped blocks'). Its outputs equal
+    the sliced model's with that sub-model active. `gm` is not changed."""
+    state = _require_state(gm)
+    point = resolve_point(state, width, depth)
+    sub = copy.deepcopy(gm)
+    _require_state(sub).activate(*point)
+    return fold(sub, inplace=True)  # runs `materialize` first (a FOLD_PREPARERS entry)
+
+
+def materialize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Turn the slicing machinery at the active sub-model into plain graph code, in place:
+    depth gates become the kept block or a bypass, sliced norms plain norms holding the cut
+    tensors, depthwise `groups` constants. Weight chains are left for `fold`."""
+    if find_state(gm) is None:
+        return gm
+    graph = gm.graph
+    gates = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), DepthGate)]
+    for node in gates:  # exits first: a dropped block's body then has no user outside it
+        if len(node.args) == 2:
+            kept = gm.get_submodule(node.target).kept
+            node.replace_all_uses_with(node.args[1] if kept else node.args[0])
+            graph.erase_node(node)
+    for node in gates:
+        if len(node.args) == 1:
+            if not gm.get_submodule(node.target).kept:
+                _erase_descendants(graph, node)
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    chains = weight_chains(gm)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is conv_groups:
+            if not node.users:  # its conv sat in a dropped block
+                graph.erase_node(node)
+                continue
+            weight = evaluate_chain(gm, chains[f"{meta(node)['source']}.weight"])
+            value = conv_groups(weight, *node.args[1:])
+            for user in list(node.users):
+                user.update_arg(user.args.index(node), value)
+            graph.erase_node(node)
+    for path, module in list(gm.named_modules()):
+        if isinstance(module, (SlicedBatchNorm, SlicedLayerNorm)):
+            parent, _, name = path.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, name, _plain_norm(module))
+    gm.delete_all_unused_submodules()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+FOLD_PREPARERS.append(materialize)
+
+
+def _erase_descendants(graph: fx.Graph, enter: fx.Node) -> None:
+    """Remove a dropped block's body: every node computed from its entry gate."""
+    body, stack = set(), [enter]
+    while stack:
+        for user in stack.pop().users:
+            if user not in body:
+                body.add(user)
+                stack.append(user)
+    for node in reversed(graph.nodes):
+        if node in body:
+            graph.erase_node(node)
+
+
+@torch.no_grad()
+def _plain_norm(m: SlicedBatchNorm | SlicedLayerNorm) -> nn.Module:
+    cut = lambda t: None if t is None else m._cut(t).detach().clone()  # noqa: E731
+    if isinstance(m, SlicedLayerNorm):
+        weight, bias = cut(m.weight), cut(m.bias)
+        size = (weight if weight is not None else m._cut(torch.empty(m.normalized_shape))).shape[0]
+        plain = nn.LayerNorm(size, m.eps, m.elementwise_affine, bias=m.bias is not None)
+        tensors = {"weight": weight, "bias": bias}
+    else:
+        mean, var, tracked, shared = m.statistics()
+        if shared and mean is not None:
+            mean, var = cut(mean), cut(var)
+        weight, bias = cut(m.weight), cut(m.bias)
+        size = next(t.shape[0] for t in (weight, mean) if t is not None)
+        base = next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn") and c is not _BatchNorm
+                    and issubclass(c, _BatchNorm))
+        plain = base(size, m.eps, m.momentum, m.affine, m.track_running_stats)
+        tensors = {"weight": weight, "bias": bias, "running_mean": mean, "running_var": var,
+                   "num_batches_tracked": tracked}
+    device = next((t.device for t in tensors.values() if t is not None), None)
+    plain.to(device)
+    for name, value in tensors.items():
+        if value is not None:
+            getattr(plain, name).copy_(value)
+    plain.train(m.training)
+    return plain
+
+
+def grid_table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows of strings for a table: width, depth, accuracy, share, params, FLOPs."""
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+    return [[f"{r['width']:g}", str(r["depth"]), fmt(r.get("accuracy"), ".4f"), fmt(r.get("share"), ".3f"),
+             fmt(r.get("params"), ","), fmt(r.get("flops"), ",")] for r in rows]
+
+
+__all__ = ["Point", "evaluate_grid", "extract", "find_state", "grid_table_rows", "materialize",
+           "preserved_norm_stats", "recalibrate", "resolve_point", "subnet", "META"]
