@@ -1,0 +1,141 @@
+"""Sorted slicing under the training loop: which sub-models each step runs, the same sequence
+after a resume, a real digits run whose every sub-model keeps 90% of the largest's accuracy,
+and BatchNorm recalibration on the trained model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxgrow.passes import Pipeline
+from fxgrow.passes.sorted_slicing import SortedSlicingCallback, SortedSlicingPass
+from fxgrow.specs.train import TrainSpec
+from fxgrow.subnets import find_state, preserved_norm_stats, recalibrate, subnet
+from fxgrow.train import Callback, Trainer
+from fxgrow.train.data import Batches
+
+from .zoo import MLP, ResNetTiny
+
+SYNTHETIC = {"name": "synthetic", "shape": [1, 8, 8], "num_classes": 10, "train_size": 64, "test_size": 32}
+
+
+class Recorder(Callback):
+    """Records the active sub-model at every micro-step, and that each step ends on the largest."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.runs: dict[int, list[tuple[float, int]]] = {}
+        self.after: list[tuple[float, int]] = []
+
+    def on_micro_step(self, ctx, index):
+        self.runs.setdefault(ctx.step, []).append(find_state(ctx.model).point)
+
+    def after_step(self, ctx):
+        self.after.append(find_state(ctx.model).point)
+
+
+class Crash(Callback):
+    name = "crash"
+
+    def after_step(self, ctx):
+        if ctx.step == 7:
+            raise RuntimeError("crash")
+
+
+def train_spec(**fields) -> TrainSpec:
+    base = {"data": SYNTHETIC, "epochs": 1, "batch_size": 16, "progress": "none", "checkpoint": False,
+            "optimizer": {"lr": 0.05}}
+    return TrainSpec(**{**base, **fields})
+
+
+def rewrite(model, x, **fields):
+    result = Pipeline([SortedSlicingPass(**fields)])(model, example_input=x)
+    return result.graph_module, result.callbacks
+
+
+@pytest.mark.parametrize("mode,accumulate", [("stochastic", 3), ("sandwich", 4), ("summation", 1)])
+def test_each_step_runs_the_planned_sub_models(tmp_path, mode, accumulate):
+    gm, callbacks = rewrite(ResNetTiny(c=4, in_ch=1), torch.randn(2, 1, 8, 8), mode=mode, accumulate=accumulate,
+                            width={"fractions": [0.5, 1.0]}, depth={"blocks": [1, 3]})
+    recorder = Recorder()
+    Trainer(gm, train_spec(seed=3), [*callbacks, recorder], out_dir=tmp_path).fit()
+    slicing: SortedSlicingCallback = callbacks[0]
+    points = list(find_state(gm).points)
+    assert sorted(recorder.runs) == [0, 1, 2, 3]
+    for step, ran in recorder.runs.items():
+        assert ran == slicing.plan(points, 3, step)
+        if mode == "stochastic":
+            assert len(ran) == 3
+        elif mode == "sandwich":
+            assert ran[:2] == [(1.0, 3), (0.5, 1)] and len(ran) == 4
+        else:
+            top = ran[0]
+            assert ran == sorted({p for p in points if p[0] <= top[0] and p[1] <= top[1]}, reverse=True)
+    assert set(recorder.after) == {(1.0, 3)}
+    assert any(len(set(ran)) > 1 for ran in recorder.runs.values())
+
+
+def test_sampling_is_reproducible_across_resume(tmp_path):
+    def run(out, extra=(), resume=None):
+        torch.manual_seed(0)
+        gm, callbacks = rewrite(MLP(), torch.randn(2, 1, 8, 8), width={"fractions": [0.25, 0.5, 0.75, 1.0]},
+                                accumulate=2)
+        recorder = Recorder()
+        spec = train_spec(epochs=3, checkpoint=True, checkpoint_every_steps=3)
+        trainer = Trainer(gm, spec, [*callbacks, recorder, *extra], out_dir=out, resume=resume)
+        trainer.fit()
+        return recorder, trainer
+
+    reference, ref_trainer = run(tmp_path / "a")
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "b", [Crash()])
+    resumed, trainer = run(tmp_path / "b", resume=tmp_path / "b")
+    assert min(resumed.runs) == 6  # the checkpoint at step 6
+    assert resumed.runs == {s: r for s, r in reference.runs.items() if s >= 6}
+    for (k, a), (_, b) in zip(ref_trainer.model.state_dict().items(), trainer.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """4 widths x 2 depths of a residual CNN trained at once on digits (CPU, ~10 s)."""
+    torch.manual_seed(0)
+    gm, callbacks = rewrite(ResNetTiny(c=16, in_ch=1), torch.randn(2, 1, 8, 8),
+                            width={"fractions": [0.25, 0.5, 0.75, 1.0]}, depth={"blocks": [1, 3]}, accumulate=2)
+    spec = TrainSpec(data="digits", epochs=12, batch_size=64, optimizer={"lr": 0.1}, progress="none",
+                     checkpoint=False)
+    trainer = Trainer(gm, spec, callbacks, out_dir=tmp_path_factory.mktemp("digits"))
+    report = trainer.fit()
+    return report, trainer
+
+
+def test_digits_every_sub_model_keeps_90_percent_of_the_largest(digits_run):
+    report, _ = digits_run
+    grid = report["sorted_slicing"]["grid"]
+    assert [(r["width"], r["depth"]) for r in grid] == [(w, d) for w in (0.25, 0.5, 0.75, 1.0) for d in (1, 3)]
+    largest = grid[-1]
+    assert largest["accuracy"] > 0.9 and largest["share"] == 1.0
+    for row in grid:
+        assert row["accuracy"] >= 0.9 * largest["accuracy"], row
+        assert row["share"] == pytest.approx(row["accuracy"] / largest["accuracy"])
+    params = {(r["width"], r["depth"]): r["params"] for r in grid}
+    flops = {(r["width"], r["depth"]): r["flops"] for r in grid}
+    for w in (0.25, 0.5, 0.75, 1.0):
+        assert params[(w, 1)] < params[(w, 3)] and flops[(w, 1)] < flops[(w, 3)]
+    assert params[(0.25, 3)] < params[(0.5, 3)] < params[(0.75, 3)] < params[(1.0, 3)] == largest["params"]
+
+
+def test_recalibration_changes_statistics_and_helps_narrow_sub_models(digits_run):
+    _, trainer = digits_run
+    model = trainer.model
+    batches = Batches(trainer.data, "train", 64, trainer.device).epoch(0)
+    calibration = [trainer.data.prepare(x) for x, _ in list(batches)[:10]]
+    bn = model.get_submodule("layer1.0.bn1")
+    with preserved_norm_stats(model), subnet(model, 0.25, 3):
+        before_stats = bn.running_mean[:4].clone()
+        before = trainer.evaluate(model)
+        recalibrate(model, calibration)
+        after = trainer.evaluate(model)
+        assert not torch.allclose(bn.running_mean[:4], before_stats)
+    assert after["accuracy"] > before["accuracy"] + 0.05, (before, after)
+    assert after["loss"] < before["loss"]
