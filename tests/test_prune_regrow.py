@@ -637,3 +637,27 @@ def test_compiled_training_captures_the_dense_gradient(tmp_path, one_thread):
     section = report["prune_regrow"]
     assert section["events"] == 5 and section["moved"] > 0
     assert section["actual_sparsity"] == pytest.approx(0.8, abs=1e-4)
+
+
+def test_slicing_after_the_masks_trains_sub_models_of_the_sparse_net(tmp_path, one_thread):
+    from fxgrow.ir import evaluate_chain, weight_chains
+    from fxgrow.passes.sorted_slicing import SortedSlicingPass
+    from fxgrow.specs.train import TrainSpec
+    from fxgrow.train import Trainer
+    from examples.models.small_cnn import build
+
+    x = torch.randn(2, 1, 8, 8)
+    result = compose(PruneRegrowPass(final_sparsity=0.8, schedule={"start": 0, "end": 15, "every": 5}),
+                     SortedSlicingPass(width={"fractions": [0.5, 1.0]}))(build(width=8), example_input=x)
+    gm = result.graph_module
+    for w in masked_weights(gm):   # the mask sits before the slice in every chain
+        assert [type(m).__name__ for m in weight_chains(gm)[w.key].modules(gm)] == ["MaskProducer", "SliceProducer"]
+    spec = TrainSpec(data="digits", steps=20, batch_size=64, progress="none", eval_every_epochs=None)
+    report = Trainer(gm, spec, result.callbacks, out_dir=tmp_path).fit()
+    n = sum(w.numel for w in masked_weights(gm))
+    assert report["prune_regrow"]["events"] == 3 and report["prune_regrow"]["moved"] > 0  # at steps 5, 10, 15
+    assert report["prune_regrow"]["actual_sparsity"] == pytest.approx(round(0.8 * n) / n, abs=1e-12)
+    chains = weight_chains(gm)
+    for w in masked_weights(gm):
+        assert torch.all(evaluate_chain(gm, chains[w.key])[~w.active] == 0)
+    assert "sorted_slicing" in report
