@@ -390,3 +390,16 @@ def test_flops_fraction_picks_the_step():
     small = forward_flops(ctx.model, x)
     big = forward_flops(grow([ctx.model], x)[0], x)
     assert cb.growth_step == math.ceil(0.1 * big * 100 / small) and 0 < cb.growth_step < 100
+
+
+def test_growth_after_the_compander_pass():
+    """template_mixing (preserve) + compander keep the function; growth carries both."""
+    from fxgrow.passes.compander import CompanderPass
+    x = torch.randn(4, 1, 8, 8)
+    plain = [ConvBN().eval() for _ in range(2)]
+    nets = [Pipeline([TemplateMixingPass(template_init="preserve"), CompanderPass()])(m, x, seed=i).graph_module.eval()
+            for i, m in enumerate(plain)]
+    for net, model in zip(nets, plain):
+        torch.testing.assert_close(net(x), model(x), rtol=1e-4, atol=1e-5)
+    new, _ = grow(nets, x, new_coefficients="zero")
+    torch.testing.assert_close(new(x), plain[0](x) + plain[1](x), rtol=1e-4, atol=1e-5)
