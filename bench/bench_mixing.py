@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import Timing, device_name, dump, table, time_steps, train_step_fn  # noqa: E402
 from fxgrow.loader import load_model  # noqa: E402
-from fxgrow.passes.grow import grow_model  # noqa: E402
+from fxgrow.passes.grow_model import grow_model  # noqa: E402
 from fxgrow.passes.template_mixing import TemplateMixingPass, mix_producers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ from fxgrow.ir import insert_producer, weight_chains
 from fxgrow.nn.base import Producer
 from fxgrow.nn.compander import CompanderScale, CompandProducer
 from fxgrow.passes import Pipeline
-from fxgrow.passes.grow import GrowCallback, GrowPass, grow_model, load_source, surviving_params
+from fxgrow.passes.grow import GrowCallback, GrowPass
+from fxgrow.passes.grow_model import grow_model, load_source, surviving_params
 from fxgrow.passes.template_mixing import TemplateMixingPass, describe, mix_producers
 from fxgrow.specs import parse_spec
 from fxgrow.train.checkpoint import save_checkpoint
