@@ -114,8 +114,9 @@ def test_apply_then_fold_reproduces_the_runs_folded_model(tmp_path):
     import torch
     spec = write(tmp_path, COMPANDER + "train: {data: digits, steps: 6, batch_size: 32, progress: none}\n")
     out = tmp_path / "run"
-    result = run("apply", spec, MLP, "--out", out)
+    result = run("apply", spec, MLP, "--out", out, "--seed", "3")
     assert result.exit_code == 0, result.output
+    assert "seed: 3" in (out / "spec.yaml").read_text()
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["accuracy"] <= 1 and report["artifacts"]["folded"] == "folded.pt"
     first = torch.load(out / "folded.pt", weights_only=False)
@@ -127,6 +128,9 @@ def test_apply_then_fold_reproduces_the_runs_folded_model(tmp_path):
     assert not hasattr(again, "fxgrow")
     from examples.models.mlp import build
     build().load_state_dict(torch.load(tmp_path / "again_state_dict.pt"), strict=True)
+    result = run("inspect", out)  # a run folder shows the trained, rewritten model
+    assert result.exit_code == 0, result.output
+    assert "compand" in result.output
 
 
 def test_fold_of_a_missing_run_is_a_clear_error(tmp_path):

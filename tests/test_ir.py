@@ -132,3 +132,13 @@ def test_flops_match_flop_counter_on_the_original(entry):
     assert propagate_shapes_and_flops(gm, x) == expected
     out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
     assert tuple(out.meta["tensor_meta"].shape) == tuple(model(x).shape)
+
+
+def test_flops_of_a_model_with_shared_parameters():
+    from fxgrow.analysis import forward_flops
+    from fxgrow.passes.compander import CompanderPass
+    from tests.zoo import ResNetTiny
+    model = ResNetTiny()
+    gm = CompanderPass(learnable="global")(model).graph_module  # one (a, b) pair in every chain
+    x = torch.randn(1, 3, 16, 16)
+    assert forward_flops(gm, x) == forward_flops(model, x) > 0

@@ -56,12 +56,15 @@ def apply(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<time>, "
                                                                  "or the resumed run's)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override train.seed (e.g. a second source net)."),
 ) -> None:
     """Rewrite MODEL as SPEC says, train it, fold it and save everything under --out."""
     from .. import api
     from ..specs.root import load_spec
 
     s = load_spec(spec)
+    if seed is not None:
+        s = s.model_copy(update={"train": s.train.model_copy(update={"seed": seed})})
     report = api.run(s, model, out_dir=out_dir, resume=resume)
     acc = report.get("accuracy")
     out.print(f"done: test accuracy {acc:.4f}" if isinstance(acc, float) else "done",
@@ -82,7 +85,8 @@ def _parse_shape(text: str | None) -> list[int] | None:
 
 @command()
 def inspect(
-    model: str = typer.Argument(..., help="file.py or package.module:callable"),
+    model: str = typer.Argument(..., help="file.py, package.module:callable, or a run directory "
+                                           "(shows the trained model, grown or not)"),
     spec: Optional[Path] = typer.Argument(None, help="Spec whose passes to apply (optional)."),
     fmt: str = typer.Option("text", "--format", help="text | dot | svg"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="File for dot/svg output."),
@@ -98,17 +102,25 @@ def inspect(
 
     if fmt not in ("text", "dot", "svg"):
         raise FxgrowError(f"--format: expected text, dot or svg (got {fmt!r})")
-    s = load_spec(spec) if spec else parse_spec({})
+    run_dir = Path(model)
+    if run_dir.is_dir():
+        if spec is not None or dry_run:
+            raise FxgrowError("inspect RUN shows a trained run as it is: give no SPEC and no --dry-run")
+        s, gm = api.restore(run_dir)
+        user_model = api.build_model(s)
+    else:
+        s = load_spec(spec) if spec else parse_spec({})
     shape = _parse_shape(input_shape)
     if shape:
         s = s.model_copy(update={"model": s.model.model_copy(update={"example_input": shape})})
-    user_model = api.build_model(s, model).eval()
     x = api.example_input(s)
-    plain = api.trace_model(s, user_model)
-    if dry_run:
-        _print_matches(api.pipeline(s).dry_run(plain))
-        return
-    gm = api.compile_spec(s, plain).graph_module.eval() if s.passes else plain
+    if not run_dir.is_dir():
+        user_model = api.build_model(s, model).eval()
+        plain = api.trace_model(s, user_model)
+        if dry_run:
+            _print_matches(api.pipeline(s).dry_run(plain))
+            return
+        gm = api.compile_spec(s, plain).graph_module.eval() if s.passes else plain
     propagate_shapes(gm, x)
     if fmt != "text":
         _write_graph(to_dot(gm), fmt, output)
@@ -123,7 +135,7 @@ def inspect(
         {"": "original", "params": f"{before.params:,}", "forward FLOPs": f"{before.flops:,}"},
         {"": "rewritten", "params": f"{after.params:,}", "forward FLOPs": f"{after.flops:,}"}]))
     _print_groups(gm)
-    for section in _describers(gm):
+    for section in _describers(gm, {p.kind for p in s.passes}):
         out.print(section)
 
 
@@ -144,11 +156,13 @@ def _print_groups(gm) -> None:
     out.print(_table("channel groups", rows))
 
 
-def _describers(gm) -> list[Table]:
-    """Sections passes contribute (e.g. template banks): a `describe(gm)` in their module."""
+def _describers(gm, kinds: set[str]) -> list[Table]:
+    """Sections the spec's passes contribute (e.g. template banks): a `describe(gm)` in
+    their module."""
     from ..passes import PASS_REGISTRY
     tables = []
-    for kind, cls in PASS_REGISTRY.items():
+    for kind in sorted(kinds):
+        cls = PASS_REGISTRY[kind]
         describe = getattr(sys.modules[cls.__module__], "describe", None)
         if describe is not None:
             rows = describe(gm)
