@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .analysis import measure
 from .errors import FxgrowError
 from .fold import FOLD_PREPARERS, fold
-from .ir import META, evaluate_chain, meta, weight_chains
+from .ir import evaluate_chain, meta, weight_chains
 from .nn.slicing import DepthGate, SlicedBatchNorm, SlicedLayerNorm, SubnetState, conv_groups
 
 Point = tuple[float, int]
@@ -64,6 +64,10 @@ def subnet(model: nn.Module, width: float | None = None, depth: int | None = Non
 
 
 # --- BatchNorm statistics ------------------------------------------------------------------
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return bool(_norms(model))
+
 
 def _norms(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
@@ -237,13 +241,49 @@ def _plain_norm(m: SlicedBatchNorm | SlicedLayerNorm) -> nn.Module:
     return plain
 
 
+# --- on a spec's data (the CLI's `eval` and `extract`) ---------------------------------------
+
+def data_evaluator(data, batch_size: int, device: torch.device) -> Callable[[nn.Module], dict[str, float]]:
+    """`evaluate(model)` -> test-split loss and accuracy of `data` (a `fxgrow.train.data.Data`)."""
+    from .train.data import Batches
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        loss = correct = count = 0.0
+        for x, y in Batches(data, "test", batch_size, device).sequential():
+            logits = model(data.prepare(x)).float()
+            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+            count += len(y)
+        model.train(was_training)
+        return {"loss": loss / count, "accuracy": correct / count}
+    return evaluate
+
+
+def calibration_inputs(data, count: int, batch_size: int, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """The first `count` training batches of epoch 0 (model inputs, no augmentation)."""
+    from .train.data import Batches
+
+    batches = Batches(data, "train", min(batch_size, len(data.train[1]) if isinstance(data.train, tuple)
+                                         else len(data.train)), device, seed=seed)
+    out = []
+    for x, _ in batches.epoch(0):
+        if len(out) == count:
+            break
+        out.append(data.prepare(x))
+    return out
+
+
 def grid_table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Rows of strings for a table: width, depth, accuracy, share, params, FLOPs."""
+    """Rows of strings for a table: width, kept blocks, accuracy, share, params, FLOPs."""
     def fmt(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else "-"
     return [[f"{r['width']:g}", str(r["depth"]), fmt(r.get("accuracy"), ".4f"), fmt(r.get("share"), ".3f"),
              fmt(r.get("params"), ","), fmt(r.get("flops"), ",")] for r in rows]
 
 
-__all__ = ["Point", "evaluate_grid", "extract", "find_state", "grid_table_rows", "materialize",
-           "preserved_norm_stats", "recalibrate", "resolve_point", "subnet", "META"]
+__all__ = ["Point", "calibration_inputs", "data_evaluator", "evaluate_grid", "extract", "find_state",
+           "grid_table_rows", "has_batch_norm", "materialize", "preserved_norm_stats", "recalibrate",
+           "resolve_point", "subnet"]

@@ -21,7 +21,7 @@ from fxgrow.passes.sorted_slicing import SortedSlicingCallback, SortedSlicingPas
 from fxgrow.specs.root import parse_spec
 from fxgrow.subnets import extract, find_state, preserved_norm_stats, recalibrate, subnet
 
-from .zoo import MLP, ZOO, ConvBN, Depthwise, ResNetTiny, SharedLinear
+from .zoo import MLP, ConvBN, Depthwise, ResNetTiny, SharedLinear
 
 FRACTIONS = [0.25, 0.5, 0.75, 1.0]
 

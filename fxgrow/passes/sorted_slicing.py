@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import math
 import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -297,7 +297,9 @@ class SortedSlicingPass(Pass):
         if ctx.example_input is None:
             raise FxgrowError("sorted_slicing needs an example input (model.example_input) to find "
                               "channel groups and residual blocks")
-        propagate_shapes(gm, ctx.example_input)
+        was_training = gm.training
+        propagate_shapes(gm.eval(), ctx.example_input)  # eval: BN accepts a batch of one 1x1 map
+        gm.train(was_training)
         blocks = skippable_blocks(gm) if spec.depth is not None else []
         depths = self._depths(blocks, ctx)
         fractions = spec.width.fractions if spec.width is not None else [1.0]
@@ -436,10 +438,23 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
+def _allow_a_graph_per_sub_model(count: int) -> None:
+    """torch.compile specializes on the active sub-model (plain ints): let it keep one graph
+    per grid point instead of falling back to eager after its default 8."""
+    dynamo = sys.modules.get("torch._dynamo")  # loaded by torch.compile; nothing to do without it
+    if dynamo is not None:
+        config = dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), count + 8))
+
+
 class SortedSlicingCallback(Callback):
     """Before every micro-step, makes the next planned sub-model active; after the step,
-    the largest again (so evaluation during training sees the full model). At the end of
-    training, evaluates the whole grid (report section `grid`)."""
+    the largest again (so evaluation during training sees the full model). With `bn:
+    recalibrate`, the last step recalibrates the largest sub-model's BatchNorm statistics
+    on the last `recalibrate_batches` training batches (what the final evaluation, the
+    checkpoint and the folded model hold). At the end of training, evaluates the whole
+    grid, each sub-model recalibrated alike (report section `grid`)."""
 
     name = "sorted_slicing"
 
@@ -472,7 +487,9 @@ class SortedSlicingCallback(Callback):
         return sorted(chosen, reverse=True)
 
     def on_train_start(self, ctx) -> None:
-        self._state(ctx).activate(*self._state(ctx).largest)
+        state = self._state(ctx)
+        state.activate(*state.largest)
+        _allow_a_graph_per_sub_model(len(state.points))
 
     def on_step_start(self, ctx) -> None:
         state = self._state(ctx)
@@ -489,14 +506,16 @@ class SortedSlicingCallback(Callback):
     def after_step(self, ctx) -> None:
         state = self._state(ctx)
         state.activate(*state.largest)
+        if ctx.step == ctx.total_steps and self.spec.bn == "recalibrate" and self._recent:
+            # Training mixed every sub-model into the shared statistics: give the largest its
+            # own before the final evaluation, checkpoint and fold.
+            recalibrate(ctx.model, list(self._recent))
 
     def on_train_end(self, ctx) -> None:
         model = ctx.model
         calibration = list(self._recent) if self.spec.bn == "recalibrate" else None
         example = self._recent[-1][:1] if self._recent else (ctx.batch[0][:1] if ctx.batch is not None else None)
         self.grid = evaluate_grid(model, ctx.evaluate, example, calibration=calibration or None)
-        if calibration:  # keep the largest sub-model's own statistics in the model it saves
-            recalibrate(model, calibration)
 
     def report(self) -> dict[str, Any]:
         return {"mode": self.spec.mode, "bn": self.spec.bn, "grid": self.grid}

@@ -1,0 +1,164 @@
+"""`fxgrow eval` and `fxgrow extract`: the sub-models of a sorted-sliced run.
+
+Plain functions with typer signatures; the main app registers them:
+
+    command(name="eval")(eval_command)
+    command(name="extract")(extract_command)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import FxgrowError
+
+console = Console()
+
+
+def _load(target: Path, model: Optional[str]):
+    """(spec, rewritten model) of a run folder (trained weights) or a spec file (fresh ones)."""
+    from .. import api
+    from ..specs.root import load_spec
+
+    if target.is_dir() or target.suffix == ".pt":
+        return api.restore(target, model)
+    spec = load_spec(target)
+    return spec, api.compile_spec(spec, api.build_model(spec, model)).graph_module.eval()
+
+
+def _device(name: str):
+    import torch
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _slicing(spec) -> Any:
+    return next((p for p in spec.passes if p.kind == "sorted_slicing"), None)
+
+
+def _data(spec, device):
+    from ..train.data import load_data
+    return load_data(spec.train.data).to(device)
+
+
+def eval_command(
+    target: Path = typer.Argument(..., help="A run folder (its trained model) or a spec YAML (fresh weights)."),
+    model: Optional[str] = typer.Argument(None, help="Default: the model the run or spec names."),
+    grid: bool = typer.Option(False, "--grid", help="Evaluate every sub-model of the sorted_slicing grid."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Heatmap PNG of accuracy (width x depth); "
+                                        "default with --grid on a run: RUN/grid.png (needs matplotlib)."),
+    recalibrate: bool = typer.Option(True, help="Recalibrate BatchNorm per sub-model when the spec says bn: recalibrate."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Evaluation batch size."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
+) -> None:
+    """Test accuracy of a model, or with --grid of every sub-model (params, FLOPs, share of the largest)."""
+    from ..subnets import (calibration_inputs, data_evaluator, evaluate_grid, find_state, grid_table_rows,
+                           has_batch_norm)
+
+    spec, gm = _load(target, model)
+    dev = _device(device)
+    gm = gm.to(dev)
+    data = _data(spec, dev)
+    evaluate = data_evaluator(data, batch_size, dev)
+    if not grid:
+        metrics = evaluate(gm)
+        console.print(f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+        return
+    slicing = _slicing(spec)
+    if slicing is None or find_state(gm) is None:
+        raise FxgrowError("--grid needs a spec with a sorted_slicing pass")
+    calibration = None
+    if recalibrate and slicing.bn == "recalibrate" and has_batch_norm(gm):
+        calibration = calibration_inputs(data, slicing.recalibrate_batches, spec.train.batch_size, dev, spec.train.seed)
+    rows = evaluate_grid(gm, evaluate, data.example(), calibration=calibration)
+    table = Table(title=f"sub-models of {target}" + (" (BN recalibrated)" if calibration else ""))
+    for column in ("width", "blocks", "accuracy", "share", "params", "FLOPs"):
+        table.add_column(column, justify="right")
+    for row in grid_table_rows(rows):
+        table.add_row(*row)
+    console.print(table)
+    if plot is None and target.is_dir():
+        try:
+            import matplotlib  # noqa: F401
+            plot = target / "grid.png"
+        except ImportError:
+            console.print("(install matplotlib, the `plot` extra, for a heatmap PNG)")
+    if plot is not None:
+        write_heatmap(rows, plot)
+        console.print(f"wrote {plot}")
+
+
+def write_heatmap(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy of each (width, depth) as a heatmap with the values written in the cells."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FxgrowError("--plot needs matplotlib: pip install 'fxgrow[plot]'") from None
+    widths = sorted({r["width"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    acc = [[float("nan")] * len(widths) for _ in depths]
+    for r in rows:
+        acc[depths.index(r["depth"])][widths.index(r["width"])] = r["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(widths) + 2, 0.8 * len(depths) + 1.5))
+    image = ax.imshow(acc, origin="lower", cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(widths)), [f"{w:g}" for w in widths])
+    ax.set_yticks(range(len(depths)), [str(d) for d in depths])
+    ax.set_xlabel("width fraction")
+    ax.set_ylabel("kept blocks")
+    low, high = image.get_clim()
+    for i, row in enumerate(acc):
+        for j, value in enumerate(row):
+            bright = high > low and (value - low) / (high - low) > 0.5  # viridis is light at the top
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="black" if bright else "white", fontsize=8)
+    fig.colorbar(image, ax=ax, label="test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def extract_command(
+    run: Path = typer.Argument(..., help="Run folder (or its checkpoint.pt)."),
+    model: Optional[str] = typer.Argument(None, help="Default: the model the run recorded."),
+    width: float = typer.Option(..., "--width", help="Width fraction of a grid point."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Kept blocks of a grid point (default: the most)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: RUN/subnet_w<W>_d<D>.pt"),
+    recalibrate: bool = typer.Option(True, help="Recalibrate BatchNorm on training batches when the spec says "
+                                                "bn: recalibrate."),
+) -> None:
+    """Write one sub-model as a standalone plain model (smaller tensors) and its state_dict."""
+    import torch
+
+    from ..analysis import measure
+    from ..subnets import (calibration_inputs, extract, find_state, has_batch_norm,
+                           recalibrate as recalibrate_bn, resolve_point, subnet)
+
+    spec, gm = _load(run, model)
+    state = find_state(gm)
+    if state is None:
+        raise FxgrowError(f"{run}: the run has no sorted_slicing sub-models")
+    point = resolve_point(state, width, depth)
+    slicing = _slicing(spec)
+    note = ""
+    if recalibrate and slicing is not None and slicing.bn == "recalibrate" and has_batch_norm(gm):
+        data = _data(spec, torch.device("cpu"))
+        with subnet(gm, *point):
+            used = recalibrate_bn(gm, calibration_inputs(data, slicing.recalibrate_batches, spec.train.batch_size,
+                                                         torch.device("cpu"), spec.train.seed))
+        note = f", BN recalibrated on {used} batches"
+    small = extract(gm, *point).eval()
+    base = run if run.is_dir() else run.parent
+    target = output or base / f"subnet_w{point[0]:g}_d{point[1]}.pt"
+    torch.save(small, target)
+    state_path = target.with_name(f"{target.stem}_state_dict.pt")
+    torch.save(small.state_dict(), state_path)
+    from .. import api
+    cost = measure(small, api.example_input(spec))
+    console.print(f"sub-model width {point[0]:g}, depth {point[1]}: {cost.params:,} parameters, "
+                  f"{cost.flops:,} FLOPs{note}\nwrote {target} and {state_path}")
