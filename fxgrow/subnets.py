@@ -19,8 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .analysis import measure
 from .errors import FxgrowError
 from .fold import FOLD_PREPARERS, fold
-from .ir import evaluate_chain, meta, weight_chains
-from .nn.slicing import DepthGate, SlicedBatchNorm, SlicedLayerNorm, SubnetState, conv_groups
+from .nn.slicing import ConvGroups, DepthGate, SlicedBatchNorm, SlicedLayerNorm, SubnetState
 
 Point = tuple[float, int]
 
@@ -176,22 +175,16 @@ def materialize(gm: fx.GraphModule) -> fx.GraphModule:
                 _erase_descendants(graph, node)
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-    chains = weight_chains(gm)
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is conv_groups:
-            if not node.users:  # its conv sat in a dropped block
-                graph.erase_node(node)
-                continue
-            weight = evaluate_chain(gm, chains[f"{meta(node)['source']}.weight"])
-            value = conv_groups(weight, *node.args[1:])
-            for user in list(node.users):
-                user.update_arg(user.args.index(node), value)
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ConvGroups):
+            groups = gm.get_submodule(node.target)()
+            for user in list(node.users):  # an int argument again
+                user.update_arg(user.args.index(node), groups)
             graph.erase_node(node)
     for path, module in list(gm.named_modules()):
         if isinstance(module, (SlicedBatchNorm, SlicedLayerNorm)):
             parent, _, name = path.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, name, _plain_norm(module))
-    gm.delete_all_unused_submodules()
     graph.lint()
     gm.recompile()
     return gm

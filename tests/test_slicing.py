@@ -17,6 +17,7 @@ from fxgrow.nn.slicing import DimLayout, Segment, SlicedBatchNorm, SliceProducer
 from fxgrow.passes import Pipeline
 from fxgrow.passes.compander import CompanderPass
 from fxgrow.passes.prune_regrow import PruneRegrowPass
+from fxgrow.passes.template_mixing import TemplateMixingPass
 from fxgrow.passes.sorted_slicing import SortedSlicingCallback, SortedSlicingPass, SortedSlicingSpec
 from fxgrow.specs.root import parse_spec
 from fxgrow.subnets import extract, find_state, preserved_norm_stats, recalibrate, subnet
@@ -391,11 +392,27 @@ def test_masks_are_sliced_with_their_weights():
     assert torch.equal(zeros, mask[:4, :4] == 0)
 
 
+def stack():
+    return [TemplateMixingPass(template_init="preserve"), CompanderPass(), PruneRegrowPass(final_sparsity=0.5)]
+
+
 def test_full_size_with_other_producers_preserves_computation():
     model, x, fields = case("resnet_tiny")
     model.eval()
-    gm = sliced(model, x, passes=[CompanderPass(), PruneRegrowPass(final_sparsity=0.5)], **fields).eval()
+    gm = sliced(model, x, passes=stack(), **fields).eval()
     torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_stacked_sub_models_equal_their_extracted_models():
+    model, x, fields = case("resnet_tiny")
+    gm = sliced(model, x, passes=stack(), **fields).eval()
+    chain = weight_chains(gm)["layer1.1.conv1.weight"]
+    assert [type(m).__name__ for m in chain.modules(gm)] == ["MixProducer", "CompandProducer", "MaskProducer",
+                                                             "SliceProducer"]
+    for point in [(0.25, 1), (0.75, 3)]:
+        small = extract(gm, *point).eval()
+        with subnet(gm, *point):
+            assert (small(x) - gm(x)).abs().max() <= 1e-5
 
 
 def test_slicing_before_masks_is_rejected():
@@ -446,3 +463,11 @@ def test_summation_runs_the_drawn_sub_model_and_all_smaller_ones():
         got = p(POINTS, 0, s)
         top = got[0]
         assert got == sorted([pt for pt in POINTS if pt[0] <= top[0] and pt[1] <= top[1]], reverse=True)
+
+
+def test_list_grid_pairs_widths_with_depths():
+    model, x, _ = case("resnet_tiny")
+    gm = sliced(model, x, width={"fractions": [0.25, 0.5, 1.0]}, depth={"blocks": [0, 1, 3]}, grid="list")
+    assert find_state(gm).points == ((0.25, 0), (0.5, 1), (1.0, 3))
+    gm = sliced(model, x, width={"fractions": [1.0, 0.5]}, depth={"blocks": [3, 1]}, grid="list")
+    assert find_state(gm).points == ((0.5, 1), (1.0, 3))  # sorted: i-th smallest with i-th smallest

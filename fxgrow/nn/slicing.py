@@ -11,6 +11,7 @@
   `per_width` keeps separate running statistics for each narrower width.
 - `DepthGate`: brackets a skippable residual block y = x + f(x). Off, the block runs on an
   empty batch (no FLOPs, no autograd graph) and hands on x unchanged.
+- `ConvGroups`: the `groups` of a sliced depthwise conv.
 """
 from __future__ import annotations
 
@@ -154,9 +155,17 @@ class SliceProducer(Producer, _Sliced):
         return ", ".join(f"dim {lay.dim}: groups {[s.group for s in lay.segments]}" for lay in self.layouts)
 
 
-def conv_groups(weight: torch.Tensor, groups: int, out_channels: int) -> int:
-    """`groups` of a grouped (depthwise) conv whose weight was cut to whole groups."""
-    return groups * weight.shape[0] // out_channels
+class ConvGroups(nn.Module):
+    """The `groups` argument of a depthwise conv whose channels are sliced: a depthwise conv
+    cut to k channels is a conv with k groups. Called with no input; returns an int."""
+
+    def __init__(self, state: SubnetState, layout: DimLayout):
+        super().__init__()
+        self.state = state
+        self.by_width = tuple(len(layout.kept(state.active_sizes(i), state.full)) for i in range(state.num_widths))
+
+    def forward(self) -> int:
+        return self.by_width[self.state.width_index]
 
 
 class SlicedBatchNorm(nn.modules.batchnorm._BatchNorm, _Sliced):

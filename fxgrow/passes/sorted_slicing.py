@@ -27,8 +27,8 @@ from ..analysis import propagate_shapes
 from ..analysis.coupling import ChannelGroup, channel_groups
 from ..errors import FxgrowError, SpecError
 from ..ir import META, insert_producer, is_layer, weight_chains
-from ..nn.slicing import (DepthGate, DimLayout, Segment, SlicedLayerNorm, SliceProducer, SubnetState,
-                          conv_groups, sliced_batch_norm)
+from ..nn.slicing import (ConvGroups, DepthGate, DimLayout, Segment, SlicedLayerNorm, SliceProducer,
+                          SubnetState, sliced_batch_norm)
 from ..specs.base import PassSpec, StrictModel
 from ..subnets import evaluate_grid, find_state, recalibrate
 from ..train.callbacks import Callback
@@ -77,7 +77,8 @@ class SortedSlicingSpec(PassSpec):
     width: WidthSpec | None = None
     depth: DepthSpec | None = None
     grid: Literal["product", "list"] = Field(
-        "product", description="product: every (width, depth) pair; list: the i-th width with the i-th depth")
+        "product", description="product: every (width, depth) pair; list: the i-th smallest width with the "
+                                "i-th smallest depth")
     sampling: Literal["uniform", "weighted"] = "uniform"
     weights: list[float] | None = Field(None, description="one per grid point (grid order), for sampling: weighted")
     mode: Literal["stochastic", "summation", "sandwich"] = "stochastic"
@@ -272,8 +273,9 @@ def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str
     plan = SlicePlan(sliced, kept, {}, {})
     for key, by_dim in dims.items():
         layer, _, param = key.rpartition(".")
-        tensor = getattr(gm.get_submodule(layer), param)
-        layouts = [DimLayout(d, tensor.shape[d], tuple(sorted(segs, key=lambda s: s.offset)))
+        # the tensor a chain produces (template mixing stores no `weight`), or a norm's own
+        shape = _shape(chains[key].tail) if key in chains else getattr(gm.get_submodule(layer), param).shape
+        layouts = [DimLayout(d, shape[d], tuple(sorted(segs, key=lambda s: s.offset)))
                    for d, segs in sorted(by_dim.items())]
         if layer in norm_calls:
             plan.norms.setdefault(layer, layouts[0])
@@ -365,14 +367,15 @@ class SortedSlicingPass(Pass):
         for node in gm.graph.nodes:
             if not (is_layer(node) and node.target in (F.conv1d, F.conv2d, F.conv3d)):
                 continue
-            groups = node.args[6]
-            layouts = plan.chains.get(f"{node.meta[META]['source']}.weight", [])
-            if isinstance(groups, int) and groups > 1 and any(lay.dim == 0 for lay in layouts):
-                out_channels = next(lay.size for lay in layouts if lay.dim == 0)
+            source = node.meta[META]["source"]
+            out = next((lay for lay in plan.chains.get(f"{source}.weight", []) if lay.dim == 0), None)
+            if isinstance(node.args[6], int) and node.args[6] > 1 and out is not None:
+                path = f"{META}.{source.replace('.', '_')}.groups"
+                gm.add_submodule(path, ConvGroups(state, out))
                 with gm.graph.inserting_before(node):
-                    g = gm.graph.call_function(conv_groups, (node.args[1], groups, out_channels))
-                g.meta[META] = {"role": "groups", "pass": self.kind, "source": node.meta[META]["source"]}
-                node.update_arg(6, g)
+                    groups = gm.graph.call_module(path, ())
+                groups.meta[META] = {"role": "groups", "pass": self.kind, "source": source}
+                node.update_arg(6, groups)
 
     def _slice_norms(self, gm: fx.GraphModule, plan: SlicePlan, state: SubnetState) -> None:
         for path, layout in plan.norms.items():
