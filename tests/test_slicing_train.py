@@ -111,7 +111,10 @@ def digits_run(tmp_path_factory):
 
 def test_digits_every_sub_model_keeps_90_percent_of_the_largest(digits_run):
     report, _ = digits_run
-    grid = report["sorted_slicing"]["grid"]
+    section = report["sorted_slicing"]
+    assert section["blocks"] == ["layer1.0", "layer1.1", "layer2.1"] and section["mode"] == "stochastic"
+    assert "model input" in section["groups"]["full_width"].values() and len(section["groups"]["sliced"]) >= 5
+    grid = section["grid"]
     assert [(r["width"], r["depth"]) for r in grid] == [(w, d) for w in (0.25, 0.5, 0.75, 1.0) for d in (1, 3)]
     largest = grid[-1]
     assert largest["accuracy"] > 0.9 and largest["share"] == 1.0

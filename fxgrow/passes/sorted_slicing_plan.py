@@ -1,0 +1,186 @@
+"""The graph analyses behind sorted slicing: which residual blocks can be skipped, and which
+channel groups can be sliced with the layout of every tensor dim that indexes them."""
+from __future__ import annotations
+
+import collections
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..analysis.coupling import ChannelGroup
+from ..ir import weight_chains
+from ..nn.slicing import DimLayout, Segment
+
+# --- skippable residual blocks ------------------------------------------------------------
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+# Parameter-free elementwise ops after the add belong to the block (y = relu(x + f(x)) in a
+# post-activation ResNet): a dropped block then hands on x itself, an exact identity.
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU,
+                       nn.SELU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity)
+_ACTIVATION_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.leaky_relu,
+                         F.elu, F.mish, torch.sigmoid, torch.tanh, F.dropout}
+_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+
+
+@dataclass
+class Block:
+    """A skippable residual block: `x` its input, `end` the node handing on its output,
+    `nodes` everything computed in between (end included)."""
+
+    name: str
+    x: fx.Node
+    end: fx.Node
+    nodes: set[fx.Node] = field(default_factory=set)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    tm = node.meta.get("tensor_meta")
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def _is_residual_add(n: fx.Node) -> bool:
+    is_add = ((n.op == "call_function" and n.target in _ADDS)
+              or (n.op == "call_method" and n.target in ("add", "add_")))
+    return (is_add and len(n.args) == 2 and not n.kwargs and all(isinstance(a, fx.Node) for a in n.args)
+            and n.args[0] is not n.args[1])
+
+
+def _is_activation(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if len(n.all_input_nodes) != 1:
+        return False
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), _ACTIVATION_MODULES)
+    if n.op == "call_function":
+        return n.target in _ACTIVATION_FUNCTIONS
+    return n.op == "call_method" and n.target in _ACTIVATION_METHODS
+
+
+def skippable_blocks(gm: fx.GraphModule) -> list[Block]:
+    """The skippable residual blocks of `gm` (after ShapeProp), in graph order.
+
+    A block is an add of x and f(x) (x an ancestor of the other operand), extended through
+    parameter-free activations after it, whose output shape equals x's shape; f must read
+    nothing computed from the model input but x, and nothing inside may be used outside
+    the block. Overlapping candidates keep the one whose add comes first (the inner one)."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    dynamic: set[fx.Node] = set()  # depends on a model input (not a parameter chain)
+    for n in nodes:
+        if n.op == "placeholder" or any(i in dynamic for i in n.all_input_nodes):
+            dynamic.add(n)
+    blocks: list[Block] = []
+    taken: set[fx.Node] = set()
+    for add in nodes:
+        if not _is_residual_add(add):
+            continue
+        a, b = add.args
+        x, other = (a, b) if pos[a] < pos[b] else (b, a)
+        end = add
+        while len(end.users) == 1:
+            (user,) = end.users
+            if not (_is_activation(gm, user) and _shape(user) == _shape(end)):
+                break
+            end = user
+        if _shape(end) is None or _shape(end) != _shape(x):
+            continue
+        body = _between(x, end, pos)
+        if other not in body or body & taken:
+            continue
+        inside = body | {x}
+        if any(i not in inside and i in dynamic for n in body for i in n.all_input_nodes):
+            continue  # f also reads another activation (a U-Net skip, a second input)
+        if any(u not in body for n in body - {end} for u in n.users):
+            continue  # an intermediate value escapes the block
+        if any(n.op in ("placeholder", "output") for n in body):
+            continue
+        blocks.append(Block(_module_of(body) or f"block{len(blocks)}", x, end, body))
+        taken |= body
+    return blocks
+
+
+def _module_of(body: set[fx.Node]) -> str | None:
+    """The innermost module whose forward computed every node of `body` that records one."""
+    stacks = [[path for path, _ in n.meta["nn_module_stack"].values()]
+              for n in body if n.meta.get("nn_module_stack")]
+    common = stacks[0] if stacks else []
+    for stack in stacks[1:]:
+        k = next((i for i, (a, b) in enumerate(zip(common, stack)) if a != b), min(len(common), len(stack)))
+        common = common[:k]
+    return common[-1] if common else None
+
+
+def _between(x: fx.Node, end: fx.Node, pos: dict[fx.Node, int]) -> set[fx.Node]:
+    """Nodes on a path from x (excluded) to end (included)."""
+    ancestors, stack = {end}, [end]
+    while stack:
+        for i in stack.pop().all_input_nodes:
+            if i not in ancestors and pos[i] > pos[x]:
+                ancestors.add(i)
+                stack.append(i)
+    body, stack = set(), [x]
+    while stack:
+        for u in stack.pop().users:
+            if u in ancestors and u not in body:
+                body.add(u)
+                stack.append(u)
+    return body
+
+
+# --- the slicing plan --------------------------------------------------------------------
+
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
+
+
+def _sliceable_norm(m: nn.Module) -> bool:
+    return not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) == 1
+
+
+@dataclass
+class SlicePlan:
+    """Which groups are sliced and the layout of every tensor dim that indexes them."""
+
+    sliced: list[ChannelGroup]
+    kept: dict[int, str]                      # group id -> why it stays at full width
+    chains: dict[str, list[DimLayout]]        # "layer.param" -> layouts of its sliced dims
+    norms: dict[str, DimLayout]               # norm module path -> layout of its channel dim
+
+
+def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str]) -> SlicePlan:
+    """Slice every group that is not fixed and whose every use is a chain of a targeted
+    layer or a BatchNorm/LayerNorm called as a module."""
+    chains = weight_chains(gm)
+    norm_calls = {n.target for n in gm.graph.nodes if n.op == "call_module"
+                  and isinstance(gm.get_submodule(n.target), _NORM_TYPES)}
+    sliced, kept = [], {}
+    for g in groups:
+        if g.fixed:
+            kept[g.id] = g.reason
+            continue
+        blocker = next((u for u in g.uses if not (
+            (u.layer in layers and f"{u.layer}.{u.param}" in chains)
+            or (u.layer in norm_calls and _sliceable_norm(gm.get_submodule(u.layer))))), None)
+        if blocker is not None:
+            kept[g.id] = (f"{blocker.layer}.{blocker.param} is not a targeted layer or a norm module"
+                          if blocker.layer not in layers else f"{blocker.layer}.{blocker.param} cannot be sliced")
+            continue
+        sliced.append(g)
+    dims: dict[str, dict[int, list[Segment]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for g in sliced:
+        for u in g.uses:
+            dims[f"{u.layer}.{u.param}"][u.dim].append(Segment(g.id, u.offset, u.repeat))
+    plan = SlicePlan(sliced, kept, {}, {})
+    for key, by_dim in dims.items():
+        layer, _, param = key.rpartition(".")
+        # the tensor a chain produces (template mixing stores no `weight`), or a norm's own
+        shape = _shape(chains[key].tail) if key in chains else getattr(gm.get_submodule(layer), param).shape
+        layouts = [DimLayout(d, shape[d], tuple(sorted(segs, key=lambda s: s.offset)))
+                   for d, segs in sorted(by_dim.items())]
+        if layer in norm_calls:
+            plan.norms.setdefault(layer, layouts[0])
+        else:
+            plan.chains[key] = layouts
+    return plan
