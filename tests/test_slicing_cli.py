@@ -7,19 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from fxgrow import api
-from fxgrow.cli.main import handles_errors
-from fxgrow.cli.subnets import eval_command, extract_command
+from fxgrow.cli.main import app
 from fxgrow.specs.root import load_spec, parse_spec
 from fxgrow.subnets import find_state, subnet
 
 ROOT = Path(__file__).resolve().parents[1]
-app = typer.Typer()
-app.command("eval")(handles_errors(eval_command))
-app.command("extract")(handles_errors(extract_command))
 
 
 @pytest.fixture(scope="module")

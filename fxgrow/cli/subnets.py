@@ -1,9 +1,7 @@
 """`fxgrow eval` and `fxgrow extract`: the sub-models of a sorted-sliced run.
 
-Plain functions with typer signatures; the main app registers them:
-
-    command(name="eval")(eval_command)
-    command(name="extract")(extract_command)
+Plain functions with typer signatures, listed in `COMMANDS`; the main app registers each
+under its function name.
 """
 from __future__ import annotations
 
@@ -46,7 +44,7 @@ def _data(spec, device):
     return load_data(spec.train.data).to(device)
 
 
-def eval_command(
+def eval(  # noqa: A001  (the command's name)
     target: Path = typer.Argument(..., help="A run folder (its trained model) or a spec YAML (fresh weights)."),
     model: Optional[str] = typer.Argument(None, help="Default: the model the run or spec names."),
     grid: bool = typer.Option(False, "--grid", help="Evaluate every sub-model of the sorted_slicing grid."),
@@ -123,7 +121,7 @@ def write_heatmap(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def extract_command(
+def extract(
     run: Path = typer.Argument(..., help="Run folder (or its checkpoint.pt)."),
     model: Optional[str] = typer.Argument(None, help="Default: the model the run recorded."),
     width: float = typer.Option(..., "--width", help="Width fraction of a grid point."),
@@ -136,8 +134,8 @@ def extract_command(
     import torch
 
     from ..analysis import measure
-    from ..subnets import (calibration_inputs, extract, find_state, has_batch_norm,
-                           recalibrate as recalibrate_bn, resolve_point, subnet)
+    from ..subnets import calibration_inputs, find_state, has_batch_norm, resolve_point, subnet
+    from ..subnets import extract as extract_subnet, recalibrate as recalibrate_bn
 
     spec, gm = _load(run, model)
     state = find_state(gm)
@@ -152,7 +150,7 @@ def extract_command(
             used = recalibrate_bn(gm, calibration_inputs(data, slicing.recalibrate_batches, spec.train.batch_size,
                                                          torch.device("cpu"), spec.train.seed))
         note = f", BN recalibrated on {used} batches"
-    small = extract(gm, *point).eval()
+    small = extract_subnet(gm, *point).eval()
     base = run if run.is_dir() else run.parent
     target = output or base / f"subnet_w{point[0]:g}_d{point[1]}.pt"
     torch.save(small, target)
@@ -162,3 +160,6 @@ def extract_command(
     cost = measure(small, api.example_input(spec))
     console.print(f"sub-model width {point[0]:g}, depth {point[1]}: {cost.params:,} parameters, "
                   f"{cost.flops:,} FLOPs{note}\nwrote {target} and {state_path}")
+
+
+COMMANDS = [eval, extract]
