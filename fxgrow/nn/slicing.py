@@ -195,8 +195,9 @@ class SlicedBatchNorm(nn.modules.batchnorm._BatchNorm, _Sliced):
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
     def statistics(self, width_index: int | None = None):
-        """(running_mean, running_var, num_batches_tracked, index) of a width: its own
-        buffers under `per_width`, else the shared ones (cut lazily through `index`)."""
+        """(running_mean, running_var, num_batches_tracked, shared) of a width: its own
+        buffers under `per_width` (shared=False), else the full ones (shared=True: the
+        caller cuts them to the active channels)."""
         i = self.state.width_index if width_index is None else width_index
         if self.per_width and i < self.state.num_widths - 1:
             return (getattr(self, f"running_mean_w{i}"), getattr(self, f"running_var_w{i}"),
@@ -212,29 +213,28 @@ class SlicedBatchNorm(nn.modules.batchnorm._BatchNorm, _Sliced):
                 getattr(self, f"num_batches_tracked_w{i}").zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """nn.BatchNorm's forward on the cut tensors (same momentum / cumulative-average rule)."""
         self._check_input_dim(x)
         if x.shape[0] == 0:  # a skipped block: nothing to normalize, no statistics to update
             return x
         mean, var, tracked, shared = self.statistics()
+        update = self.training and self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
+        if update:
             tracked.add_(1)
             factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
-        use_batch = self.training or mean is None
-        cuts = self.cuts[self.state.width_index]
         if shared and mean is not None:
             # A prefix cut is a view: batch_norm updates the shared buffers in place. An
             # index cut copies, so the updated statistics are written back below.
             mean, var = self._cut(mean), self._cut(var)
+        if self.training and not self.track_running_stats:
+            mean = var = None
         weight = self._cut(self.weight) if self.weight is not None else None
         bias = self._cut(self.bias) if self.bias is not None else None
-        update = self.training and self.track_running_stats
-        y = F.batch_norm(x, mean if not self.training or self.track_running_stats else None,
-                         var if not self.training or self.track_running_stats else None,
-                         weight, bias, use_batch, factor, self.eps)
-        if update and shared and any(index is not None for _, _, index in cuts):
+        y = F.batch_norm(x, mean, var, weight, bias, self.training or mean is None, factor, self.eps)
+        index = next((i for _, _, i in self.cuts[self.state.width_index] if i is not None), None)
+        if update and shared and index is not None:
             with torch.no_grad():
-                (_, _, index), = cuts
                 self.running_mean.index_copy_(0, getattr(self, index), mean)
                 self.running_var.index_copy_(0, getattr(self, index), var)
         return y
