@@ -471,3 +471,13 @@ def test_list_grid_pairs_widths_with_depths():
     assert find_state(gm).points == ((0.25, 0), (0.5, 1), (1.0, 3))
     gm = sliced(model, x, width={"fractions": [1.0, 0.5]}, depth={"blocks": [3, 1]}, grid="list")
     assert find_state(gm).points == ((0.5, 1), (1.0, 3))  # sorted: i-th smallest with i-th smallest
+
+
+def test_describe_lists_groups_and_blocks():
+    from fxgrow.passes.sorted_slicing import describe
+    model, x, fields = case("resnet_tiny")
+    rows = describe(sliced(model, x, width={"fractions": [0.5, 1.0]}, **fields))
+    widths = [r for r in rows if r["dimension"] == "width"]
+    assert {(r["full"], r["kept"]) for r in widths} == {(8, "4 / 8 at 0.5 / 1"), (16, "8 / 16 at 0.5 / 1")}
+    assert [r["item"] for r in rows if r["dimension"] == "depth"] == [
+        "block layer1.0", "block layer1.1", "block layer2.1"]

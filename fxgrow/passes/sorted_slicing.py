@@ -243,6 +243,21 @@ class SortedSlicingPass(Pass):
         return [SortedSlicingCallback(self.spec, summary)]
 
 
+def describe(gm: nn.Module) -> list[dict[str, Any]]:
+    """The sub-model dimensions for `fxgrow inspect`: every sliced channel group with its
+    kept channels per width fraction, every gated block with the depths that keep it."""
+    state = find_state(gm)
+    if state is None:
+        return []
+    fractions = " / ".join(f"{f:g}" for f in state.fractions)
+    rows = [{"dimension": "width", "item": f"group {g}", "full": state.full[g],
+             "kept": " / ".join(map(str, sizes)) + f" at {fractions}"} for g, sizes in state.sizes.items()]
+    gates = {m.index: m.block for m in gm.modules() if isinstance(m, DepthGate)}
+    rows += [{"dimension": "depth", "item": f"block {gates[i]}", "full": "", "kept": f"at depth >= {i + 1}"}
+             for i in sorted(gates)]
+    return rows
+
+
 @torch.no_grad()
 def _check_every_point(gm: fx.GraphModule, state: SubnetState, example: torch.Tensor) -> None:
     """Run every sub-model once (eval mode) so a model that hard-codes a channel count or a
