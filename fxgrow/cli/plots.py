@@ -28,8 +28,10 @@ def plot(
     run: Path = typer.Argument(..., help="Run folder (with metrics.jsonl; report.json once finished)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNG files (default: RUN/plots)."),
 ) -> None:
-    """Draw the run's figures as PNG: curves always; FLOPs, sparsity, weight percentiles and
-    the sub-model heatmap when the run logged them."""
+    """Draw a run's figures as PNG files.
+
+    Loss/accuracy curves always; training FLOPs, the sparsity schedule, weight percentiles
+    and the sub-model heatmap when the run logged them."""
     from ..plots import plot_run
 
     try:
