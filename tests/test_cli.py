@@ -146,3 +146,8 @@ def test_svg_renders_with_graphviz_or_says_how_to_install_it(tmp_path, monkeypat
         assert result.exit_code == 0 and target.read_text().lstrip().startswith("<")
     else:
         assert result.exit_code == 1 and "apt-get install graphviz" in result.output
+
+
+def test_error_messages_keep_their_brackets(tmp_path):
+    result = run("inspect", MLP, write(tmp_path, "passes:\n  - kind: compander\n    targets: {names: ['[x]']}\n"))
+    assert result.exit_code == 2 and "'[x]' matches no targetable layer" in result.output

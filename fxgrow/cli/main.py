@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import FxgrowError
@@ -37,7 +38,7 @@ def handles_errors(fn: Callable) -> Callable:
         except FxgrowError as e:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
     return wrapper
 
