@@ -92,33 +92,16 @@ def eval(  # noqa: A001  (the command's name)
 
 
 def write_heatmap(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy of each (width, depth) as a heatmap with the values written in the cells."""
+    """Accuracy of each (width, depth) as a heatmap PNG (the `fxgrow plot` drawing)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         raise FxgrowError("--plot needs matplotlib: pip install 'fxgrow[plot]'") from None
-    widths = sorted({r["width"] for r in rows})
-    depths = sorted({r["depth"] for r in rows})
-    acc = [[float("nan")] * len(widths) for _ in depths]
-    for r in rows:
-        acc[depths.index(r["depth"])][widths.index(r["width"])] = r["accuracy"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(widths) + 2, 0.8 * len(depths) + 1.5))
-    image = ax.imshow(acc, origin="lower", cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(widths)), [f"{w:g}" for w in widths])
-    ax.set_yticks(range(len(depths)), [str(d) for d in depths])
-    ax.set_xlabel("width fraction")
-    ax.set_ylabel("kept blocks")
-    low, high = image.get_clim()
-    for i, row in enumerate(acc):
-        for j, value in enumerate(row):
-            bright = high > low and (value - low) / (high - low) > 0.5  # viridis is light at the top
-            ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="black" if bright else "white", fontsize=8)
-    fig.colorbar(image, ax=ax, label="test accuracy")
-    fig.tight_layout()
+    from ..plots import submodel_heatmap
+
+    fig = Figure(layout="constrained")
+    submodel_heatmap(rows, fig)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def extract(
