@@ -142,3 +142,12 @@ def test_flops_of_a_model_with_shared_parameters():
     gm = CompanderPass(learnable="global")(model).graph_module  # one (a, b) pair in every chain
     x = torch.randn(1, 3, 16, 16)
     assert forward_flops(gm, x) == forward_flops(model, x) > 0
+
+
+def test_shapes_of_a_training_model_with_batch_one_and_1x1_maps():
+    from fxgrow.analysis import propagate_shapes
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
+    gm = trace(model).train()
+    propagate_shapes(gm, torch.randn(1, 3, 4, 4))  # BN over one value per channel: eval stats are used
+    assert gm.training and gm.get_submodule("1").training
+    assert [n for n in gm.graph.nodes if n.op == "output"][0].args[0].meta["tensor_meta"].shape == (1, 4)

@@ -374,7 +374,9 @@ class _Builder:
         target = node.target
         if node.op == "call_module":
             module = self.gm.get_submodule(target)
-            if isinstance(module, _POINTWISE_MODULES):
+            # A module may declare itself channel-wise identity (e.g. sorted slicing's depth
+            # gates): its output carries its inputs' channels unchanged.
+            if isinstance(module, _POINTWISE_MODULES) or getattr(module, "channel_pointwise", False):
                 return self._pointwise
             if isinstance(module, (nn.Flatten, nn.Unflatten)):
                 return self._reshape

@@ -6,6 +6,7 @@ done, and the model's real state (BN running statistics) is never touched. Graph
 hold plain tensor constants fall back to FakeTensorMode, which is slower but general."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Callable
 
@@ -32,7 +33,9 @@ def run_abstract(module: nn.Module, example: torch.Tensor, fn: Callable | None =
     # One meta tensor per distinct tensor; functional_call re-ties shared ones.
     state = {k: torch.empty_like(v, device="meta") for k, v in itertools.chain(
         module.named_parameters(), module.named_buffers())}
-    with torch.no_grad(), no_fused_attention():
+    modes = {m: m.training for m in module.modules()}
+    module.eval()  # batch statistics of a batch-1 example over 1x1 maps are undefined
+    with torch.no_grad(), no_fused_attention(), _restore_modes(modes):
         try:
             if _has_attention(module):
                 raise NotImplementedError("meta tensors pick another attention kernel than the CPU")
@@ -43,6 +46,15 @@ def run_abstract(module: nn.Module, example: torch.Tensor, fn: Callable | None =
                     FlopCounterMode(display=False) as counter:
                 module(mode.from_tensor(example))
     return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def _restore_modes(modes: dict[nn.Module, bool]):
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def _has_attention(module: nn.Module) -> bool:

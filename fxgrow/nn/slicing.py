@@ -289,6 +289,8 @@ class DepthGate(nn.Module):
     its output. While the block is kept both pass through; when it is dropped the block's
     ops see an empty batch (no FLOPs, no autograd graph) and the exit hands on x."""
 
+    channel_pointwise = True  # the coupling analysis follows channels straight through
+
     def __init__(self, state: SubnetState, index: int, block: str):
         super().__init__()
         self.state = state
