@@ -50,7 +50,11 @@ def ids(entries):
 
 def source(model, x, seed, **fields):
     """A template-mixed net with non-trivial biases and norm statistics (as if trained)."""
-    gm = TemplateMixingPass(**fields)(model, x, seed=seed).graph_module
+    return trained_like(TemplateMixingPass(**fields)(model, x, seed=seed).graph_module, seed)
+
+
+def trained_like(gm, seed):
+    """Random biases, norm parameters and statistics, in eval mode."""
     g = torch.Generator().manual_seed(100 + seed)
     with torch.no_grad():
         for name, t in gm.state_dict().items():

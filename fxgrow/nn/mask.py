@@ -31,6 +31,9 @@ class MaskProducer(Producer):
         self.channel_uses: list[tuple[int, int, int, int, int]] = []
         self.capture = False
         self.dense_grad: torch.Tensor | None = None
+        # Set by growth: True where the mask belongs to a new block (all ones until the
+        # prune_regrow callback lays it out at the sparsity in force, then None).
+        self.fresh: torch.Tensor | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         out = w * self.mask

@@ -18,6 +18,7 @@ from torch import fx
 from ..analysis import forward_flops
 from ..errors import FxgrowError
 from ..ir import layer_types
+from ..nn.mask import MaskProducer
 from ..specs.base import PassSpec, StrictModel
 from ..train.callbacks import Callback, TrainContext
 from .base import Match, Pass, PassContext, register_pass
@@ -181,6 +182,9 @@ class GrowCallback(Callback):
             if ctx is None:
                 raise FxgrowError("grow: resuming after growth needs the training context")
             new, _ = self._build(ctx, structure_only=True)  # the checkpoint's values load next
+            for m in new.modules():  # the checkpoint's masks are laid out already
+                if isinstance(m, MaskProducer):
+                    m.fresh = None
             ctx.replace_model(new)
             self.grown = True
 

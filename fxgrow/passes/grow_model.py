@@ -9,6 +9,16 @@ picks. Per-channel tensors (biases, norm parameters and statistics) are concaten
 across sources; a bias whose outputs stay while its inputs grew is the sum of the
 sources' biases, so the classifier's logits are the sum of the source nets' logits.
 
+Masks (prune_regrow) grow with their weights: every source block keeps its source net's
+mask, every new block starts dense and is marked `fresh`; before the next forward the
+prune_regrow callback brings the grown masks to the sparsity in force, keeping the source
+masks and choosing the new blocks' active positions by magnitude (see
+`PruneRegrowCallback.relayout`). Sorted slicing is taken off at the largest sub-model
+(depth gates, sliced norms and slice producers become plain code; full-width norm
+statistics kept) and put back on the grown graph with the same spec: width fractions stay
+fractions of the now g-times-wider groups, so width 1/g of the grown net is source net 0's
+channels.
+
 Channel order: a growing group of C channels becomes g*C channels, band b (source b's
 channels) first: band-major. Where a tensor dim holds several groups (concat), each group
 is band-major within its own block; the mixed weight's `perm_out`/`perm_in` map the
@@ -29,11 +39,13 @@ from ..analysis.coupling import ChannelGroup, ChannelUse, channel_groups
 from ..errors import FxgrowError
 from ..ir import is_layer, layer_types, meta, weight_chains
 from ..nn.compander import CompandProducer
+from ..nn.mask import MaskProducer
 from ..nn.mixing import MixProducer, TemplateBank
+from ..nn.slicing import SliceProducer
 from .template_mixing import mix_producers
 
 # Producers growth knows how to carry over; anything else in a chain is refused.
-SUPPORTED_PRODUCERS = (MixProducer, CompandProducer)
+SUPPORTED_PRODUCERS = (MixProducer, CompandProducer, MaskProducer, SliceProducer)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -53,7 +65,10 @@ def check_growable(gm: nn.Module) -> None:
                 raise FxgrowError(
                     f"grow cannot widen '{key}': its weight chain has a {producer.role} producer "
                     f"({meta(node).get('pass', type(producer).__name__)}); growth supports chains "
-                    "of template mixing and compander producers only")
+                    "of template mixing, compander, mask and slice producers only")
+            if isinstance(producer, MaskProducer) and producer.channel_uses:
+                raise FxgrowError(f"grow cannot widen '{key}': prune_regrow with granularity: filter "
+                                  "prunes channel groups, and growth changes them (use granularity: element)")
             if isinstance(producer, MixProducer) and (producer.grid != (1, 1) or producer.sets != 1):
                 raise FxgrowError(f"'{key}' has grown already; growing twice is not supported")
 
@@ -275,6 +290,8 @@ def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], facto
     device = next(iter(sources[0].values())).device
     sources = [{k: v.to(device) for k, v in s.items()} for s in sources]
     new = copy.deepcopy(gm)
+    from .sorted_slicing import reslice, unslice  # (sorted_slicing imports grow's neighbours)
+    slicing = unslice(new)
     _propagate_shapes(new, example)
     out_before = _output_shapes(new)
     groups = channel_groups(new)
@@ -296,6 +313,7 @@ def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], facto
             key = f"{bank}.templates"
             _set_module(new, bank, TemplateBank(torch.cat([s[key] for s in sources]), sets=n))
     _check_compander_scales(new, sources)
+    _grow_masks(new, channels, grids, sources, g)
     _widen_tensors(new, channels, sources, g, {grid.producer.source for grid in grids})
     for grid in grids:  # outputs stay, inputs grew (the classifier): add up the sources
         key = f"{grid.layer}.bias"
@@ -311,6 +329,8 @@ def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], facto
                           "hard-coded in the model (e.g. x.view(-1, 256)) cannot grow") from None
     if _output_shapes(new) != out_before:
         raise FxgrowError(f"growth changed the output shape: {out_before} -> {_output_shapes(new)}")
+    if slicing is not None:
+        reslice(new, *slicing, example)
     info = {
         "factor": g, "sources": n, "layout": layout, "new_coefficients": new_coefficients,
         "widths": [{"group": grp.id, "before": grp.size, "after": grp.size * g,
@@ -330,6 +350,41 @@ def _check_compander_scales(gm: nn.Module, sources: list[dict]) -> None:
                 if any(not torch.equal(s[key], sources[0][key]) for s in sources[1:]):
                     raise FxgrowError(f"cannot fuse: compander '{key}' differs between the source "
                                       "nets, and one value serves every block of the grown weight")
+
+
+def _grow_masks(gm: fx.GraphModule, channels: _Channels, grids: list[_Grid], sources: list[dict],
+                g: int) -> None:
+    """The mask of every grown mixed weight: source block i holds source net i's mask, the
+    new blocks are all ones and `fresh` (the prune_regrow callback lays them out)."""
+    by_weight = {grid.producer.source: grid for grid in grids}
+    for chain in weight_chains(gm).values():
+        for node in chain.producers:
+            mask = gm.get_submodule(node.target)
+            grid = by_weight.get(chain.key)
+            if not isinstance(mask, MaskProducer) or grid is None or grid.rows * grid.cols == 1:
+                continue
+            old = mask.mask
+            if old.dim() < 2:
+                raise FxgrowError(f"grow cannot widen the mask of '{chain.key}': a 1-d mask")
+            shape = grid.producer.block_shape
+            index = []  # per dim: (band of each grown index, its index in the source block)
+            for dim, bands in ((0, grid.rows), (1, grid.cols)):
+                if bands == 1:
+                    index.append((torch.zeros(shape[dim], dtype=torch.long), torch.arange(shape[dim])))
+                else:
+                    index.append(channels.positions(chain.layer, chain.param, dim, g, shape[dim]))
+            (band_out, old_out), (band_in, old_in) = (tuple(t.to(old.device) for t in pair) for pair in index)
+            grown = torch.ones(len(band_out), len(band_in), *old.shape[2:], dtype=old.dtype, device=old.device)
+            fresh = torch.ones(grown.shape, dtype=torch.bool, device=old.device)
+            for i in range(min(len(sources), max(grid.rows, grid.cols))):
+                r, c = grid.source_block(i)
+                rows = (band_out == r).nonzero().flatten()
+                cols = (band_in == c).nonzero().flatten()
+                block = sources[i][f"{node.target}.mask"][old_out[rows][:, None], old_in[cols][None, :]]
+                grown[rows[:, None], cols[None, :]] = block.to(grown)
+                fresh[rows[:, None], cols[None, :]] = False
+            mask._buffers["mask"] = grown
+            mask.fresh = fresh
 
 
 def _widen_tensors(gm: fx.GraphModule, channels: _Channels, sources: list[dict], g: int,

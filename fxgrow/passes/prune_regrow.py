@@ -11,6 +11,7 @@ Step convention: an event at time `t` happens once `t` optimizer steps are done 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -310,10 +311,21 @@ class PruneRegrowCallback(Callback):
         self.last: dict[str, Any] | None = None   # the latest measurement (report.json)
         self._time: int | None = None              # the event time this step ends at
         self._capturing = False
+        self._model: weakref.ref | None = None     # the model whose masks were last seen
 
     # -- hooks
     def on_train_start(self, ctx: TrainContext) -> None:
         self.schedule = resolve_schedule(self.spec, ctx.total_steps)
+        self._model = weakref.ref(ctx.model)
+
+    def on_micro_step(self, ctx: TrainContext, index: int) -> None:
+        # After every on_step_start (growth swaps the model there, in any callback order)
+        # and before the forward: lay out the masks of a grown model.
+        if self._model is None or self._model() is not ctx.model:
+            self._model = weakref.ref(ctx.model)
+            weights = masked_weights(ctx.model)
+            if any(w.mask_module.fresh is not None for w in weights):
+                self.relayout(ctx, weights)
 
     def on_step_start(self, ctx: TrainContext) -> None:
         self._time = ctx.step + 1
@@ -369,6 +381,43 @@ class PruneRegrowCallback(Callback):
         self.check(weights, filters, target, t)
         return {"target_sparsity": target, **self.measure(weights, filters),
                 "regrow_fraction": fraction, "pruned": pruned, "dropped": dropped, "moved": moved}
+
+    @torch.no_grad()
+    def relayout(self, ctx: TrainContext, weights: list[MaskedWeight]) -> dict[str, Any]:
+        """Growth left new mask blocks dense and marked `fresh`: bring every mask to the
+        sparsity in force (the last pruning event's target) with the counts the scope
+        prescribes for the grown shapes. Active positions outside new blocks stay first
+        (the source masks are kept whenever the counts allow), then new-block positions by
+        magnitude of the grown weight; masked-out source positions come last."""
+        s, t = self.schedule, ctx.step
+        last = max((e for e in range(s.start + 1, t + 1) if s.is_prune_event(e)), default=None)
+        target = s.sparsity_at(last) if last is not None else s.initial
+        values = [w.value().abs().float() for w in weights]
+        top = 1 + max(float(v.max()) for v in values)
+        scores = []
+        for w, v in zip(weights, values):
+            fresh = w.mask_module.fresh
+            fresh = torch.zeros_like(w.active) if fresh is None else fresh
+            scores.append(torch.where(fresh, v, torch.where(w.active, v + top, torch.full_like(v, -1.0))))
+        keeps = ([keep_total(weights, target)] if self.spec.scope == "global"
+                 else self.keep_per_layer(weights, target))
+        parts = [torch.cat([sc.flatten() for sc in scores])] if self.spec.scope == "global" else \
+            [sc.flatten() for sc in scores]
+        kept = []
+        for part, keep in zip(parts, keeps):
+            chosen = torch.zeros_like(part, dtype=torch.bool)
+            chosen[torch.topk(part, keep, sorted=False).indices] = True
+            kept.append(chosen)
+        kept, offset = torch.cat(kept), 0
+        for w in weights:
+            w.set_active(kept[offset:offset + w.numel].view(w.mask.shape), ctx.optimizer)
+            w.mask_module.fresh = None
+            offset += w.numel
+        self.check(weights, None, target, t)
+        record = {"relayout_target_sparsity": target, **self.measure(weights)}
+        self.last = {**(self.last or {}), "target_sparsity": target, **self.measure(weights)}
+        ctx.log({f"{self.name}/{k}": v for k, v in record.items()})
+        return record
 
     def keep_per_layer(self, weights: list[MaskedWeight], target: float) -> list[int]:
         """Layer scope: each layer keeps its initial share, scaled to the overall target:

@@ -24,10 +24,10 @@ from torch import fx, nn
 from ..analysis import propagate_shapes
 from ..analysis.coupling import channel_groups
 from ..errors import FxgrowError, SpecError
-from ..ir import META, insert_producer, is_layer, weight_chains
+from ..ir import META, insert_producer, is_layer, layer_types, weight_chains
 from ..nn.slicing import ConvGroups, DepthGate, SlicedLayerNorm, SliceProducer, SubnetState, sliced_batch_norm
 from ..specs.base import PassSpec, StrictModel
-from ..subnets import evaluate_grid, find_state, recalibrate
+from ..subnets import evaluate_grid, find_state, materialize, recalibrate
 from ..train.callbacks import Callback
 from .base import Match, Pass, PassContext, register_pass
 from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks
@@ -156,6 +156,7 @@ class SortedSlicingPass(Pass):
             plan = SlicePlan([], {}, {}, {})
         state = SubnetState(fractions, {g.id: g.size for g in plan.sliced},
                             spec.width.multiple_of if spec.width else 1, len(blocks), points)
+        state.spec, state.layers = spec, tuple(m.layer for m in matches)  # for `reslice` after growth
         gm.add_submodule(f"{META}.subnet", state)
         self._slice_chains(gm, plan, state)
         self._slice_norms(gm, plan, state)
@@ -256,6 +257,35 @@ def describe(gm: nn.Module) -> list[dict[str, Any]]:
     rows += [{"dimension": "depth", "item": f"block {gates[i]}", "full": "", "kept": f"at depth >= {i + 1}"}
              for i in sorted(gates)]
     return rows
+
+
+def unslice(gm: fx.GraphModule) -> tuple[SortedSlicingSpec, tuple[str, ...]] | None:
+    """Take the sorted_slicing rewrite off `gm`, in place, at the largest sub-model: depth
+    gates, depthwise `groups` and sliced norms become plain graph code and modules (the
+    full-width statistics kept; per-width ones dropped), slice producers leave their chains.
+    Returns what `reslice` needs to put it back (growth does, on the grown graph), or None
+    when `gm` is not sliced."""
+    state = find_state(gm)
+    if state is None:
+        return None
+    state.activate(*state.largest)
+    materialize(gm)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), SliceProducer):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            gm.delete_submodule(node.target)
+    gm.delete_submodule(f"{META}.subnet")
+    gm.graph.lint()
+    gm.recompile()
+    return state.spec, state.layers
+
+
+def reslice(gm: fx.GraphModule, spec: SortedSlicingSpec, layers: tuple[str, ...], example: torch.Tensor) -> None:
+    """Apply the sorted_slicing rewrite of `spec` to `layers` of `gm` again (after `unslice`)."""
+    types = layer_types(gm)
+    SortedSlicingPass(spec).rewrite(gm, [Match(layer, types[layer]) for layer in layers],
+                                    PassContext(example_input=example))
 
 
 @torch.no_grad()
