@@ -16,25 +16,19 @@ measured at 1.50x and 1.07x). Rounds interleave the variants so machine noise hi
 """
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Timing, device_name, dump, table, time_steps  # noqa: E402
-from fxgrow.loader import load_model  # noqa: E402
+from bench.common import (bench_parser, bench_setup, dump, prepared, resnet_cifar, setting, suffix,  # noqa: E402
+                          time_modes, train_step_fn)
 from fxgrow.nn.compander import psi, psi_inverse  # noqa: E402
 from fxgrow.passes.compander import CompanderPass  # noqa: E402
-from fxgrow.specs.train import SGDSpec  # noqa: E402
-from fxgrow.train.optim import build_optimizer, merge_overrides  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 A, B = 0.7, 0.8
 
 
@@ -64,75 +58,27 @@ def variants(build) -> dict[str, tuple[nn.Module, list]]:
     return out
 
 
-def step_fn(model: nn.Module, callbacks: list, x: torch.Tensor, y: torch.Tensor, compile: bool):
-    model = model.to(x.device).train()
-    if x.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    overrides = merge_overrides(model, ((cb.name, cb.param_group_overrides(model)) for cb in callbacks))
-    optimizer = build_optimizer(model, SGDSpec(lr=0.01, momentum=0.9, weight_decay=5e-4), overrides)
-    ctx = SimpleNamespace(model=model, optimizer=optimizer, step=0, log=lambda record: None)
-    runnable = torch.compile(model) if compile else model
-    use_amp = x.device.type == "cuda"
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss = loss_fn(runnable(x), y)
-        loss.backward()
-        for cb in callbacks:
-            cb.after_backward(ctx)
-        optimizer.step()
-        ctx.step += 1
-        for cb in callbacks:
-            cb.after_step(ctx)
-    return step
+WEIGHT_DECAY = 5e-4
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--small", action="store_true", help="width 16, batch 16, few steps: for a CPU")
-    ap.add_argument("--batch", type=int)
-    ap.add_argument("--width", type=int)
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--warmup", type=int)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (a shared CPU stalls with more)")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
-    batch = args.batch or (16 if args.small else 512)
-    width = args.width or (16 if args.small else 64)
-    steps = args.steps or (5 if args.small else 50)
-    warmup = args.warmup or (2 if args.small else 15)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    build = lambda: load_model(str(ROOT / "examples/models/resnet_cifar.py"), {"width": width})  # noqa: E731
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    args = bench_parser(__doc__).parse_args()
+    run = bench_setup(args)
+    x = torch.randn(run.batch, 3, 32, 32, device=run.device)
+    y = torch.randint(0, 10, (run.batch,), device=run.device)
 
-    timings: list[Timing] = []
-    for compile in ([False] if args.no_compile else [False, True]):
-        suffix = " (compiled)" if compile else ""
-        steps_by_name = {name + suffix: step_fn(model, cbs, x, y, compile)
-                         for name, (model, cbs) in variants(build).items()}
-        samples: dict[str, list[float]] = {name: [] for name in steps_by_name}
-        for _ in range(args.rounds):
-            for name, step in steps_by_name.items():
-                samples[name] += time_steps(step, device, steps, warmup)
-        for name, s in samples.items():
-            qs = statistics.quantiles(s, n=10)
-            timings.append(Timing(name, statistics.median(s), qs[0], qs[-1], len(s)))
-        print(f"\n{'compiled' if compile else 'eager'}:")
-        print(table([t for t in timings if t.name.endswith(suffix) and (compile or "(" not in t.name)],
-                    "plain" + suffix))
-    print(f"\nCIFAR ResNet-18 width {width}, batch {batch}, {device_name(device)}, torch {torch.__version__}"
-          f"{', bf16 autocast, channels_last' if device.type == 'cuda' else ''}")
+    def make_steps(compiled: bool) -> dict:
+        steps_by_name = {}
+        for name, (model, callbacks) in variants(lambda: resnet_cifar(run.width)).items():
+            model, xin = prepared(model, x)
+            steps_by_name[name + suffix(compiled)] = train_step_fn(
+                model, xin, y, callbacks=callbacks, compile=compiled, weight_decay=WEIGHT_DECAY)
+        return steps_by_name
+
+    timings = time_modes(run, args.rounds, make_steps)
+    print(f"\nCIFAR ResNet-18 width {run.width}, batch {run.batch}, {setting(run.device)}")
     if args.json:
-        dump(str(args.json), timings, device, batch=batch, width=width)
+        dump(str(args.json), list(timings.values()), run.device, batch=run.batch, width=run.width)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ the loop within 5% of the hand-written one on a GPU.
 
     python bench/bench_loop.py                    # full size (meant for a GPU)
     python bench/bench_loop.py --small            # a narrow net, few steps: runs on a CPU
-    python bench/bench_loop.py --compile --json out.json
+    python bench/bench_loop.py --compile yes --json out.json
 
 Each variant is timed over `--steps` optimizer steps after `--warmup` steps (wall clock
 between two device synchronizations, so it includes everything the loop does per
@@ -15,7 +15,6 @@ time of each is reported with the ratio loop/hand.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import json
@@ -33,7 +32,7 @@ from fxgrow.train import Callback, Trainer
 from fxgrow.train.data import Data, epoch_permutation
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name  # noqa: E402
+from common import bench_parser, device_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_EVERY = 50
@@ -109,18 +108,11 @@ def fxgrow_loop(model, data: Data, args, out_dir: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="width 16, batch 32, 8 steps: for a CPU")
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--warmup", type=int)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = bench_parser(__doc__, full_batch=256, small_batch=32, compile_default="no")
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_loop"), help="the loop's run folder")
     args = parser.parse_args()
+    args.compile = args.compile == "yes"  # one mode per run: the loop compiles or it does not
     small = dict(batch=32, width=16, steps=8, warmup=3)
     full = dict(batch=256, width=64, steps=100, warmup=20 if not args.compile else 40)
     for key, value in (small if args.small else full).items():
@@ -128,6 +120,8 @@ def main() -> None:
             setattr(args, key, value)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     n = args.batch * (args.warmup + args.steps)
     g = torch.Generator().manual_seed(0)
     data = Data((torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)),

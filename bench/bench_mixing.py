@@ -15,8 +15,6 @@ Goal (H100): mixing <= 1.10x plain eager and <= 1.05x compiled (parametrize was 
 """
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,12 +23,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Timing, device_name, dump, table, time_steps, train_step_fn  # noqa: E402
-from fxgrow.loader import load_model  # noqa: E402
+from bench.common import (bench_parser, bench_setup, dump, prepared, resnet_cifar, setting, suffix,  # noqa: E402
+                          time_modes, train_step_fn)
 from fxgrow.passes.grow_model import grow_model  # noqa: E402
 from fxgrow.passes.template_mixing import TemplateMixingPass, mix_producers  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Mix(nn.Module):
@@ -63,61 +59,25 @@ def grown(build_half, x: torch.Tensor) -> torch.fx.GraphModule:
     return model
 
 
+def variants(build, x: torch.Tensor, width: int) -> dict[str, nn.Module]:
+    mixed = TemplateMixingPass()(build(width), x[:2].cpu()).graph_module
+    return {"plain": build(width), "mixing": mixed, "parametrize": with_parametrize(build(width), mixed),
+            "grown": grown(lambda: build(width // 2), x.cpu())}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--small", action="store_true", help="width 16, batch 16, few steps: for a CPU")
-    ap.add_argument("--batch", type=int)
-    ap.add_argument("--width", type=int)
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--warmup", type=int)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (a shared CPU stalls with more)")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
-    batch = args.batch or (16 if args.small else 512)
-    width = args.width or (16 if args.small else 64)
-    steps = args.steps or (5 if args.small else 50)
-    warmup = args.warmup or (2 if args.small else 15)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = bench_parser(__doc__).parse_args()
+    run = bench_setup(args)
+    x = torch.randn(run.batch, 3, 32, 32, device=run.device)
+    y = torch.randint(0, 10, (run.batch,), device=run.device)
+    models = variants(resnet_cifar, x, run.width)
 
-    def build(w: int = width) -> nn.Module:
-        return load_model(str(ROOT / "examples/models/resnet_cifar.py"), {"width": w})
-
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    mixed = TemplateMixingPass()(build(), x[:2].cpu()).graph_module
-    models = {"plain": build(), "mixing": mixed, "parametrize": with_parametrize(build(), mixed),
-              "grown": grown(lambda: build(width // 2), x.cpu())}
-
-    timings: list[Timing] = []
-    for compile in ([False] if args.no_compile else [False, True]):
-        suffix = " (compiled)" if compile else ""
-        steps_by_name = {}
-        for name, model in models.items():
-            model = model.to(device).train()
-            inputs = x
-            if device.type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
-                inputs = x.contiguous(memory_format=torch.channels_last)
-            steps_by_name[name + suffix] = train_step_fn(torch.compile(model) if compile else model, inputs, y)
-        samples: dict[str, list[float]] = {name: [] for name in steps_by_name}
-        for _ in range(args.rounds):
-            for name, step in steps_by_name.items():
-                samples[name] += time_steps(step, device, steps, warmup)
-        for name, s in samples.items():
-            qs = statistics.quantiles(s, n=10)
-            timings.append(Timing(name, statistics.median(s), qs[0], qs[-1], len(s)))
-        print(f"\n{'compiled' if compile else 'eager'}:")
-        print(table([t for t in timings if t.name.endswith(suffix) and (compile or "(" not in t.name)],
-                    "plain" + suffix))
-    print(f"\nCIFAR ResNet-18 width {width} (grown: {width // 2} x2), batch {batch}, {device_name(device)}, "
-          f"torch {torch.__version__}{', bf16 autocast, channels_last' if device.type == 'cuda' else ''}")
+    timings = time_modes(run, args.rounds, lambda compiled: {
+        name + suffix(compiled): train_step_fn(*prepared(model, x), y, compile=compiled)
+        for name, model in models.items()})
+    print(f"\nCIFAR ResNet-18 width {run.width} (grown: {run.width // 2} x2), batch {run.batch}, {setting(run.device)}")
     if args.json:
-        dump(str(args.json), timings, device, batch=batch, width=width)
+        dump(str(args.json), list(timings.values()), run.device, batch=run.batch, width=run.width)
 
 
 if __name__ == "__main__":

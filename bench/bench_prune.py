@@ -17,7 +17,6 @@ every=1000.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -29,14 +28,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Timing, device_name, dump, table, time_steps, train_step_fn  # noqa: E402
+from bench.common import (bench_parser, bench_setup, dump, prepared, resnet_cifar, setting, suffix,  # noqa: E402
+                          sync, time_modes, time_steps, train_step_fn)
 from fxgrow.ir import functionalize, layer_types  # noqa: E402
-from fxgrow.loader import load_model  # noqa: E402
 from fxgrow.passes.prune_regrow import PruneRegrowPass  # noqa: E402
 from fxgrow.passes.prune_regrow_masks import masked_weights  # noqa: E402
 from fxgrow.trace import trace  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class MaskParametrization(nn.Module):
@@ -53,15 +50,6 @@ def with_parametrize(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Mod
         layer = model.get_submodule(key.rpartition(".")[0])
         parametrize.register_parametrization(layer, "weight", MaskParametrization(mask.clone()))
     return model
-
-
-def prepared(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
-    """As bench.common.measure runs it: on the device, channels_last on CUDA."""
-    model = model.to(x.device).train()
-    if x.device.type == "cuda" and x.dim() == 4:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    return model, x
 
 
 def event_cost(gm: nn.Module, callback, x: torch.Tensor, y: torch.Tensor, every: int, compile: bool,
@@ -88,10 +76,10 @@ def event_cost(gm: nn.Module, callback, x: torch.Tensor, y: torch.Tensor, every:
         opt.step()
         ctx.step = t
         if callback.schedule.is_event(t):  # the mask edit alone, timed apart
-            _sync(x.device)
+            sync(x.device)
             start = time.perf_counter()
             callback.after_step(ctx)
-            _sync(x.device)
+            sync(x.device)
             event_only.append((time.perf_counter() - start) * 1e3)
         else:
             callback.after_step(ctx)
@@ -104,79 +92,49 @@ def event_cost(gm: nn.Module, callback, x: torch.Tensor, y: torch.Tensor, every:
             "amortized_fraction_edit_only": edit / (every * base)}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def masks_spec(sparsity: float, every: int = 1000) -> dict:
+    """Fixed sparsity from the first step (RigL): the steady-state cost of the masks."""
+    return dict(final_sparsity=sparsity, initial_sparsity=sparsity, preset="rigl", schedule={"every": every})
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--small", action="store_true", help="width 16, batch 16, few steps: for a CPU")
-    ap.add_argument("--batch", type=int)
-    ap.add_argument("--width", type=int)
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--warmup", type=int)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
-                    help="also time torch.compile'd variants (auto: on CUDA)")
-    ap.add_argument("--every", type=int, default=1000)
-    ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (a shared CPU stalls with more)")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
-    compile = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
-    batch = args.batch or (16 if args.small else 512)
-    width = args.width or (16 if args.small else 64)
-    steps = args.steps or (5 if args.small else 50)
-    warmup = args.warmup or (2 if args.small else 15)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    build = lambda: load_model(str(ROOT / "examples/models/resnet_cifar.py"), {"width": width})  # noqa: E731
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-
-    spec = dict(final_sparsity=args.sparsity, initial_sparsity=args.sparsity, preset="rigl",
-                schedule={"every": args.every})
+def variants(build, spec: dict) -> dict[str, nn.Module]:
     functional = trace(build())
     functionalize(functional, list(layer_types(functional)))
     masked = PruneRegrowPass(**spec)(build()).graph_module
-    models = {"plain": build(), "functional": functional, "mask": masked,
-              "parametrize": with_parametrize(build(), {w.key: w.mask for w in masked_weights(masked)})}
+    return {"plain": build(), "functional": functional, "mask": masked,
+            "parametrize": with_parametrize(build(), {w.key: w.mask for w in masked_weights(masked)})}
 
-    timings: list[Timing] = []
-    for comp in [False] + ([True] if compile else []):
-        suffix = " (compiled)" if comp else ""
-        chosen = {k: m for k, m in models.items() if not comp or k != "parametrize"}
-        step_by_name = {}
-        for name, model in chosen.items():
-            model, xin = prepared(model, x)
-            step_by_name[name + suffix] = train_step_fn(torch.compile(model) if comp else model, xin, y)
-        samples: dict[str, list[float]] = {name: [] for name in step_by_name}
-        for _ in range(args.rounds):
-            for name, step in step_by_name.items():
-                samples[name] += time_steps(step, device, steps, warmup)
-        for name, found in samples.items():
-            qs = statistics.quantiles(found, n=10)
-            timings.append(Timing(name, statistics.median(found), qs[0], qs[-1], len(found)))
-        print(f"\n{'compiled' if comp else 'eager'}:")
-        print(table([t for t in timings if t.name.endswith(suffix) and (comp or "(" not in t.name)],
-                    "plain" + suffix))
+
+def main() -> None:
+    ap = bench_parser(__doc__, compile_default="auto")
+    ap.add_argument("--every", type=int, default=1000)
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    args = ap.parse_args()
+    run = bench_setup(args)
+    build = lambda: resnet_cifar(run.width)  # noqa: E731
+    x = torch.randn(run.batch, 3, 32, 32, device=run.device)
+    y = torch.randint(0, 10, (run.batch,), device=run.device)
+    spec = masks_spec(args.sparsity, args.every)
+    models = variants(build, spec)
+
+    timings = time_modes(run, args.rounds, lambda compiled: {  # parametrize is not compiled (as measured before)
+        name + suffix(compiled): train_step_fn(*prepared(model, x), y, compile=compiled)
+        for name, model in models.items() if not compiled or name != "parametrize"})
 
     events = {}
-    for label, comp in [("eager", False)] + ([("compiled", True)] if compile else []):
+    for compiled in run.compile_modes:
+        label = "compiled" if compiled else "eager"
         fresh = PruneRegrowPass(**spec)(build())
-        events[label] = e = event_cost(fresh.graph_module, fresh.callbacks[0], x, y, args.every, comp,
-                                       repeats=max(5, steps))
+        events[label] = e = event_cost(fresh.graph_module, fresh.callbacks[0], x, y, args.every, compiled,
+                                       repeats=max(5, run.steps))
         print(f"regrowth event ({label}): ordinary step {e['ordinary_ms']:.2f} ms, event step "
               f"{e['event_step_ms']:.2f} ms (mask edit alone {e['mask_edit_ms']:.2f} ms); extra "
               f"{e['event_extra_ms']:.2f} ms = {100 * e['amortized_fraction']:.3f}% of training at "
               f"every={args.every} (edit alone {100 * e['amortized_fraction_edit_only']:.3f}%)")
-    print(f"\nCIFAR ResNet-18 width {width}, batch {batch}, sparsity {args.sparsity}, {device_name(device)}, "
-          f"torch {torch.__version__}{', bf16 autocast, channels_last' if device.type == 'cuda' else ''}")
+    print(f"\nCIFAR ResNet-18 width {run.width}, batch {run.batch}, sparsity {args.sparsity}, {setting(run.device)}")
     if args.json:
-        dump(str(args.json), timings, device, batch=batch, width=width, sparsity=args.sparsity, events=events)
+        dump(str(args.json), list(timings.values()), run.device, batch=run.batch, width=run.width,
+             sparsity=args.sparsity, events=events)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ Rounds interleave the variants so machine noise hits all of them alike.
 """
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,24 +21,29 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Timing, device_name, dump, time_steps, train_step_fn  # noqa: E402
-from fxgrow.loader import load_model  # noqa: E402
+from bench.common import (bench_parser, bench_setup, dump, interleaved, prepared, resnet_cifar,  # noqa: E402
+                          setting, suffix, train_step_fn)
 from fxgrow.passes import Pipeline  # noqa: E402
 from fxgrow.passes.sorted_slicing import SortedSlicingPass  # noqa: E402
 from fxgrow.subnets import extract, find_state  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 PAIRS = (("full", "sliced full", "plain", 1.05), ("half width", "sliced w0.5", "extracted w0.5", 1.10),
          ("half depth", "sliced d/2", "extracted d/2", 1.10))
 
 
-def variants(build, x: torch.Tensor) -> dict[str, tuple[torch.nn.Module, tuple[float, int] | None]]:
-    plain = build()
+def grid_pass(model: torch.nn.Module, x: torch.Tensor) -> tuple[SortedSlicingPass, int, int]:
+    """A sorted_slicing pass with widths (0.5, 1) and depths (half the skippable blocks, all of
+    them) for `model`, and those two depths."""
     probe = SortedSlicingPass(depth={"blocks": "all"})
-    Pipeline([probe])(plain, example_input=x[:2].cpu())
+    Pipeline([probe])(model, example_input=x[:2].cpu())
     blocks = len(probe.blocks)
     half = blocks // 2
-    p = SortedSlicingPass(width={"fractions": [0.5, 1.0]}, depth={"blocks": sorted({half, blocks})})
+    return SortedSlicingPass(width={"fractions": [0.5, 1.0]}, depth={"blocks": sorted({half, blocks})}), blocks, half
+
+
+def variants(build, x: torch.Tensor) -> dict[str, tuple[torch.nn.Module, tuple[float, int] | None]]:
+    plain = build()
+    p, blocks, half = grid_pass(plain, x)
     gm = Pipeline([p])(plain, example_input=x[:2].cpu()).graph_module
     return {
         "plain": (plain, None),
@@ -53,12 +56,11 @@ def variants(build, x: torch.Tensor) -> dict[str, tuple[torch.nn.Module, tuple[f
 
 
 def step_fn(model: torch.nn.Module, point, x: torch.Tensor, y: torch.Tensor, compile: bool):
-    model = model.to(x.device).train()
-    if x.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    """A training step of `model`; a sliced model gets its sub-model `point` set before every
+    step, as the training callback does."""
+    model, x = prepared(model, x)
     state = find_state(model) if point is not None else None
-    inner = train_step_fn(torch.compile(model) if compile else model, x, y)
+    inner = train_step_fn(model, x, y, compile=compile)
 
     def step() -> None:
         if state is not None:
@@ -68,56 +70,29 @@ def step_fn(model: torch.nn.Module, point, x: torch.Tensor, y: torch.Tensor, com
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--small", action="store_true", help="width 16, batch 16, few steps: for a CPU")
-    ap.add_argument("--batch", type=int)
-    ap.add_argument("--width", type=int)
+    ap = bench_parser(__doc__, full_batch=256)
     ap.add_argument("--depth", type=int, default=18, choices=(18, 34))
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--warmup", type=int)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (a shared CPU stalls with more)")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
-    batch = args.batch or (16 if args.small else 256)
-    width = args.width or (16 if args.small else 64)
-    steps = args.steps or (5 if args.small else 50)
-    warmup = args.warmup or (2 if args.small else 15)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    run = bench_setup(args)
     torch._dynamo.config.recompile_limit = 64  # one compiled graph per sub-model
-    torch.manual_seed(0)
-    build = lambda: load_model(str(ROOT / "examples/models/resnet_cifar.py"),  # noqa: E731
-                               {"width": width, "depth": args.depth})
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    x = torch.randn(run.batch, 3, 32, 32, device=run.device)
+    y = torch.randint(0, 10, (run.batch,), device=run.device)
 
-    timings: list[Timing] = []
-    for compile in ([False] if args.no_compile else [False, True]):
-        suffix = " (compiled)" if compile else ""
-        steps_by_name = {name + suffix: step_fn(model, point, x, y, compile)
-                         for name, (model, point) in variants(build, x).items()}
-        samples: dict[str, list[float]] = {name: [] for name in steps_by_name}
-        for _ in range(args.rounds):
-            for name, step in steps_by_name.items():
-                samples[name] += time_steps(step, device, steps, warmup)
-        found = {}
-        for name, s in samples.items():
-            qs = statistics.quantiles(s, n=10)
-            found[name] = Timing(name, statistics.median(s), qs[0], qs[-1], len(s))
-        timings += found.values()
-        print(f"\n{'compiled' if compile else 'eager'}:")
+    timings = {}
+    for compiled in run.compile_modes:
+        steps_by_name = {name + suffix(compiled): step_fn(model, point, x, y, compiled)
+                         for name, (model, point) in variants(lambda: resnet_cifar(run.width, args.depth), x).items()}
+        found = interleaved(steps_by_name, run.device, args.rounds, run.steps, run.warmup)
+        timings |= found
+        print(f"\n{'compiled' if compiled else 'eager'}:")
         print("| pair | sliced ms | reference ms | ratio | goal |\n|---|---|---|---|---|")
         for label, sliced, reference, goal in PAIRS:
-            a, b = found[sliced + suffix], found[reference + suffix]
+            a, b = found[sliced + suffix(compiled)], found[reference + suffix(compiled)]
             print(f"| {label} ({sliced} / {reference}) | {a.median_ms:.2f} | {b.median_ms:.2f} | "
                   f"{a.median_ms / b.median_ms:.3f} | <= {goal:.2f} |")
-    print(f"\nCIFAR ResNet-{args.depth} width {width}, batch {batch}, {device_name(device)}, torch {torch.__version__}"
-          f"{', bf16 autocast, channels_last' if device.type == 'cuda' else ''}")
+    print(f"\nCIFAR ResNet-{args.depth} width {run.width}, batch {run.batch}, {setting(run.device)}")
     if args.json:
-        dump(str(args.json), timings, device, batch=batch, width=width, depth=args.depth)
+        dump(str(args.json), list(timings.values()), run.device, batch=run.batch, width=run.width, depth=args.depth)
 
 
 if __name__ == "__main__":
