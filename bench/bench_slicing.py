@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (bench_parser, bench_setup, dump, interleaved, prepared, resnet_cifar,  # noqa: E402
-                          setting, suffix, train_step_fn)
+from bench.common import (allow_recompiles, bench_parser, bench_setup, dump, interleaved,  # noqa: E402
+                          prepared, resnet_cifar, setting, suffix, train_step_fn)
 from fxgrow.passes import Pipeline  # noqa: E402
 from fxgrow.passes.sorted_slicing import SortedSlicingPass  # noqa: E402
 from fxgrow.subnets import extract, find_state  # noqa: E402
@@ -74,7 +73,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=18, choices=(18, 34))
     args = ap.parse_args()
     run = bench_setup(args)
-    torch._dynamo.config.recompile_limit = 64  # one compiled graph per sub-model
+    allow_recompiles()  # one compiled graph per sub-model
     x = torch.randn(run.batch, 3, 32, 32, device=run.device)
     y = torch.randint(0, 10, (run.batch,), device=run.device)
 

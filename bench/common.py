@@ -85,6 +85,13 @@ def bench_setup(args: argparse.Namespace) -> BenchRun:
                     compile_modes=[False, True] if compiled else [False])
 
 
+def allow_recompiles(count: int = 64) -> None:
+    """Let dynamo keep `count` graphs per code object (one per sub-model of a sliced model);
+    the option was named cache_size_limit before torch 2.6."""
+    import torch._dynamo.config as config
+    setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit", count)
+
+
 def suffix(compiled: bool) -> str:
     return " (compiled)" if compiled else ""
 
