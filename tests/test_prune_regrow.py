@@ -661,3 +661,29 @@ def test_slicing_after_the_masks_trains_sub_models_of_the_sparse_net(tmp_path, o
     for w in masked_weights(gm):
         assert torch.all(evaluate_chain(gm, chains[w.key])[~w.active] == 0)
     assert "sorted_slicing" in report
+
+
+def test_gradient_regrowth_leaves_blocks_no_sub_model_ran(one_thread):
+    """Depth sub-models skip whole residual blocks: a step that ran none of a block gives
+    its masks no dense gradient, and they stay as they are while the others regrow."""
+    from fxgrow.passes.sorted_slicing import SortedSlicingPass
+    from fxgrow.subnets import subnet
+
+    x = torch.randn(4, 3, 8, 8)
+    result = compose(PruneRegrowPass(initial_sparsity=0.5, final_sparsity=0.5, init_distribution="uniform",
+                                     schedule={"start": 0, "end": 10, "every": 2}),
+                     SortedSlicingPass(depth={"blocks": [0, 3]}))(ResNetTiny(), example_input=x)
+    gm, (callback, _) = result.graph_module, result.callbacks
+
+    class Ctx:
+        model, optimizer, seed, total_steps, step = gm, None, 0, 10, 1
+    callback.on_train_start(Ctx)
+    callback.on_step_start(Ctx)  # step 2 ends in a regrowth: capture on
+    with subnet(gm, depth=0):
+        gm(x).sum().backward()
+    before = {w.key: w.mask.clone() for w in masked_weights(gm)}
+    record = callback.event(Ctx, 2)
+    assert record["moved"] > 0
+    for w in masked_weights(gm):
+        in_block = w.key.startswith(("layer1.", "layer2.1."))  # the 3 blocks depth 0 drops
+        assert torch.equal(w.mask, before[w.key]) == in_block, w.key

@@ -369,13 +369,15 @@ class PruneRegrowCallback(Callback):
             gradient = spec.regrow == "gradient"
             generator = None
             if gradient:
-                self._reduce_dense_grads(weights)
+                self._reduce_dense_grads(weights, filters)
             else:  # the same draws on every DDP rank and on resume
                 generator = torch.Generator(weights[0].mask.device).manual_seed((ctx.seed * 1_000_003 + t) % 2**63)
             if filters is not None:
                 dropped, moved = regrow_channels(filters, fraction, gradient, generator, opt)
             else:
                 for w in weights:
+                    if gradient and w.mask_module.dense_grad is None:
+                        continue  # in a residual block no sub-model of this step ran: its mask stays
                     d, m = regrow(w, fraction, w.mask_module.dense_grad if gradient else None, generator, opt)
                     dropped, moved = dropped + d, moved + m
         self.check(weights, filters, target, t)
@@ -458,14 +460,20 @@ class PruneRegrowCallback(Callback):
             out["channels"] = {str(g.id): 1 - active[g.id] / g.size for g in filters}
         return out
 
-    def _reduce_dense_grads(self, weights: list[MaskedWeight]) -> None:
-        for w in weights:
-            if w.mask_module.dense_grad is None:
-                raise FxgrowError(f"prune_regrow: no dense gradient was captured for '{w.key}' "
-                                  "(was it used in this step's forward?)")
+    def _reduce_dense_grads(self, weights: list[MaskedWeight], filters) -> None:
+        """A weight may have no dense gradient: sorted slicing's depth sub-models skip whole
+        blocks (the same ones on every rank: the plan is seeded by step). Element regrowth
+        leaves such a weight's mask as it is; filter regrowth scores whole channel groups
+        and needs every gradient."""
+        missing = [w.key for w in weights if w.mask_module.dense_grad is None]
+        if missing and (filters is not None or len(missing) == len(weights)):
+            raise FxgrowError(f"prune_regrow: no dense gradient was captured for '{missing[0]}' "
+                              "(was it used in this step's forward?)")
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every rank must grow the same positions: regrow from the mean gradient.
             for w in weights:
+                if w.mask_module.dense_grad is None:
+                    continue
                 torch.distributed.all_reduce(w.mask_module.dense_grad)
                 w.mask_module.dense_grad.div_(torch.distributed.get_world_size())
 
