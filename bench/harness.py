@@ -53,6 +53,7 @@ from fxgrow.passes.template_mixing import TemplateMixingPass  # noqa: E402
 from fxgrow.subnets import find_state  # noqa: E402
 
 SPARSITY = 0.9
+WEIGHT_DECAY = 5e-4  # every variant's SGD; the compander corrects it to act on the effective weights
 # (row, variant, reference, goal eager, goal compiled); None: reported, no goal.
 ROWS = (
     ("template_mixing", "template_mixing", "plain", 1.10, 1.05),
@@ -165,7 +166,7 @@ def build_variants(bench: Bench) -> None:
 def train_step(model, callbacks, point, x, y, compiled: bool) -> Callable[[], None]:
     model, x = prepared(model, x)
     state = find_state(model) if point is not None else None
-    inner = train_step_fn(model, x, y, callbacks=callbacks, compile=compiled)
+    inner = train_step_fn(model, x, y, callbacks=callbacks, compile=compiled, weight_decay=WEIGHT_DECAY)
 
     def step() -> None:
         if state is not None:
@@ -312,7 +313,8 @@ def main() -> None:
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
               "settings": {"batch": run.batch, "steps": run.steps, "warmup": run.warmup, "rounds": args.rounds,
-                           "sparsity": SPARSITY, "bf16_channels_last": run.device.type == "cuda"},
+                           "sparsity": SPARSITY, "weight_decay": WEIGHT_DECAY,
+                           "bf16_channels_last": run.device.type == "cuda"},
               "models": {b.name: b.about for b in chosen}, "timings": {}, "rows": [], "skipped": [], "errors": {}}
     for bench in chosen:
         t = time.perf_counter()
