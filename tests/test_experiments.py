@@ -1,0 +1,61 @@
+"""experiments/run.py: every arm of every study is a valid spec at both sizes; a study runs
+end to end through the runner at a tiny size and writes its table."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("experiments_run", ROOT / "experiments" / "run.py")
+runner = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(runner)
+
+
+@pytest.mark.parametrize("size", ["cpu", "gpu"])
+@pytest.mark.parametrize("study", runner.STUDIES)
+def test_every_arm_is_a_valid_spec(study, size, tmp_path):
+    runner.run_study(study, size, [0], tmp_path, dry_run=True)  # raises SpecError on a bad arm
+
+
+def test_pass_overlays_are_keyed_by_kind():
+    spec = {"passes": [{"kind": "template_mixing"}, {"kind": "grow", "at": {"epoch": 8}, "factor": 2}],
+            "train": {"epochs": 16, "data": "digits"}}
+    merged = runner.deep_merge(spec, {"passes": {"grow": {"at": {"epoch": 15}}}, "train": {"epochs": 30}})
+    assert merged["passes"] == [{"kind": "template_mixing"}, {"kind": "grow", "at": {"epoch": 15}, "factor": 2}]
+    assert merged["train"] == {"epochs": 30, "data": "digits"}
+    assert spec["passes"][1]["at"] == {"epoch": 8}  # the input is not changed
+
+
+def _read(out: Path, study: str) -> dict:
+    record = json.loads((out / f"{study}_cpu.json").read_text())
+    assert (out / f"{study}_cpu.md").read_text().count("\n|") == len(record["rows"]) + 1  # header rule + rows
+    return record
+
+
+@pytest.mark.slow
+def test_growth_study_runs_through_the_runner(tmp_path):
+    # 2 epochs, growth after the first: every arm, the fused one reading the helper run's folder
+    tiny = {"train": {"epochs": 2, "checkpoint": True}, "passes": {"grow": {"at": {"epoch": 1}}}}
+    runner.run_study("growth", "cpu", [0], tmp_path, overrides=tiny)
+    record = _read(tmp_path, "growth")
+    assert [row["arm"] for row in record["rows"]] == [
+        "small", "target_scratch", "target_equal_flops", "grow_orthogonal", "grow_random", "grow_fused"]
+    for row in record["rows"]:
+        assert set(record["columns"]) <= set(row) and len(row["accuracy"]) == 1
+    norms = {row["arm"]: float(row["flops_norm"]) for row in record["rows"]}
+    assert norms["target_scratch"] == pytest.approx(1.0)
+    assert norms["small"] < norms["grow_orthogonal"] < norms["grow_fused"] < 1.0  # the fused run pays net2
+
+
+@pytest.mark.slow
+def test_sorted_study_table_has_one_row_per_grid_point(tmp_path):
+    runner.run_study("sorted", "cpu", [0], tmp_path, overrides={"train": {"epochs": 1}})
+    record = _read(tmp_path, "sorted")
+    assert [(r["width"], r["depth"]) for r in record["rows"]] == [
+        (w, d) for w in (0.25, 0.5, 0.75, 1.0) for d in (3, 5)]
+    alone = {r["alone arm"] for r in record["rows"] if r["alone arm"]}
+    assert alone == {"alone_w1.0_d5", "alone_w0.5_d5", "alone_w0.25_d5", "alone_w0.5_d3"}
+    for row in record["rows"]:  # the models trained alone are exactly the sub-models' shapes
+        if row["alone arm"]:
+            assert row["alone params"] == row["params"], row
