@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import FxgrowError, SpecError
+from .errors import SpecError
 from .fold import fold
 from .loader import load_model
 from .passes import PASS_REGISTRY, Pass, PassResult, Pipeline
@@ -94,10 +94,7 @@ def restore(run: str | Path, model_ref: str | None = None) -> tuple[Spec, fx.Gra
     from .specs.root import parse_spec
     from .train.checkpoint import find_checkpoint, load_checkpoint
 
-    try:
-        path = find_checkpoint(Path(run))
-    except FileNotFoundError as e:
-        raise FxgrowError(str(e)) from None
+    path = find_checkpoint(Path(run))
     state = load_checkpoint(path)
     spec = parse_spec(state["spec"], source=f"{path} (spec)")
     result = compile_spec(spec, build_model(spec, model_ref))

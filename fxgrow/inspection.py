@@ -6,7 +6,7 @@ from typing import Any
 from torch import fx
 
 from .analysis.shapes import output_shape
-from .ir import evaluate_chain, fetch_attr, is_layer, meta, weight_chains
+from .ir import evaluate_chain, fetch_attr, meta, weight_chains
 
 
 def _fn_name(target: Any) -> str:
@@ -40,10 +40,6 @@ def chain_rows(gm: fx.GraphModule) -> list[dict[str, str]]:
         rows.append({"weight": key, "chain": " -> ".join(steps),
                      "stored": "x".join(map(str, stored)), "produced": "x".join(map(str, produced))})
     return rows
-
-
-def layer_count(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if is_layer(n))
 
 
 _COLORS = {"layer": "lightblue", "param": "khaki", "producer": "palegreen"}

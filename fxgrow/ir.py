@@ -3,7 +3,7 @@
 `functionalize` turns a targeted `call_module` layer into a `call_function` whose weight and
 bias operands are *chains*: `get_attr(param)` followed by producer `call_module` nodes.
 The parameter stays on the original module (so its state_dict key is unchanged); producers
-live under `gm.fxgrow.<layer>.<param>_<role>`. Every node fxgrow adds carries
+live under `gm.fxgrow.<layer path>.<param>_<role>`. Every node fxgrow adds carries
 `node.meta["fxgrow"]`: {"role": "layer" | "param" | "producer", "source": ..., ...}.
 """
 from __future__ import annotations
@@ -69,12 +69,6 @@ LAYER_KINDS: dict[type[nn.Module], LayerKind] = {
        for cls, fn in ((nn.Conv1d, F.conv1d), (nn.Conv2d, F.conv2d), (nn.Conv3d, F.conv3d))},
 }
 _KIND_BY_FN = {k.fn: k for k in LAYER_KINDS.values()}
-
-
-def register_layer_kind(kind: LayerKind) -> None:
-    """Teach functionalization and fold a new layer type (e.g. a norm layer)."""
-    LAYER_KINDS[kind.module_type] = kind
-    _KIND_BY_FN[kind.fn] = kind
 
 
 def meta(node: fx.Node) -> dict[str, Any]:
@@ -190,12 +184,12 @@ def weight_chains(gm: fx.GraphModule) -> dict[str, WeightChain]:
 def insert_producer(gm: fx.GraphModule, chain: WeightChain, module: Producer,
                     pass_kind: str) -> fx.Node:
     """Insert `module` into `chain` after every producer of lower or equal rank and
-    register it under `fxgrow.<layer>.<param>_<role>`. Returns the new node."""
+    register it under `fxgrow.<layer path>.<param>_<role>`. Returns the new node."""
     prev = chain.head
     for p in chain.producers:
         if gm.get_submodule(p.target).rank <= module.rank:
             prev = p
-    path = f"{META}.{chain.layer.replace('.', '_')}.{chain.param}_{module.role}"
+    path = f"{META}.{chain.layer}.{chain.param}_{module.role}"  # mirrors the layer's own path
     if _has_submodule(gm, path):
         raise FxgrowError(f"'{chain.key}' already has a {module.role} producer")
     gm.add_submodule(path, module)

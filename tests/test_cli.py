@@ -151,3 +151,10 @@ def test_svg_renders_with_graphviz_or_says_how_to_install_it(tmp_path, monkeypat
 def test_error_messages_keep_their_brackets(tmp_path):
     result = run("inspect", MLP, write(tmp_path, "passes:\n  - kind: compander\n    targets: {names: ['[x]']}\n"))
     assert result.exit_code == 2 and "'[x]' matches no targetable layer" in result.output
+
+
+def test_an_example_input_that_does_not_fit_is_one_clear_error():
+    result = run("inspect", str(ROOT / "examples/models/small_cnn.py"), "--input-shape", "1,3,8,8")
+    assert result.exit_code == 1, result.output
+    assert "example input of shape [1, 3, 8, 8] does not fit" in result.output
+    assert "Traceback" not in result.output

@@ -151,3 +151,22 @@ def test_shapes_of_a_training_model_with_batch_one_and_1x1_maps():
     propagate_shapes(gm, torch.randn(1, 3, 4, 4))  # BN over one value per channel: eval stats are used
     assert gm.training and gm.get_submodule("1").training
     assert [n for n in gm.graph.nodes if n.op == "output"][0].args[0].meta["tensor_meta"].shape == (1, 4)
+
+
+class _Colliding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a_b = nn.Module()
+        self.a_b.c = nn.Linear(4, 4)
+        self.a = nn.Module()
+        self.a.b_c = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a.b_c(self.a_b.c(x))
+
+
+def test_producer_paths_mirror_layer_paths_without_collisions():
+    from fxgrow.passes.compander import CompanderPass
+    gm = CompanderPass()(_Colliding()).graph_module  # 'a_b.c' and 'a.b_c' once collided as 'a_b_c'
+    assert isinstance(gm.get_submodule("fxgrow.a_b.c.weight_compand"), Producer)
+    assert isinstance(gm.get_submodule("fxgrow.a.b_c.weight_compand"), Producer)

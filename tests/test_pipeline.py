@@ -96,3 +96,10 @@ def test_preserves_computation_contract(kind, entry):
     gm.graph.lint()
     assert all(p.preserves_computation for p in passes), f"{kind}: pick a preserving setup"
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_two_passes_of_one_kind_get_distinct_callback_names():
+    a = CompanderPass(targets={"types": ["Conv2d"]}, learnable="layer")
+    b = CompanderPass(targets={"types": ["Linear"]})
+    names = [cb.name for cb in compose(a, b)(ResNetTiny()).callbacks]
+    assert len(names) == len(set(names)) == 2 and names == ["compander.0", "compander.1"]

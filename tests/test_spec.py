@@ -124,3 +124,13 @@ def test_arbitrary_yaml_text_fails_only_with_spec_errors(text):
         parse_spec_text(text)
     except SpecError:
         pass
+
+
+@pytest.mark.parametrize("text, path", [
+    ("train: {optimizer: {lr: -1}}\n", "train.optimizer.lr"),
+    ("train: {data: {name: digits, image_size: 0}}\n", "train.data.image_size"),
+])
+def test_union_tags_do_not_appear_in_paths(text, path):
+    with pytest.raises(SpecError) as info:
+        parse_spec_text(text)
+    assert [loc for loc, _ in info.value.errors] == [path]

@@ -361,7 +361,7 @@ def test_options_train_to_better_than_chance(tmp_path, options):
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):
-    with pytest.raises(FxgrowError, match="resume: no checkpoint at"):
+    with pytest.raises(FxgrowError, match="no checkpoint at"):
         Trainer(mlp(), spec(), resume=tmp_path)
 
 

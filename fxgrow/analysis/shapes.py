@@ -7,6 +7,7 @@ hold plain tensor constants fall back to FakeTensorMode, which is slower but gen
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 from typing import Callable
 
@@ -15,6 +16,8 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import FxgrowError
 
 
 class _Propagate(nn.Module):
@@ -35,16 +38,27 @@ def run_abstract(module: nn.Module, example: torch.Tensor, fn: Callable | None =
         module.named_parameters(), module.named_buffers())}
     modes = {m: m.training for m in module.modules()}
     module.eval()  # batch statistics of a batch-1 example over 1x1 maps are undefined
-    with torch.no_grad(), no_fused_attention(), _restore_modes(modes):
+    # ShapeProp prints a traceback before re-raising: keep it off the terminal.
+    with torch.no_grad(), no_fused_attention(), _restore_modes(modes), contextlib.redirect_stderr(io.StringIO()):
         try:
             if _has_attention(module):
                 raise NotImplementedError("meta tensors pick another attention kernel than the CPU")
             with FlopCounterMode(display=False) as counter:
                 torch.func.functional_call(module, state, (example.to("meta"),))
         except (RuntimeError, NotImplementedError, TypeError):
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode, \
-                    FlopCounterMode(display=False) as counter:
-                module(mode.from_tensor(example))
+            try:
+                with FakeTensorMode(allow_non_fake_inputs=True) as mode, \
+                        FlopCounterMode(display=False) as counter:
+                    module(mode.from_tensor(example))
+            except Exception as e:
+                root = e
+                while root.__cause__ is not None:
+                    root = root.__cause__
+                first = (str(root).strip().splitlines() or [type(root).__name__])[0]
+                raise FxgrowError(
+                    f"the example input of shape {list(example.shape)} does not fit the model: {first}\n"
+                    "  set model.example_input in the spec (or --input-shape) to the model's input shape"
+                ) from e
     return int(counter.get_total_flops())
 
 

@@ -145,8 +145,19 @@ class Pipeline:
             matches[ctx.where] = found
             applied.append(p)
         gm.recompile()
-        callbacks = [cb for p in self.passes for cb in p.callbacks(gm)]
-        return PassResult(gm, callbacks, matches)
+        return PassResult(gm, self._callbacks(gm), matches)
+
+    def _callbacks(self, gm: fx.GraphModule) -> list[Callback]:
+        """Callback names key checkpoint state and report sections: when a kind appears
+        twice (two companders on different layers), each gets its pass index."""
+        kinds = [p.kind for p in self.passes]
+        callbacks = []
+        for index, p in enumerate(self.passes):
+            for cb in p.callbacks(gm):
+                if kinds.count(p.kind) > 1:
+                    cb.name = f"{cb.name}.{index}"
+                callbacks.append(cb)
+        return callbacks
 
     def dry_run(self, model: fx.GraphModule | nn.Module) -> dict[str, list[Match]]:
         """What each pass would match, without rewriting (passes see the graph as the

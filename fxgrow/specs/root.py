@@ -62,6 +62,9 @@ class Spec(StrictModel):
         return self
 
 
+_TAGGED_TRAIN_FIELDS = ("data", "optimizer")  # discriminated unions inside `train:`
+
+
 def spec_error(e: ValidationError, source: str | None = None, prefix: str | None = None) -> SpecError:
     """Turn pydantic's errors into `field.path: message (got value)` lines."""
     if not isinstance(e, ValidationError):
@@ -69,8 +72,10 @@ def spec_error(e: ValidationError, source: str | None = None, prefix: str | None
     lines = []
     for err in e.errors():
         loc = [str(p) for p in err["loc"]]
-        # Drop the union tag pydantic inserts after a pass index ("passes.1.compander.a").
+        # Drop the union tags pydantic inserts ("passes.1.compander.a", "train.optimizer.sgd.lr").
         if len(loc) >= 3 and loc[0] == "passes" and loc[2] in PASS_REGISTRY:
+            del loc[2]
+        if len(loc) >= 3 and loc[0] == "train" and loc[1] in _TAGGED_TRAIN_FIELDS:
             del loc[2]
         path = ".".join(([prefix] if prefix else []) + loc)
         msg = err["msg"].removeprefix("Value error, ")
@@ -103,7 +108,7 @@ def load_spec(path: str | Path) -> Spec:
         text = path.read_text()
     except FileNotFoundError:
         raise SpecError(f"spec file not found: {path}", str(path)) from None
-    except (IsADirectoryError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"cannot read spec file: {e}", str(path)) from None
     return parse_spec_text(text, str(path))
 

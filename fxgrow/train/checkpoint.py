@@ -41,7 +41,7 @@ def write_json(path: Path, obj: Any) -> None:
 def find_checkpoint(resume: Path) -> Path:
     path = resume / CHECKPOINT if resume.is_dir() else resume
     if not path.is_file():
-        raise FxgrowError(f"resume: no checkpoint at {path}")
+        raise FxgrowError(f"no checkpoint at {path} (expected a run folder or its {CHECKPOINT})")
     return path
 
 

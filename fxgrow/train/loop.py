@@ -70,7 +70,7 @@ class Trainer:
         names = [cb.name for cb in self.callbacks]
         for name in names:
             if names.count(name) > 1 or name in REPORT_KEYS:
-                raise ValueError(f"callback name {name!r} is {'used twice' if names.count(name) > 1 else 'reserved'}"
+                raise FxgrowError(f"callback name {name!r} is {'used twice' if names.count(name) > 1 else 'reserved'}"
                                  "; names key checkpoint state and report sections")
         self.spec_dump = spec_dump if spec_dump is not None else {"train": spec.model_dump(mode="json")}
         self.resume_from = ckpt.find_checkpoint(Path(resume)) if resume is not None else None
