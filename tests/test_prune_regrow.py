@@ -173,6 +173,12 @@ def test_presets_expand(preset, expect):
     assert spec(final_sparsity=0.9, preset=preset, schedule={"every": 50}, **expect) == s  # agreeing is fine
 
 
+@pytest.mark.parametrize("preset", ["rigl", "set"])
+def test_constant_sparsity_presets_hold_the_default_final_sparsity(preset):
+    s = spec(preset=preset)  # no final_sparsity given: the default applies to both ends
+    assert s.initial_sparsity == s.final_sparsity == type(s).model_fields["final_sparsity"].default
+
+
 # --- ERK -------------------------------------------------------------------------------------
 
 def test_erk_densities_hand_computed():

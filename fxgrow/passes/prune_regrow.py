@@ -113,8 +113,8 @@ class PruneRegrowSpec(PassSpec):
             return data
         data = dict(data)
         for name, value in PRESET_FIELDS[data["preset"]].items():
-            if value is SAME_AS_FINAL:
-                value = data.get("final_sparsity")
+            if value is SAME_AS_FINAL:  # the default final_sparsity when the user gave none
+                value = data.get("final_sparsity", cls.model_fields["final_sparsity"].default)
             if isinstance(value, dict):
                 given = data.get(name)
                 data[name] = {**value, **given} if isinstance(given, dict) else (given if given is not None else value)
