@@ -96,6 +96,33 @@ def test_sampling_is_reproducible_across_resume(tmp_path):
         assert torch.equal(a, b), k
 
 
+class CrashLate(Callback):
+    name = "crash"
+
+    def after_step(self, ctx):
+        if ctx.step == 11:  # after the step-10 checkpoint, inside the last 4 (recalibration) steps
+            raise RuntimeError("crash")
+
+
+def test_resume_in_the_last_steps_recalibrates_on_the_same_batches(tmp_path):
+    def run(out, extra=(), resume=None):
+        torch.manual_seed(0)
+        gm, callbacks = rewrite(ResNetTiny(c=4, in_ch=1), torch.randn(2, 1, 8, 8),
+                                width={"fractions": [0.5, 1.0]}, recalibrate_batches=4)
+        spec = train_spec(epochs=3, checkpoint=True, checkpoint_every_steps=10)
+        trainer = Trainer(gm, spec, [*callbacks, *extra], out_dir=out, resume=resume)
+        return trainer, trainer.fit()
+
+    reference, ref_report = run(tmp_path / "a")
+    assert reference.step == 12
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "b", [CrashLate()])
+    resumed, report = run(tmp_path / "b", resume=tmp_path / "b")
+    for (k, a), (_, b) in zip(reference.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k  # BN statistics included
+    assert report["sorted_slicing"]["grid"] == ref_report["sorted_slicing"]["grid"]
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """4 widths x 2 depths of a residual CNN trained at once on digits (CPU, ~10 s)."""

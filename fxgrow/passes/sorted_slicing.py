@@ -341,6 +341,7 @@ class SortedSlicingCallback(Callback):
         self.grid: list[dict[str, Any]] = []
         self._plan: list[tuple[float, int]] = []
         self._recent: collections.deque[torch.Tensor] = collections.deque(maxlen=spec.recalibrate_batches)
+        self._found: tuple[nn.Module, SubnetState] | None = None
 
     # sampling: a pure function of (seed, step)
     def plan(self, points: list[tuple[float, int]], seed: int, step: int) -> list[tuple[float, int]]:
@@ -398,8 +399,21 @@ class SortedSlicingCallback(Callback):
     def report(self) -> dict[str, Any]:
         return {"mode": self.spec.mode, "bn": self.spec.bn, **self.summary, "grid": self.grid}
 
+    def state_dict(self) -> dict[str, Any]:
+        # The batches kept for the final recalibration: a run resumed in its last steps
+        # must recalibrate on the same inputs as one never stopped.
+        return {"recent": [x.cpu() for x in self._recent]}
+
+    def load_state_dict(self, state: dict[str, Any], ctx=None) -> None:
+        device = getattr(ctx, "device", None)
+        self._recent.clear()
+        self._recent.extend(x.to(device) if device is not None else x for x in state.get("recent", []))
+
     def _state(self, ctx) -> SubnetState:
-        state = find_state(ctx.model)
-        if state is None:
-            raise FxgrowError("sorted_slicing: the model has no slicing state (was the pass applied?)")
-        return state
+        # Looked up once per model object (growth or resume replaces it), not every step.
+        if self._found is None or self._found[0] is not ctx.model:
+            state = find_state(ctx.model)
+            if state is None:
+                raise FxgrowError("sorted_slicing: the model has no slicing state (was the pass applied?)")
+            self._found = (ctx.model, state)
+        return self._found[1]
