@@ -341,9 +341,9 @@ def test_default_out_dir_and_log_records(tmp_path, monkeypatch):
 
 
 def test_duplicate_or_reserved_callback_names():
-    with pytest.raises(ValueError, match="used twice"):
+    with pytest.raises(FxgrowError, match="used twice"):
         Trainer(mlp(), spec(), [Counter(), Counter()])
-    with pytest.raises(ValueError, match="reserved"):
+    with pytest.raises(FxgrowError, match="reserved"):
         Trainer(mlp(), spec(), [Overrides("accuracy", {})])
 
 

@@ -120,7 +120,7 @@ OptimizerSpec = Annotated[Union[SGDSpec, AdamWSpec], Field(discriminator="name")
 
 class ScheduleSpec(StrictModel):
     """Learning-rate factor per optimizer step: linear warm-up to 1, then `cosine`
-    (down to `min_factor` at the last step), `multistep` (times `gamma` at each
+    (reaching `min_factor` after the last step), `multistep` (times `gamma` at each
     milestone, in epochs) or `constant`."""
 
     name: Literal["cosine", "multistep", "constant"] = "cosine"

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.flop_counter import FlopCounterMode
 
+from ..analysis.cost import forward_flops
 from ..errors import FxgrowError
 from ..specs.train import TrainSpec
 from . import checkpoint as ckpt
@@ -427,15 +427,8 @@ class Trainer:
 
     @torch.no_grad()
     def forward_flops(self, model: nn.Module | None = None) -> int:
-        """Forward FLOPs of one example (FlopCounterMode counts matmuls and convs)."""
-        model = model if model is not None else self.model
-        was_training = model.training
-        model.eval()
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(self.data.example())
-        model.train(was_training)
-        return counter.get_total_flops()
+        """Forward FLOPs of one example (FlopCounterMode's count, on meta tensors: no kernel runs)."""
+        return forward_flops(model if model is not None else self.model, self.data.example())
 
     def _close(self) -> None:
         if self._progress is not None:
