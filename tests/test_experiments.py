@@ -29,7 +29,7 @@ def test_pass_overlays_are_keyed_by_kind():
 
 def _read(out: Path, study: str) -> dict:
     record = json.loads((out / f"{study}_cpu.json").read_text())
-    assert (out / f"{study}_cpu.md").read_text().count("\n|") == len(record["rows"]) + 1  # header rule + rows
+    assert (out / f"{study}_cpu.md").read_text().count("\n|") == len(record["rows"]) + 2  # header, rule, rows
     return record
 
 
