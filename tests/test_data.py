@@ -43,6 +43,17 @@ def test_digits_resized_to_32_rgb():
     assert data.mean.shape == (3,) and data.example().shape == (1, 3, 32, 32)
 
 
+def test_digits_zero_padded_to_12():
+    plain = load_data(data_spec(name="digits"))
+    padded = load_data(data_spec(name="digits", pad_to=12))
+    x = padded.train[0]
+    assert x.shape == (1437, 1, 12, 12)
+    assert torch.equal(x[..., 2:10, 2:10], plain.train[0])  # centred, the border all zeros
+    assert x[..., :2, :].abs().sum() == 0 and x[..., :, 10:].abs().sum() == 0
+    with pytest.raises(DataError, match="pad_to: 6 is smaller than the 8x8 images"):
+        load_data(data_spec(name="digits", pad_to=6))
+
+
 def test_synthetic_is_deterministic_and_shaped():
     spec = data_spec(name="synthetic", shape=[2, 5], num_classes=3, train_size=20, test_size=7)
     a, b = load_data(spec), load_data(spec)

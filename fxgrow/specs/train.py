@@ -24,6 +24,8 @@ class _DataBase(StrictModel):
 class _Resizable(_DataBase):
     image_size: int | None = Field(None, ge=1, description="resize images to this square size")
     channels: Literal[1, 3] | None = Field(None, description="repeat grayscale to 3 channels")
+    pad_to: int | None = Field(None, ge=1, description="zero-pad images (after any resize) to this "
+                                                         "square size, e.g. 28x28 Fashion-MNIST to 32x32")
 
 
 class DigitsData(_Resizable):

@@ -206,6 +206,17 @@ def _resize(x: torch.Tensor, image_size: int | None) -> torch.Tensor:
     return out.round_().clamp_(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else out
 
 
+def _pad(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Zero-pad H and W to `size` (the extra row/column, if odd, goes bottom/right)."""
+    if size is None:
+        return x
+    h, w = x.shape[-2:]
+    if size < max(h, w):
+        raise DataError(f"train.data.pad_to: {size} is smaller than the {h}x{w} images")
+    top, left = (size - h) // 2, (size - w) // 2
+    return F.pad(x, (left, size - w - left, top, size - h - top))
+
+
 def _digits(spec: DigitsData) -> Data:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -215,7 +226,7 @@ def _digits(spec: DigitsData) -> Data:
     y = torch.tensor(digits.target, dtype=torch.int64)
     tr, te = train_test_split(torch.arange(len(y)).numpy(), test_size=spec.test_fraction,
                               random_state=spec.split_seed, stratify=y.numpy())
-    x = _resize(x, spec.image_size)
+    x = _pad(_resize(x, spec.image_size), spec.pad_to)
     return _in_memory((x[tr], y[tr]), (x[te], y[te]), 10, spec.channels)
 
 
@@ -237,7 +248,7 @@ def _fashion_mnist(spec: FashionMNISTData) -> Data:
     splits = []
     for train in (True, False):
         ds = FashionMNIST(root, train=train)
-        splits.append((_resize(ds.data.unsqueeze(1), spec.image_size), ds.targets.long()))
+        splits.append((_pad(_resize(ds.data.unsqueeze(1), spec.image_size), spec.pad_to), ds.targets.long()))
     return _in_memory(splits[0], splits[1], 10, spec.channels)
 
 
