@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fxgrow.errors import FxgrowError
 from fxgrow.nn.mask import MaskProducer
 from fxgrow.passes import Pipeline
 from fxgrow.passes.compander import CompanderPass
@@ -97,3 +98,10 @@ def test_sliced_growth_keeps_sub_models_exact():
         with subnet(new, *point):
             torch.testing.assert_close(extract(new, *point)(x), new(x), rtol=1e-5, atol=1e-5)
     assert sum(isinstance(m, MaskProducer) for m in new.modules()) == len(masked_weights(net))
+
+
+def test_filter_granularity_masks_are_refused():
+    x = torch.randn(2, 1, 8, 8)
+    net = Pipeline([TemplateMixingPass(), PruneRegrowPass(granularity="filter")])(ConvBN(), x).graph_module
+    with pytest.raises(FxgrowError, match="granularity: filter"):
+        grow_model(net, [net.state_dict()], 2, x)
