@@ -128,6 +128,8 @@ def test_apply_then_fold_reproduces_the_runs_folded_model(tmp_path):
     assert not hasattr(again, "fxgrow")
     from examples.models.mlp import build
     build().load_state_dict(torch.load(tmp_path / "again_state_dict.pt"), strict=True)
+    result = run("fold", out, "--shrink", "-o", tmp_path / "none.pt")  # nothing was filter-pruned
+    assert result.exit_code == 1 and "no filter-pruned channel groups" in result.output
     result = run("inspect", out)  # a run folder shows the trained, rewritten model
     assert result.exit_code == 0, result.output
     assert "compand" in result.output
@@ -158,3 +160,21 @@ def test_an_example_input_that_does_not_fit_is_one_clear_error():
     assert result.exit_code == 1, result.output
     assert "example input of shape [1, 3, 8, 8] does not fit" in result.output
     assert "Traceback" not in result.output
+
+
+def test_fold_shrink_removes_filter_pruned_channels(tmp_path):
+    import torch
+    spec = write(tmp_path, "model: {example_input: [1, 1, 8, 8]}\npasses:\n  - kind: prune_regrow\n"
+                           "    granularity: filter\n    final_sparsity: 0.5\n    targets: {types: [Linear]}\n"
+                           "    schedule: {start: 0, end: 4, every: 2}\n"
+                           "train: {data: digits, steps: 6, batch_size: 32, progress: none}\n")
+    out = tmp_path / "run"
+    assert run("apply", spec, MLP, "--out", out).exit_code == 0
+    result = run("fold", out, "--shrink", "-o", tmp_path / "small.pt")
+    assert result.exit_code == 0, result.output
+    full = torch.load(out / "folded.pt", weights_only=False)
+    small = torch.load(tmp_path / "small.pt", weights_only=False)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(small) < count(full)
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(small(x), full(x), rtol=1e-5, atol=1e-5)

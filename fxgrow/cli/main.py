@@ -205,6 +205,8 @@ def fold(
     run: Path = typer.Argument(..., help="Run directory (or its checkpoint.pt)."),
     model: Optional[str] = typer.Argument(None, help="Default: the model the run recorded."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: RUN/folded.pt"),
+    shrink: bool = typer.Option(False, "--shrink", help="Also remove the channels filter pruning "
+                                                        "(prune_regrow granularity: filter) zeroed."),
 ) -> None:
     """Fold a run's rewritten model into a plain one (no fxgrow nodes) and save it,
     with its state_dict beside it (`<name>_state_dict.pt`)."""
@@ -213,8 +215,12 @@ def fold(
     from .. import api
     from ..fold import fold as fold_model
 
-    _, gm = api.restore(run, model)
-    plain = fold_model(gm)
+    spec, gm = api.restore(run, model)
+    if shrink:
+        from ..passes.prune_regrow_filters import export_pruned
+        plain = export_pruned(gm, api.example_input(spec))
+    else:
+        plain = fold_model(gm)
     target = output or (run if run.is_dir() else run.parent) / "folded.pt"
     torch.save(plain, target)
     torch.save(plain.state_dict(), target.with_name(f"{target.stem}_state_dict.pt"))
