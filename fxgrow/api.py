@@ -44,7 +44,7 @@ def pipeline(spec: Spec) -> Pipeline:
 
 
 def trace_model(spec: Spec, model: nn.Module) -> fx.GraphModule:
-    return trace(model, leaf_modules=spec.model.leaf_modules)
+    return trace(model, leaf_modules=spec.model.leaf_modules, concrete_args=spec.model.concrete_args or None)
 
 
 def compile_spec(spec: Spec, model: nn.Module | fx.GraphModule) -> PassResult:

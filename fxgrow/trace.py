@@ -1,6 +1,7 @@
 """Symbolic tracing with spec-controlled leaf modules, and errors a user can act on."""
 from __future__ import annotations
 
+import inspect
 import traceback
 from typing import Any, Iterable
 
@@ -58,8 +59,20 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = (),
             f"    model: {{leaf_modules: [\"{leaf_hint}\"]}}\n"
             "  or pass `concrete_args` for inputs that drive Python control flow."
         ) from e
+    if concrete_args:
+        _default_to_concrete(model, graph, concrete_args)
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def _default_to_concrete(model: nn.Module, graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """FX keeps a specialized argument as a placeholder with its original default and asserts
+    it equals the traced value: make that value the default, so `gm(x)` runs as traced."""
+    names = list(inspect.signature(model.forward).parameters)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for name, node in zip(names, placeholders):
+        if name in concrete_args:
+            node.args = (concrete_args[name],)
 
 
 def _get(model: nn.Module, path: str) -> nn.Module:

@@ -170,3 +170,25 @@ def test_producer_paths_mirror_layer_paths_without_collisions():
     gm = CompanderPass()(_Colliding()).graph_module  # 'a_b.c' and 'a.b_c' once collided as 'a_b_c'
     assert isinstance(gm.get_submodule("fxgrow.a_b.c.weight_compand"), Producer)
     assert isinstance(gm.get_submodule("fxgrow.a.b_c.weight_compand"), Producer)
+
+
+class _Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, double: bool = False):
+        y = self.fc(x)
+        if double:  # Python control flow on an argument: concrete_args fixes it while tracing
+            y = y * 2
+        return y
+
+
+def test_spec_concrete_args_fix_control_flow_arguments():
+    from fxgrow.api import trace_model
+    from fxgrow.specs.root import parse_spec
+    model, x = _Flagged(), torch.randn(3, 4)
+    with pytest.raises(TraceError):
+        trace_model(parse_spec({}), model)
+    gm = trace_model(parse_spec({"model": {"concrete_args": {"double": True}}}), model)
+    assert torch.equal(gm(x), model(x, double=True))

@@ -22,6 +22,8 @@ class ModelRef(StrictModel):
     example_input: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 3, 32, 32],
                                                              min_length=1)
     leaf_modules: list[str] = Field(default_factory=list)  # type names or module paths kept opaque
+    # Forward arguments fixed while tracing (e.g. a flag that drives Python control flow).
+    concrete_args: dict[str, Any] = Field(default_factory=dict)
 
 
 def _pass_union() -> Any:
