@@ -238,19 +238,14 @@ def _plain_norm(m: SlicedBatchNorm | SlicedLayerNorm) -> nn.Module:
 
 def data_evaluator(data, batch_size: int, device: torch.device) -> Callable[[nn.Module], dict[str, float]]:
     """`evaluate(model)` -> test-split loss and accuracy of `data` (a `fxgrow.train.data.Data`)."""
-    from .train.data import Batches
+    import contextlib
 
-    @torch.no_grad()
+    from .train.data import Batches
+    from .train.loop import test_sums
+
     def evaluate(model: nn.Module) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        loss = correct = count = 0.0
-        for x, y in Batches(data, "test", batch_size, device).sequential():
-            logits = model(data.prepare(x)).float()
-            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-            count += len(y)
-        model.train(was_training)
+        batches = Batches(data, "test", batch_size, device).sequential()
+        loss, correct, count = test_sums(model, batches, data.prepare, contextlib.nullcontext, device).tolist()
         return {"loss": loss / count, "accuracy": correct / count}
     return evaluate
 

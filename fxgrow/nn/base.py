@@ -17,8 +17,6 @@ class Producer(nn.Module):
 
     rank: ClassVar[int] = 50
     role: ClassVar[str] = "producer"
-    # Names of this producer's own parameters that must get no weight decay.
-    no_weight_decay: ClassVar[tuple[str, ...]] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -53,7 +53,6 @@ class MixProducer(Producer):
 
     rank = 0
     role = "mix"
-    no_weight_decay = ("alpha",)
 
     def __init__(self, alpha: torch.Tensor, block_shape: tuple[int, ...], *, bank: str = "",
                  source: str = "", sets: int = 1, set_axis: str = "row",

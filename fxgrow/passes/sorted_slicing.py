@@ -12,7 +12,6 @@ a generator seeded by (seed, step) and evaluates the whole grid at the end of tr
 from __future__ import annotations
 
 import collections
-import hashlib
 import sys
 from typing import Any, Literal
 
@@ -29,6 +28,7 @@ from ..nn.slicing import ConvGroups, DepthGate, SlicedLayerNorm, SliceProducer, 
 from ..specs.base import PassSpec, StrictModel
 from ..subnets import evaluate_grid, find_state, materialize, recalibrate
 from ..train.callbacks import Callback
+from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, register_pass
 from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks
 
@@ -310,11 +310,6 @@ def _check_every_point(gm: fx.GraphModule, state: SubnetState, example: torch.Te
 # --- training ------------------------------------------------------------------------------
 
 
-def _seed(*parts: Any) -> int:
-    """A 63-bit seed from (seed, step, ...), stable across processes and Python versions."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
 def _allow_a_graph_per_sub_model(count: int) -> None:
     """torch.compile specializes on the active sub-model (plain ints): let it keep one graph
     per grid point instead of falling back to eager after its default 8."""
@@ -347,7 +342,7 @@ class SortedSlicingCallback(Callback):
     def plan(self, points: list[tuple[float, int]], seed: int, step: int) -> list[tuple[float, int]]:
         """The sub-models step `step` runs, in order."""
         spec = self.spec
-        g = torch.Generator().manual_seed(_seed(seed, step, self.name))
+        g = torch.Generator().manual_seed(stable_seed(seed, step, self.name))
         weights = torch.tensor(spec.weights if spec.weights is not None else [1.0] * len(points),
                                dtype=torch.float64)
         if spec.mode == "sandwich":

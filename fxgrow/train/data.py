@@ -101,18 +101,18 @@ def crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator, shard: 
 
 # --- batches ------------------------------------------------------------------------
 
-def _mix(*ints: int) -> int:
-    """A 63-bit seed from several integers (stable across processes, unlike hash())."""
-    digest = hashlib.blake2b(repr(ints).encode(), digest_size=8).digest()
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from several values (stable across processes, unlike hash())."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed(seed, epoch)))
 
 
 def step_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
-    return torch.Generator(device).manual_seed(_mix(seed, step, 1))
+    return torch.Generator(device).manual_seed(stable_seed(seed, step, 1))
 
 
 def _length(split) -> int:
@@ -262,7 +262,7 @@ def _fashion_mnist_root(root: Path) -> Path:
     names = [Path(file).stem for file, _ in FashionMNIST.resources]  # train-images-idx3-ubyte, ...
     if all((root / "FashionMNIST" / "raw" / n).is_file() for n in names):
         return root
-    cached = cache_dir() / "fashion_mnist" / str(_mix(str(root.resolve())))
+    cached = cache_dir() / "fashion_mnist" / str(stable_seed(str(root.resolve())))
     raw = cached / "FashionMNIST" / "raw"
     if all((root / n).is_file() for n in names):
         raw.mkdir(parents=True, exist_ok=True)

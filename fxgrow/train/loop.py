@@ -17,7 +17,7 @@ import random
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,24 @@ def _changed(old: dict, new: dict, ignore: set[str], prefix: str = "") -> list[s
 
 class NonFiniteLoss(FxgrowError):
     """The loss became NaN or infinite; the run stopped."""
+
+
+@torch.no_grad()
+def test_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+              prepare: Callable[[torch.Tensor], torch.Tensor], autocast: Callable[[], Any],
+              device: torch.device) -> torch.Tensor:
+    """(summed loss, correct, count) of `model` in eval mode over `batches`, kept on the
+    device: one sync when the caller reads them, none per batch."""
+    was_training = model.training
+    model.eval()
+    sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0
+    for x, y in batches:
+        with autocast():
+            logits = model(prepare(x))
+        sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum"), (logits.argmax(-1) == y).sum()])
+        count += len(y)
+    model.train(was_training)
+    return torch.cat([sums, sums.new_tensor([count])])
 
 
 class Trainer:
@@ -109,16 +127,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         model = model if model is not None else self.model
-        was_training = model.training
-        model.eval()
-        sums, count = torch.zeros(2, dtype=torch.float64, device=self.device), 0  # loss, correct
-        for x, y in self._test.sequential():
-            with self._autocast():
-                logits = model(self._prepare(x))
-            sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum"), (logits.argmax(-1) == y).sum()])
-            count += len(y)
-        model.train(was_training)
-        loss, correct, count = self._reduce(torch.cat([sums, sums.new_tensor([count])])).tolist()
+        sums = test_sums(model, self._test.sequential(), self._prepare, self._autocast, self.device)
+        loss, correct, count = self._reduce(sums).tolist()
         return {"loss": loss / count, "accuracy": correct / count}
 
     # --- the run ---------------------------------------------------------------------
