@@ -83,3 +83,18 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, optimizer):
     for a, b in zip(reference.optimizer.state.values(), resumed.optimizer.state.values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+
+
+def test_resume_on_another_world_size_warns(tmp_path):
+    # a checkpoint of a 2-rank run resumed in one process: it goes on, and says it is not exact
+    s = spec(epochs=2, checkpoint_every_steps=2,
+             data={"name": "synthetic", "shape": [12], "num_classes": 3, "train_size": 16, "test_size": 6})
+    with pytest.raises(RuntimeError, match="crash"):
+        Trainer(mlp(), s, [Crash()], out_dir=tmp_path).fit()
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    assert len(state["rng"]) == 1  # one generator state per rank
+    state["rng"] = state["rng"] * 2
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="resuming on 1 rank.s. from a checkpoint of 2: .* not bit-identical"):
+        Trainer(mlp(), s, resume=tmp_path).fit()

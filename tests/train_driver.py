@@ -3,11 +3,12 @@
 step and saves the final parameters to --final (one file per rank under DDP). The
 caller puts fxgrow on PYTHONPATH.
 
-    python tests/train_driver.py --out DIR --final F.pt [--resume] [--model conv|mlp]
+    python tests/train_driver.py --out DIR --final F.pt [--resume] [--model conv|mlp] [--crash-after N]
 """
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -23,8 +24,9 @@ class Announce(Callback):
 
     name = "announce"
 
-    def __init__(self):
+    def __init__(self, crash_after: int | None = None):
         self.draws = torch.zeros(())
+        self.crash_after = crash_after
 
     def micro_steps(self, ctx) -> int:
         return 2
@@ -35,6 +37,8 @@ class Announce(Callback):
     def after_step(self, ctx) -> None:
         if ctx.rank == 0:
             print(f"step {ctx.step}", flush=True)
+        if ctx.step == self.crash_after:  # every rank dies at once, as on a lost node: no cleanup
+            os._exit(3)
 
     def state_dict(self):
         return {"draws": self.draws.clone()}
@@ -62,6 +66,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["conv", "mlp"], default="conv")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--crash-after", type=int, help="exit abruptly (every rank) after this step")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -71,7 +76,7 @@ def main() -> None:
               "augment": "crop_flip", "crop_padding": 1},
         epochs=args.epochs, batch_size=16, optimizer=optimizer, schedule={"warmup_steps": 5},
         checkpoint_every_steps=3, log_every_steps=4, progress="none")
-    trainer = Trainer(build(args.model), spec, callbacks=[Announce()], out_dir=args.out,
+    trainer = Trainer(build(args.model), spec, callbacks=[Announce(args.crash_after)], out_dir=args.out,
                       resume=args.out if args.resume else None)
     trainer.fit()
     final = args.final if trainer.world == 1 else args.final.with_suffix(f".rank{trainer.rank}.pt")

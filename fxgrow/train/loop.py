@@ -15,6 +15,7 @@ import json
 import os
 import random
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -254,7 +255,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        self._restore_rng(state)
         if self.rank == 0:  # the interval's sums over all ranks, as saved
             self._meter.carry = list(state["interval_sums"])
         self._last_checkpoint = self.step
@@ -393,7 +394,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": ckpt.rng_state(),
+            "rng": self._rng_states(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "interval_sums": carry,
             "wall_time_s": self._wall_time(),
@@ -401,6 +402,24 @@ class Trainer:
         if self.rank == 0:
             ckpt.save_checkpoint(self.out_dir / ckpt.CHECKPOINT, state)
         self._last_checkpoint = self.step
+
+    def _rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's generators, in rank order: ranks are seeded apart (dropout draws
+        differ), so rank 0's state alone would resume the others on the wrong stream."""
+        mine = ckpt.rng_state()
+        if self.world == 1:
+            return [mine]
+        states: list[Any] = [None] * self.world
+        dist.all_gather_object(states, mine)
+        return states
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older: rank 0's alone
+        if len(states) != self.world and self.rank == 0:
+            warnings.warn(f"resuming on {self.world} rank(s) from a checkpoint of {len(states)}: the run goes on, "
+                          "but it is not bit-identical to an uninterrupted one (batches split differently)",
+                          stacklevel=2)
+        ckpt.set_rng_state(states[self.rank % len(states)])
 
     def _wall_time(self) -> float:
         return self._wall_before + time.perf_counter() - self._started
