@@ -2,8 +2,9 @@
 
     python experiments/run.py pruning --size cpu --seeds 0 1 2 --out runs/experiments
 
-A study is `experiments/<study>/study.yaml`: the model, one overlay per size (`cpu`: digits,
-`gpu`: Fashion-MNIST at 32x32) and the arms. Each arm is a spec file of that folder (a valid
+A study is `experiments/<study>/study.yaml`: the model, one overlay per size (`cpu`: digits;
+`cpu_fmnist`: a 10,000-image class-balanced subset of Fashion-MNIST at 28x28, the whole test
+split, sized for two CPU cores; `gpu`: all of Fashion-MNIST at 32x32) and the arms. Each arm is a spec file of that folder (a valid
 fxgrow spec at the CPU size) plus optional `set` (dotted-path values, e.g.
 `passes.0.final_sparsity: 0.95`) and its own per-size overlay. Overlays are deep-merged;
 under `passes` they are keyed by pass kind and merged into every pass of that kind.
@@ -102,6 +103,8 @@ def arm_spec(study: dict[str, Any], arm: dict[str, Any], size: str, seed: int,
 def run_study(name: str, size: str, seeds: list[int], out: Path, overrides: dict[str, Any] | None = None,
               arms: list[str] | None = None, dry_run: bool = False, reuse: bool = False) -> dict[str, Any]:
     study = load_study(name)
+    if size not in study.get("sizes", {}):
+        raise SystemExit(f"study {name!r} has no size {size!r} (sizes: {', '.join(study.get('sizes', {}))})")
     selected = [a for a in study["arms"] if not arms or a["name"] in arms or a.get("helper")]
     model = str(ROOT / study["model"])
     results: dict[str, list[dict[str, Any]]] = {a["name"]: [] for a in selected}
@@ -271,7 +274,7 @@ def markdown(record: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", choices=STUDIES)
-    parser.add_argument("--size", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--size", default="cpu", help="a size of the study's `sizes` (cpu, cpu_fmnist, gpu)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/experiments"))
     parser.add_argument("--arms", nargs="+", help="run only these arms (and the helper runs they need)")

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from fxgrow.specs.train import TrainSpec
-from fxgrow.train.data import FASHION_MNIST_INSTALL, Batches, Data, DataError, crop_flip, load_data
+from fxgrow.train.data import FASHION_MNIST_INSTALL, Batches, Data, DataError, balanced_subset, crop_flip, load_data
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
@@ -189,6 +189,18 @@ def test_fashion_mnist_from_debian_package(tmp_path, monkeypatch):
     cached = next(tmp_path.glob("fashion_mnist/*"))
     again = load_data(data_spec(name="fashion_mnist", root=str(cached), channels=3))
     assert torch.equal(again.train[0], x) and again.prepare(x[:2]).shape == (2, 3, 28, 28)
+    # a class-balanced subset: the first images of each class in file order, the test split whole
+    subset = load_data(data_spec(name="fashion_mnist", root=str(cached), train_size=1003))
+    (xs, ys), (xst, _) = subset.train, subset.test
+    assert torch.bincount(ys).tolist() == [101, 101, 101] + [100] * 7 and xst.shape[0] == 10000
+    first = torch.cat([(y == c).nonzero().flatten()[: 100 + (c < 3)] for c in range(10)]).sort().values
+    assert torch.equal(xs, x[first]) and torch.equal(ys, y[first])
+
+
+def test_balanced_subset_by_hand():
+    labels = torch.tensor([2, 0, 0, 1, 2, 1, 0, 2])
+    assert balanced_subset(labels, 4).tolist() == [0, 1, 2, 3]  # 0: two, 1 and 2: one each
+    assert balanced_subset(labels, 6).tolist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_fashion_mnist_missing_says_how_to_install(tmp_path, monkeypatch):

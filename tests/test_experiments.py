@@ -12,10 +12,17 @@ runner = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(runner)
 
 
-@pytest.mark.parametrize("size", ["cpu", "gpu"])
 @pytest.mark.parametrize("study", runner.STUDIES)
-def test_every_arm_is_a_valid_spec(study, size, tmp_path):
-    runner.run_study(study, size, [0], tmp_path, dry_run=True)  # raises SpecError on a bad arm
+def test_every_arm_is_a_valid_spec_at_every_size(study, tmp_path):
+    sizes = runner.load_study(study)["sizes"]
+    assert {"cpu", "gpu"} <= set(sizes)
+    for size in sizes:
+        runner.run_study(study, size, [0], tmp_path, dry_run=True)  # raises SpecError on a bad arm
+
+
+def test_unknown_size_names_the_study_and_its_sizes(tmp_path):
+    with pytest.raises(SystemExit, match=r"study 'sorted' has no size 'huge' \(sizes: cpu, "):
+        runner.run_study("sorted", "huge", [0], tmp_path, dry_run=True)
 
 
 def test_pass_overlays_are_keyed_by_kind():

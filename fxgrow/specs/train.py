@@ -55,6 +55,9 @@ class FashionMNISTData(_Resizable):
 
     name: Literal["fashion_mnist"] = "fashion_mnist"
     root: str = "/usr/share/datasets/fashion-mnist"
+    train_size: int | None = Field(None, ge=10, le=60000, description="train on a class-balanced subset: "
+                                   "the first train_size/10 images of each class, in file order (the test "
+                                   "split stays whole)")
 
 
 class CIFARData(_DataBase):

@@ -248,8 +248,21 @@ def _fashion_mnist(spec: FashionMNISTData) -> Data:
     splits = []
     for train in (True, False):
         ds = FashionMNIST(root, train=train)
-        splits.append((_pad(_resize(ds.data.unsqueeze(1), spec.image_size), spec.pad_to), ds.targets.long()))
+        x, y = ds.data.unsqueeze(1), ds.targets.long()
+        if train and spec.train_size is not None:
+            keep = balanced_subset(y, spec.train_size)
+            x, y = x[keep], y[keep]
+        splits.append((_pad(_resize(x, spec.image_size), spec.pad_to), y))
     return _in_memory(splits[0], splits[1], 10, spec.channels)
+
+
+def balanced_subset(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices (sorted, file order) of the first `size / classes` items of each class; the
+    first `size % classes` classes take one more. Deterministic: no seed to keep track of."""
+    classes = int(labels.max()) + 1
+    share, extra = divmod(size, classes)
+    keep = [(labels == c).nonzero().flatten()[: share + (c < extra)] for c in range(classes)]
+    return torch.cat(keep).sort().values
 
 
 def _fashion_mnist_root(root: Path) -> Path:
