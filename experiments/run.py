@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -127,7 +128,7 @@ def run_study(name: str, size: str, seeds: list[int], out: Path, overrides: dict
     if dry_run:
         return {}
     table = TABLES[study.get("table", "arms")](study, selected, results)
-    record = {"study": name, "size": size, "seeds": seeds, "command": command_line(name, size, seeds, out, reuse),
+    record = {"study": name, "size": size, "seeds": seeds, "command": command_line(name, size, seeds, out, reuse, arms, overrides),
               "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "columns": table["columns"], "rows": table["rows"]}
     out.mkdir(parents=True, exist_ok=True)
@@ -150,9 +151,15 @@ def finished_run(run_dir: Path, spec) -> dict[str, Any] | None:
     return report
 
 
-def command_line(name: str, size: str, seeds: list[int], out: Path, reuse: bool = False) -> str:
-    return (f"python experiments/run.py {name} --size {size} --seeds {' '.join(map(str, seeds))} --out {out}"
-            + (" --reuse" if reuse else ""))
+def command_line(name: str, size: str, seeds: list[int], out: Path, reuse: bool = False,
+                 arms: list[str] | None = None, overrides: dict[str, Any] | None = None) -> str:
+    """The command that reproduces the table, every option that shaped it included."""
+    parts = ["python experiments/run.py", name, "--size", size, "--seeds", *map(str, seeds), "--out", str(out)]
+    if arms:
+        parts += ["--arms", *arms]
+    if overrides:
+        parts += ["--set", shlex.quote(yaml.safe_dump(overrides, default_flow_style=True).strip())]
+    return " ".join(parts + (["--reuse"] if reuse else []))
 
 
 def machine() -> str:

@@ -66,3 +66,11 @@ def test_sorted_study_table_has_one_row_per_grid_point(tmp_path):
     for row in record["rows"]:  # the models trained alone are exactly the sub-models' shapes
         if row["alone arm"]:
             assert row["alone params"] == row["params"], row
+
+
+def test_recorded_command_names_every_option_that_shaped_the_table():
+    line = runner.command_line("pruning", "cpu", [0, 1], Path("runs/x"), reuse=True, arms=["dense", "rigl_90"],
+                               overrides={"train": {"epochs": 2}})
+    assert line == ("python experiments/run.py pruning --size cpu --seeds 0 1 --out runs/x "
+                    "--arms dense rigl_90 --set '{train: {epochs: 2}}' --reuse")
+    assert runner.command_line("sorted", "gpu", [0], Path("o")) == "python experiments/run.py sorted --size gpu --seeds 0 --out o"
