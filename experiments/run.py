@@ -3,11 +3,13 @@
     python experiments/run.py pruning --size cpu --seeds 0 1 2 --out runs/experiments
 
 A study is `experiments/<study>/study.yaml`: the model, one overlay per size (`cpu`: digits;
-`cpu_fmnist`: a 10,000-image class-balanced subset of Fashion-MNIST at 28x28, the whole test
-split, sized for two CPU cores; `gpu`: all of Fashion-MNIST at 32x32) and the arms. Each arm is a spec file of that folder (a valid
-fxgrow spec at the CPU size) plus optional `set` (dotted-path values, e.g.
-`passes.0.final_sparsity: 0.95`) and its own per-size overlay. Overlays are deep-merged;
-under `passes` they are keyed by pass kind and merged into every pass of that kind.
+`cpu_fmnist`: a 10,000-image class-balanced subset of Fashion-MNIST at 28x28 and the whole
+test split, sized for two CPU cores; `gpu`: all of Fashion-MNIST at 32x32) and the arms.
+Each arm is a spec file of that folder (a valid fxgrow spec at the CPU size) plus optional
+`set` (dotted-path values, e.g. `passes.0.final_sparsity: 0.95`) and its own per-size
+overlay, applied in that order, the more specific last: study size, `set`, arm size.
+Overlays are deep-merged; under `passes` they are keyed by pass kind and merged into every
+pass of that kind.
 
 Each run goes through `fxgrow.api.run` into `<out>/<study>/<size>/<arm>/seed<k>/`; the table
 (mean +- std of test accuracy over seeds, plus the study's columns) is written to
@@ -86,10 +88,11 @@ def load_study(name: str) -> dict[str, Any]:
 def arm_spec(study: dict[str, Any], arm: dict[str, Any], size: str, seed: int,
              runs: dict[str, str], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     spec = yaml.safe_load((HERE / study["study"] / arm["spec"]).read_text())
+    # from the general to the specific: the study's size, the arm, the arm at this size
     spec = deep_merge(spec, study.get("sizes", {}).get(size, {}))
-    spec = deep_merge(spec, arm.get("sizes", {}).get(size, {}))
     for dotted, value in arm.get("set", {}).items():
         set_path(spec, dotted, value)
+    spec = deep_merge(spec, arm.get("sizes", {}).get(size, {}))
     spec = deep_merge(spec, overrides or {})
     spec = substitute(spec, runs)
     spec["name"] = f"{study['study']}_{arm['name']}_{size}"

@@ -74,3 +74,20 @@ def test_recorded_command_names_every_option_that_shaped_the_table():
     assert line == ("python experiments/run.py pruning --size cpu --seeds 0 1 --out runs/x "
                     "--arms dense rigl_90 --set '{train: {epochs: 2}}' --reuse")
     assert runner.command_line("sorted", "gpu", [0], Path("o")) == "python experiments/run.py sorted --size gpu --seeds 0 --out o"
+
+
+@pytest.mark.parametrize("study, size, arm, path, expected", [
+    ("growth", "cpu_fmnist", "target_equal_flops", "train.epochs", 5),  # `set` says 10 for every size
+    ("growth", "cpu_fmnist", "net2", "train.epochs", 4),
+    ("growth", "cpu", "net2", "train.epochs", 8),
+    ("sorted", "gpu", "alone_w0.5_d5", "model.kwargs.width", 32),  # `set` says 8
+    ("sorted", "cpu", "alone_w0.5_d5", "model.kwargs.width", 8),
+    ("pruning", "gpu", "granet_d2s_98", "passes.0.final_sparsity", 0.98),
+])
+def test_the_arms_size_overlay_wins_over_its_set(study, size, arm, path, expected):
+    record = runner.load_study(study)
+    spec = runner.arm_spec(record, next(a for a in record["arms"] if a["name"] == arm), size, 0, {})
+    value = spec
+    for part in path.split("."):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    assert value == expected
