@@ -117,12 +117,13 @@ def run_study(name: str, size: str, seeds: list[int], out: Path, overrides: dict
         for arm in selected:
             run_dir = out / name / size / arm["name"] / f"seed{seed}"
             runs[arm["name"]] = str(run_dir)
-            spec = parse_spec(arm_spec(study, arm, size, seed, runs, overrides),
-                              source=f"{name}/{arm['name']} ({size})")
+            raw = arm_spec(study, arm, size, seed, runs, overrides)
+            inputs = [Path(p) for p in strings(raw) & set(runs.values()) if p != str(run_dir)]  # e.g. fused nets
+            spec = parse_spec(raw, source=f"{name}/{arm['name']} ({size})")
             if dry_run:
                 print(f"{name} {size} seed {seed}: {arm['name']} ok")
                 continue
-            report = finished_run(run_dir, spec) if reuse else None
+            report = finished_run(run_dir, spec, inputs) if reuse else None
             if report is None:
                 report = run_spec(spec, model, out_dir=run_dir)
             print(f"{name} {size} seed {seed} {arm['name']}: accuracy {report['accuracy']:.4f} "
@@ -140,11 +141,22 @@ def run_study(name: str, size: str, seeds: list[int], out: Path, overrides: dict
     return record
 
 
-def finished_run(run_dir: Path, spec) -> dict[str, Any] | None:
-    """The report of a finished run of exactly this spec in `run_dir`, else None."""
+def strings(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return {value}
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return set().union(*map(strings, items))
+
+
+def finished_run(run_dir: Path, spec, inputs: list[Path] = ()) -> dict[str, Any] | None:
+    """The report of a finished run of exactly this spec in `run_dir`, else None; also None
+    when a run it reads (`inputs`) finished after it, so it was built from an older one."""
     try:
         report = json.loads((run_dir / "report.json").read_text())
         saved = parse_spec(yaml.safe_load((run_dir / "spec.yaml").read_text()))
+        finished = (run_dir / "report.json").stat().st_mtime
+        if any((p / "report.json").stat().st_mtime > finished for p in inputs):
+            return None
     except (OSError, ValueError):
         return None
     def comparable(s):

@@ -2,9 +2,14 @@
 end to end through the runner at a tiny size and writes its table."""
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
+import yaml
+
+from fxgrow.api import spec_dump
+from fxgrow.specs.root import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("experiments_run", ROOT / "experiments" / "run.py")
@@ -91,3 +96,22 @@ def test_the_arms_size_overlay_wins_over_its_set(study, size, arm, path, expecte
     for part in path.split("."):
         value = value[int(part)] if isinstance(value, list) else value[part]
     assert value == expected
+
+
+def test_reuse_skips_a_run_whose_input_run_is_newer(tmp_path):
+    study = runner.load_study("growth")
+    runs = {"net2": str(tmp_path / "net2")}
+    fused = next(a for a in study["arms"] if a["name"] == "grow_fused")
+    raw = runner.arm_spec(study, fused, "cpu", 0, runs)
+    assert runner.strings(raw) & set(runs.values()) == {runs["net2"]}  # how run_study finds the inputs
+    spec = parse_spec(raw)
+    run_dir, net2 = tmp_path / "fused", tmp_path / "net2"
+    for folder in (run_dir, net2):
+        folder.mkdir()
+        (folder / "report.json").write_text('{"accuracy": 0.5}')
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec_dump(spec)))
+    os.utime(net2 / "report.json", (1000, 1000))
+    assert runner.finished_run(run_dir, spec, [net2]) == {"accuracy": 0.5}
+    os.utime(net2 / "report.json")  # net2 trained again after the fused run: fuse again
+    assert runner.finished_run(run_dir, spec, [net2]) is None
+    assert runner.finished_run(run_dir, spec) == {"accuracy": 0.5}
