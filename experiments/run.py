@@ -132,7 +132,8 @@ def run_study(name: str, size: str, seeds: list[int], out: Path, overrides: dict
     if dry_run:
         return {}
     table = TABLES[study.get("table", "arms")](study, selected, results)
-    record = {"study": name, "size": size, "seeds": seeds, "command": command_line(name, size, seeds, out, reuse, arms, overrides),
+    record = {"study": name, "size": size, "seeds": seeds,
+              "command": command_line(name, size, seeds, out, reuse, arms, overrides),
               "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "columns": table["columns"], "rows": table["rows"]}
     out.mkdir(parents=True, exist_ok=True)
@@ -142,6 +143,7 @@ def run_study(name: str, size: str, seeds: list[int], out: Path, overrides: dict
 
 
 def strings(value: Any) -> set[str]:
+    """Every string anywhere in a spec (the run folders it names among them)."""
     if isinstance(value, str):
         return {value}
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
