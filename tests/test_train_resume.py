@@ -98,3 +98,22 @@ def test_resume_on_another_world_size_warns(tmp_path):
     torch.save(state, path)
     with pytest.warns(UserWarning, match="resuming on 1 rank.s. from a checkpoint of 2: .* not bit-identical"):
         Trainer(mlp(), s, resume=tmp_path).fit()
+
+
+def test_checkpoint_with_one_rng_state_from_before_per_rank_states_resumes(tmp_path):
+    s = spec(epochs=2, checkpoint_every_steps=2,
+             data={"name": "synthetic", "shape": [12], "num_classes": 3, "train_size": 16, "test_size": 6})
+    torch.manual_seed(0)
+    reference = Trainer(mlp(), s, out_dir=tmp_path / "a")
+    reference.fit()
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="crash"):
+        Trainer(mlp(), s, [Crash()], out_dir=tmp_path / "b").fit()
+    path = tmp_path / "b" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["rng"] = state["rng"][0]  # the earlier format: rank 0's generators, not a list
+    torch.save(state, path)
+    resumed = Trainer(mlp(), s, resume=tmp_path / "b")
+    resumed.fit()
+    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
