@@ -64,22 +64,39 @@ class Crash(Callback):
             raise RuntimeError("crash")
 
 
-@pytest.mark.parametrize("optimizer", [{"name": "adamw", "lr": 0.01}, {"name": "sgd", "lr": 0.1, "nesterov": True}])
-def test_resume_after_a_crash_is_bit_identical(tmp_path, optimizer):
-    s = spec(epochs=5, checkpoint_every_steps=3, optimizer=optimizer,
-             data={"name": "synthetic", "shape": [12], "num_classes": 3, "train_size": 16, "test_size": 6},
-             schedule={"warmup_steps": 3})
+SMALL = {"name": "synthetic", "shape": [12], "num_classes": 3, "train_size": 16, "test_size": 6}
+
+
+def crash_and_resume(s, tmp_path: Path, edit_checkpoint=None) -> tuple[Trainer, Trainer]:
+    """An uninterrupted run (`a`) and the same run crashed at step 7 (`b`), then resumed from
+    its checkpoint, which `edit_checkpoint(state)` may change first."""
     torch.manual_seed(0)
     reference = Trainer(mlp(), s, out_dir=tmp_path / "a")
     reference.fit()
     torch.manual_seed(0)
     with pytest.raises(RuntimeError, match="crash"):
         Trainer(mlp(), s, [Crash()], out_dir=tmp_path / "b").fit()
+    if edit_checkpoint is not None:
+        path = tmp_path / "b" / "checkpoint.pt"
+        state = torch.load(path, weights_only=True)
+        edit_checkpoint(state)
+        torch.save(state, path)
     torch.manual_seed(1)  # a different init: everything must come from the checkpoint
     resumed = Trainer(mlp(), s, resume=tmp_path / "b")
     resumed.fit()
-    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
+    return reference, resumed
+
+
+def assert_same_parameters(a: Trainer, b: Trainer) -> None:
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("optimizer", [{"name": "adamw", "lr": 0.01}, {"name": "sgd", "lr": 0.1, "nesterov": True}])
+def test_resume_after_a_crash_is_bit_identical(tmp_path, optimizer):
+    s = spec(epochs=5, checkpoint_every_steps=3, optimizer=optimizer, data=SMALL, schedule={"warmup_steps": 3})
+    reference, resumed = crash_and_resume(s, tmp_path)
+    assert_same_parameters(reference, resumed)
     for a, b in zip(reference.optimizer.state.values(), resumed.optimizer.state.values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
@@ -87,33 +104,18 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, optimizer):
 
 def test_resume_on_another_world_size_warns(tmp_path):
     # a checkpoint of a 2-rank run resumed in one process: it goes on, and says it is not exact
-    s = spec(epochs=2, checkpoint_every_steps=2,
-             data={"name": "synthetic", "shape": [12], "num_classes": 3, "train_size": 16, "test_size": 6})
-    with pytest.raises(RuntimeError, match="crash"):
-        Trainer(mlp(), s, [Crash()], out_dir=tmp_path).fit()
-    path = tmp_path / "checkpoint.pt"
-    state = torch.load(path, weights_only=True)
-    assert len(state["rng"]) == 1  # one generator state per rank
-    state["rng"] = state["rng"] * 2
-    torch.save(state, path)
+    def two_ranks(state):
+        assert len(state["rng"]) == 1  # one generator state per rank
+        state["rng"] = state["rng"] * 2
+
     with pytest.warns(UserWarning, match="resuming on 1 rank.s. from a checkpoint of 2: .* not bit-identical"):
-        Trainer(mlp(), s, resume=tmp_path).fit()
+        crash_and_resume(spec(epochs=2, checkpoint_every_steps=2, data=SMALL), tmp_path, two_ranks)
 
 
 def test_checkpoint_with_one_rng_state_from_before_per_rank_states_resumes(tmp_path):
-    s = spec(epochs=2, checkpoint_every_steps=2,
-             data={"name": "synthetic", "shape": [12], "num_classes": 3, "train_size": 16, "test_size": 6})
-    torch.manual_seed(0)
-    reference = Trainer(mlp(), s, out_dir=tmp_path / "a")
-    reference.fit()
-    torch.manual_seed(0)
-    with pytest.raises(RuntimeError, match="crash"):
-        Trainer(mlp(), s, [Crash()], out_dir=tmp_path / "b").fit()
-    path = tmp_path / "b" / "checkpoint.pt"
-    state = torch.load(path, weights_only=True)
-    state["rng"] = state["rng"][0]  # the earlier format: rank 0's generators, not a list
-    torch.save(state, path)
-    resumed = Trainer(mlp(), s, resume=tmp_path / "b")
-    resumed.fit()
-    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
+    def earlier_format(state):  # rank 0's generators, not a list
+        state["rng"] = state["rng"][0]
+
+    reference, resumed = crash_and_resume(spec(epochs=2, checkpoint_every_steps=2, data=SMALL), tmp_path,
+                                          earlier_format)
+    assert_same_parameters(reference, resumed)
