@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from .ir import _KIND_BY_FN, META, evaluate_chain, is_layer, layer_operands, meta, weight_chains
+from .ir import _KIND_BY_FN, META, evaluate_chain, is_layer, layer_operands, meta, replace_submodule, weight_chains
 
 # Passes whose graph nodes are not weight chains (sorted slicing's depth gates and sliced
 # norms) register here how to turn them into plain graph code before chains are folded.
@@ -40,9 +40,7 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
                        for name, tail in layer_operands(node).items()}
             extra = tuple(node.args[1 + len(kind.operands):])
             module = kind.rebuild(tensors, extra)
-            old = gm.get_submodule(layer)
-            module.train(old.training)
-            _set_submodule(gm, layer, module)
+            replace_submodule(gm, layer, module)
             rebuilt[layer] = module
         with graph.inserting_before(node):
             call = graph.call_module(layer, (node.args[0],))
@@ -57,8 +55,3 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     gm.recompile()
     return gm
 
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)

@@ -212,6 +212,26 @@ def _order(gm: fx.GraphModule, head: fx.Node, node: fx.Node) -> int:
     return depth
 
 
+def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put `module` at `path` in place of the module there, in that module's training mode."""
+    module.train(root.get_submodule(path).training)
+    root.set_submodule(path, module)
+    return module
+
+
+def replace_tensor(root: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Put `value` in place of the parameter or buffer `key` ("path.name"): a parameter stays
+    a parameter (with its requires_grad), a buffer a buffer."""
+    owner_path, _, name = key.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    if owner._parameters.get(name) is not None:
+        owner._parameters[name] = nn.Parameter(value, requires_grad=owner._parameters[name].requires_grad)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        raise FxgrowError(f"'{key}' is neither a parameter nor a buffer")
+
+
 def _has_submodule(gm: nn.Module, path: str) -> bool:
     try:
         gm.get_submodule(path)

@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .analysis import measure
 from .errors import FxgrowError
 from .fold import FOLD_PREPARERS, fold
+from .ir import replace_submodule
 from .nn.slicing import ConvGroups, DepthGate, SlicedBatchNorm, SlicedLayerNorm, SubnetState
 
 Point = tuple[float, int]
@@ -183,8 +184,7 @@ def materialize(gm: fx.GraphModule) -> fx.GraphModule:
             graph.erase_node(node)
     for path, module in list(gm.named_modules()):
         if isinstance(module, (SlicedBatchNorm, SlicedLayerNorm)):
-            parent, _, name = path.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, name, _plain_norm(module))
+            replace_submodule(gm, path, _plain_norm(module))
     graph.lint()
     gm.recompile()
     return gm

@@ -21,6 +21,7 @@ from ..ir import layer_types
 from ..nn.mask import MaskProducer
 from ..specs.base import PassSpec, StrictModel
 from ..train.callbacks import Callback, TrainContext
+from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, register_pass
 from .grow_model import check_growable, grow_model, load_source, surviving_params
 from .template_mixing import TemplateMixingPass, mix_producers
@@ -151,7 +152,7 @@ class GrowCallback(Callback):
             sources = [own] * n
         else:
             sources = [own] + [load_source(p, own, f"grow.fuse.{i}") for i, p in enumerate(self.spec.fuse)]
-        generator = torch.Generator().manual_seed(int(ctx.seed) * 1_000_003 + int(self.growth_step or 0))
+        generator = torch.Generator().manual_seed(stable_seed(int(ctx.seed), int(self.growth_step or 0), self.name))
         return grow_model(model, sources, self.spec.factor, self._example(ctx), layout=self.spec.layout,
                           new_coefficients=self.spec.new_coefficients, noise=self.spec.noise,
                           generator=generator)

@@ -37,7 +37,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..analysis.coupling import ChannelGroup, ChannelUse, channel_groups
 from ..errors import FxgrowError
-from ..ir import is_layer, layer_types, meta, weight_chains
+from ..ir import is_layer, layer_types, meta, replace_submodule, replace_tensor, weight_chains
 from ..nn.compander import CompandProducer
 from ..nn.mask import MaskProducer
 from ..nn.mixing import MixProducer, TemplateBank
@@ -307,11 +307,11 @@ def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], facto
     grids = [_plan_grid(path, p, channels, sources, g, layout, coefficients)
              for path, p in mix_producers(new).items()]
     for grid in grids:
-        _set_module(new, grid.path, _grown_producer(grid, n, coefficients, device))
+        replace_submodule(new, grid.path, _grown_producer(grid, n, coefficients, device))
     if n > 1:  # template banks: source net i's templates are set i
         for bank in dict.fromkeys(grid.producer.bank for grid in grids):
             key = f"{bank}.templates"
-            _set_module(new, bank, TemplateBank(torch.cat([s[key] for s in sources]), sets=n))
+            replace_submodule(new, bank, TemplateBank(torch.cat([s[key] for s in sources]), sets=n))
     _check_compander_scales(new, sources)
     _grow_masks(new, channels, grids, sources, g)
     _widen_tensors(new, channels, sources, g, {grid.producer.source for grid in grids})
@@ -319,7 +319,7 @@ def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], facto
         key = f"{grid.layer}.bias"
         if grid.rows == 1 and grid.cols > 1 and n > 1 and key in sources[0]:
             _check_plain(new, key)
-            _set_tensor(new, key, torch.stack([s[key] for s in sources]).sum(0))
+            replace_tensor(new, key, torch.stack([s[key] for s in sources]).sum(0))
     _fix_layer_args(new, g, channels)
     new.recompile()
     try:
@@ -412,7 +412,7 @@ def _widen_tensors(gm: fx.GraphModule, channels: _Channels, sources: list[dict],
         stacked = torch.stack([sources[b][key] if b < n else default if default is not None
                                else sources[b % n][key] for b in range(g)])
         value = stacked.movedim(dim + 1, 1)[band.to(old.device), index.to(old.device)].movedim(0, dim)
-        _set_tensor(gm, key, value.contiguous())
+        replace_tensor(gm, key, value.contiguous())
 
 
 def _default_band(owner: nn.Module | None, param: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -490,20 +490,3 @@ def _check_plain(gm: fx.GraphModule, key: str) -> None:
         raise FxgrowError(f"grow cannot widen '{key}': it has producers "
                           f"({', '.join(p.target for p in chain.producers)})")
 
-
-def _set_tensor(gm: nn.Module, key: str, value: torch.Tensor) -> None:
-    owner_path, _, name = key.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if name in owner._parameters:
-        owner._parameters[name] = nn.Parameter(value, requires_grad=owner._parameters[name].requires_grad)
-    elif name in owner._buffers:
-        owner._buffers[name] = value
-    else:
-        raise FxgrowError(f"grow: '{key}' is neither a parameter nor a buffer")
-
-
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    module.train(getattr(parent, name).training)
-    setattr(parent, name, module)

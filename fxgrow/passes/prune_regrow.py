@@ -25,10 +25,11 @@ from ..ir import fetch_attr, insert_producer, weight_chains
 from ..nn.mask import MaskProducer
 from ..specs.base import PassSpec, StrictModel
 from ..train.callbacks import Callback, TrainContext
+from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, register_pass
 from .prune_regrow_filters import (annotate_groups, filter_groups, keep_channels_group, keep_channels_total,
                                    prune_channels, regrow_channels)
-from .prune_regrow_masks import MaskedWeight, masked_weights, prune_global, prune_layer, regrow
+from .prune_regrow_masks import MaskedWeight, masked_weights, prune_global, prune_layer, regrow, top_k_mask
 
 SAME_AS_FINAL = object()  # preset value: initial_sparsity equals final_sparsity
 
@@ -371,7 +372,7 @@ class PruneRegrowCallback(Callback):
             if gradient:
                 self._reduce_dense_grads(weights, filters)
             else:  # the same draws on every DDP rank and on resume
-                generator = torch.Generator(weights[0].mask.device).manual_seed((ctx.seed * 1_000_003 + t) % 2**63)
+                generator = torch.Generator(weights[0].mask.device).manual_seed(stable_seed(ctx.seed, t, self.name))
             if filters is not None:
                 dropped, moved = regrow_channels(filters, fraction, gradient, generator, opt)
             else:
@@ -405,12 +406,7 @@ class PruneRegrowCallback(Callback):
                  else self.keep_per_layer(weights, target))
         parts = [torch.cat([sc.flatten() for sc in scores])] if self.spec.scope == "global" else \
             [sc.flatten() for sc in scores]
-        kept = []
-        for part, keep in zip(parts, keeps):
-            chosen = torch.zeros_like(part, dtype=torch.bool)
-            chosen[torch.topk(part, keep, sorted=False).indices] = True
-            kept.append(chosen)
-        kept, offset = torch.cat(kept), 0
+        kept, offset = torch.cat([top_k_mask(part, keep) for part, keep in zip(parts, keeps)]), 0
         for w in weights:
             w.set_active(kept[offset:offset + w.numel].view(w.mask.shape), ctx.optimizer)
             w.mask_module.fresh = None

@@ -26,9 +26,9 @@ from torch import fx, nn
 from ..analysis import channel_groups, propagate_shapes
 from ..errors import FxgrowError, SpecError
 from ..fold import fold
-from ..ir import LAYER_KINDS
+from ..ir import LAYER_KINDS, fetch_attr, replace_tensor
 from ..nn.mask import MaskProducer
-from .prune_regrow_masks import MaskedWeight, drop_count
+from .prune_regrow_masks import MaskedWeight, drop_count, top_k_mask
 
 
 @dataclass(frozen=True)
@@ -172,18 +172,14 @@ def prune_channels(groups: list[FilterGroup], sparsity: float, scope: str, optim
             score = torch.where(active[g.id], g.magnitude(), torch.tensor(-1.0, device=active[g.id].device))
             score[int(score.argmax())] = math.inf       # the group's best channel stays
             scores.append(score)
-        flat = torch.cat(scores)
-        kept = torch.zeros_like(flat, dtype=torch.bool)
-        kept[torch.topk(flat, keep, sorted=False).indices] = True
+        kept = top_k_mask(torch.cat(scores), keep)
         new = dict(zip((g.id for g in groups), kept.split([g.size for g in groups])))
     else:
         for g in groups:
             keep = keep_channels_group(g, sparsity)
             if int(active[g.id].sum()) > keep:
                 score = torch.where(active[g.id], g.magnitude(), torch.tensor(-1.0, device=active[g.id].device))
-                kept = torch.zeros(g.size, dtype=torch.bool, device=score.device)
-                kept[torch.topk(score, keep, sorted=False).indices] = True
-                new[g.id] = kept
+                new[g.id] = top_k_mask(score, keep)
     before = sum(int(a.sum()) for a in active.values())
     set_channels(groups, new, optimizer)
     return before - sum(int(g.active().sum()) for g in groups)
@@ -237,14 +233,10 @@ def export_pruned(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
             end = use.offset + g.size * use.repeat
             indices.setdefault((use.layer, use.param, use.dim), {})[use.offset] = (use.indices(channels), end)
     for (layer, param, dim), parts in indices.items():
-        module = plain.get_submodule(layer)
-        tensor = getattr(module, param)
+        key = f"{layer}.{param}" if layer else param
+        tensor = fetch_attr(plain, key)
         keep = _merge(parts, tensor.shape[dim])
-        smaller = tensor.index_select(dim, keep.to(tensor.device))
-        if isinstance(tensor, nn.Parameter):
-            setattr(module, param, nn.Parameter(smaller, requires_grad=tensor.requires_grad))
-        else:
-            setattr(module, param, smaller)
+        replace_tensor(plain, key, tensor.index_select(dim, keep.to(tensor.device)))
     for module in plain.modules():
         _fix_sizes(module)
     plain.recompile()

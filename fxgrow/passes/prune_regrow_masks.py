@@ -86,6 +86,13 @@ def masked_weights(gm: nn.Module) -> list[MaskedWeight]:
     return out
 
 
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the `k` largest entries of the 1-d `scores`, False elsewhere."""
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    kept[torch.topk(scores, k, sorted=False).indices] = True
+    return kept
+
+
 def _ranked(w: MaskedWeight) -> torch.Tensor:
     """|value| at active positions, -1 at inactive ones (never kept before an active one)."""
     return torch.where(w.active, w.value().abs().float(), torch.tensor(-1.0, device=w.mask.device))
@@ -97,9 +104,7 @@ def prune_global(weights: list[MaskedWeight], keep: int, optimizer=None) -> int:
     were pruned. Nothing happens when at most `keep` are active."""
     if sum(w.nnz() for w in weights) <= keep:
         return 0
-    scores = torch.cat([_ranked(w).flatten() for w in weights])
-    kept = torch.zeros_like(scores, dtype=torch.bool)
-    kept[torch.topk(scores, keep, sorted=False).indices] = True
+    kept = top_k_mask(torch.cat([_ranked(w).flatten() for w in weights]), keep)
     pruned, offset = 0, 0
     for w in weights:
         pruned += w.set_active(kept[offset:offset + w.numel].view(w.mask.shape).to(w.mask.device), optimizer)
@@ -112,9 +117,7 @@ def prune_layer(w: MaskedWeight, keep: int, optimizer=None) -> int:
     """Keep the `keep` largest-magnitude active weights of one layer."""
     if w.nnz() <= keep:
         return 0
-    kept = torch.zeros(w.numel, dtype=torch.bool, device=w.mask.device)
-    kept[torch.topk(_ranked(w).flatten(), keep, sorted=False).indices] = True
-    return w.set_active(kept.view(w.mask.shape), optimizer)
+    return w.set_active(top_k_mask(_ranked(w).flatten(), keep).view(w.mask.shape), optimizer)
 
 
 def drop_count(fraction: float, nnz: int) -> int:

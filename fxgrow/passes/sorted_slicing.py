@@ -23,7 +23,7 @@ from torch import fx, nn
 from ..analysis import propagate_shapes
 from ..analysis.coupling import channel_groups
 from ..errors import FxgrowError, SpecError
-from ..ir import META, insert_producer, is_layer, layer_types, weight_chains
+from ..ir import META, insert_producer, is_layer, layer_types, replace_submodule, weight_chains
 from ..nn.slicing import ConvGroups, DepthGate, SlicedLayerNorm, SliceProducer, SubnetState, sliced_batch_norm
 from ..specs.base import PassSpec, StrictModel
 from ..subnets import evaluate_grid, find_state, materialize, recalibrate
@@ -209,8 +209,7 @@ class SortedSlicingPass(Pass):
             old = gm.get_submodule(path)
             new = (SlicedLayerNorm(old, state, layout) if isinstance(old, nn.LayerNorm)
                    else sliced_batch_norm(old, state, layout, per_width=self.spec.bn == "per_width"))
-            parent, _, name = path.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, name, new)
+            replace_submodule(gm, path, new)
 
     def _gate_blocks(self, gm: fx.GraphModule, blocks: list[Block], state: SubnetState) -> None:
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
