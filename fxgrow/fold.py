@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from .ir import _KIND_BY_FN, META, evaluate_chain, is_layer, layer_operands, meta, replace_submodule, weight_chains
+from .ir import META, evaluate_chain, is_layer, layer_operands, meta, replace_submodule, weight_chains
+from .layers import layer_call
 
 # Passes whose graph nodes are not weight chains (sorted slicing's depth gates and sliced
 # norms) register here how to turn them into plain graph code before chains are folded.
@@ -33,13 +34,12 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         if not is_layer(node):
             continue
         layer = meta(node)["source"]
-        kind = _KIND_BY_FN[node.target]
         if layer not in rebuilt:
+            call = layer_call(node, gm)
             tensors = {name: (evaluate_chain(gm, chains[f"{layer}.{name}"]).detach().clone()
                               if tail is not None else None)
                        for name, tail in layer_operands(node).items()}
-            extra = tuple(node.args[1 + len(kind.operands):])
-            module = kind.rebuild(tensors, extra)
+            module = call.kind.rebuild(tensors, call.options)
             replace_submodule(gm, layer, module)
             rebuilt[layer] = module
         with graph.inserting_before(node):

@@ -9,66 +9,16 @@ live under `gm.fxgrow.<layer path>.<param>_<role>`. Every node fxgrow adds carri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import FxgrowError
+from .layers import argument, kind_of, kind_of_function, require_functional
 from .nn.base import Producer
 
 META = "fxgrow"
-
-
-@dataclass(frozen=True)
-class LayerKind:
-    """How one module type becomes a function call and back."""
-
-    module_type: type[nn.Module]
-    fn: Callable
-    operands: tuple[str, ...]                       # parameter names passed as chains, in order
-    extra_args: Callable[[nn.Module], tuple]        # constant args after the operands
-    rebuild: Callable[[dict[str, torch.Tensor], tuple], nn.Module]  # (operands, extra_args) -> module
-
-
-def _rebuild_linear(t: dict[str, torch.Tensor], extra: tuple) -> nn.Module:
-    w, b = t["weight"], t.get("bias")
-    m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-    return _load(m, t)
-
-
-def _rebuild_conv(cls: type[nn.Module]) -> Callable:
-    def rebuild(t: dict[str, torch.Tensor], extra: tuple) -> nn.Module:
-        stride, padding, dilation, groups = extra
-        w, b = t["weight"], t.get("bias")
-        m = cls(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride, padding=padding,
-                dilation=dilation, groups=groups, bias=b is not None, device=w.device, dtype=w.dtype)
-        return _load(m, t)
-    return rebuild
-
-
-def _load(m: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if value is not None:
-                getattr(m, name).copy_(value)
-    return m
-
-
-def _conv_args(m: nn.Module) -> tuple:
-    if m.padding_mode != "zeros":
-        raise FxgrowError(f"padding_mode={m.padding_mode!r} is not supported by functionalization; "
-                          "exclude this layer from the pass targets")
-    return (m.stride, m.padding, m.dilation, m.groups)
-
-
-LAYER_KINDS: dict[type[nn.Module], LayerKind] = {
-    nn.Linear: LayerKind(nn.Linear, F.linear, ("weight", "bias"), lambda m: (), _rebuild_linear),
-    **{cls: LayerKind(cls, fn, ("weight", "bias"), _conv_args, _rebuild_conv(cls))
-       for cls, fn in ((nn.Conv1d, F.conv1d), (nn.Conv2d, F.conv2d), (nn.Conv3d, F.conv3d))},
-}
-_KIND_BY_FN = {k.fn: k for k in LAYER_KINDS.values()}
 
 
 def meta(node: fx.Node) -> dict[str, Any]:
@@ -79,19 +29,20 @@ def is_layer(node: fx.Node) -> bool:
     return node.op == "call_function" and meta(node).get("role") == "layer"
 
 
-def _kind_of(module: nn.Module) -> LayerKind | None:
-    return LAYER_KINDS.get(type(module))
-
-
 def layer_types(gm: fx.GraphModule) -> dict[str, str]:
     """Targetable layers in graph order: {module path: type name}, plain or functionalized."""
     out: dict[str, str] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and _kind_of(gm.get_submodule(node.target)) is not None:
+        if node.op == "call_module" and _targetable(gm.get_submodule(node.target)):
             out.setdefault(node.target, type(gm.get_submodule(node.target)).__name__)
         elif is_layer(node):
             out.setdefault(meta(node)["source"], meta(node)["module_type"])
     return out
+
+
+def _targetable(module: nn.Module) -> bool:
+    kind = kind_of(module, exact=True)
+    return kind is not None and kind.targetable
 
 
 def functionalize(gm: fx.GraphModule, layers: list[str]) -> None:
@@ -104,15 +55,13 @@ def functionalize(gm: fx.GraphModule, layers: list[str]) -> None:
         if node.op != "call_module" or node.target not in wanted:
             continue
         module = gm.get_submodule(node.target)
-        kind = _kind_of(module)
-        if kind is None:
-            raise FxgrowError(f"layer '{node.target}' ({type(module).__name__}) cannot be functionalized")
+        kind = require_functional(node.target, module)
         if len(node.args) != 1 or node.kwargs:
             raise FxgrowError(f"layer '{node.target}' is called with more than one input")
-        extra = kind.extra_args(module)
+        options = kind.options(module)
         with graph.inserting_before(node):
             operands = []
-            for pname in kind.operands:
+            for pname in kind.params:
                 if getattr(module, pname, None) is None:
                     operands.append(None)
                     continue
@@ -122,7 +71,8 @@ def functionalize(gm: fx.GraphModule, layers: list[str]) -> None:
                     chains[key].meta[META] = {"role": "param", "source": key, "layer": node.target,
                                               "param": pname}
                 operands.append(chains[key])
-            call = graph.call_function(kind.fn, (node.args[0], *operands, *extra))
+            call = graph.call_function(kind.function, (node.args[0], *operands,
+                                                       *(options[name] for name in kind.signature[len(kind.params):])))
         call.meta.update(node.meta)
         call.meta[META] = {"role": "layer", "source": node.target,
                            "module_type": type(module).__name__}
@@ -153,9 +103,9 @@ class WeightChain:
 
 
 def layer_operands(node: fx.Node) -> dict[str, fx.Node | None]:
-    """{operand name: tail node} of a functional layer node."""
-    kind = _KIND_BY_FN[node.target]
-    return dict(zip(kind.operands, node.args[1:1 + len(kind.operands)]))
+    """{operand name: tail node} of a functional layer node (None for an absent bias)."""
+    kind = kind_of_function(node.target)
+    return {name: argument(node, kind.position(name), name) for name in kind.params}
 
 
 def weight_chains(gm: fx.GraphModule) -> dict[str, WeightChain]:

@@ -38,6 +38,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..analysis.coupling import ChannelGroup, ChannelUse, channel_groups
 from ..errors import FxgrowError
 from ..ir import is_layer, layer_types, meta, replace_submodule, replace_tensor, weight_chains
+from ..layers import fill_value, kind_of, layer_call
 from ..nn.compander import CompandProducer
 from ..nn.mask import MaskProducer
 from ..nn.mixing import MixProducer, TemplateBank
@@ -46,8 +47,6 @@ from .template_mixing import mix_producers
 
 # Producers growth knows how to carry over; anything else in a chain is refused.
 SUPPORTED_PRODUCERS = (MixProducer, CompandProducer, MaskProducer, SliceProducer)
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 # --- checks and sources -------------------------------------------------------------------
@@ -417,43 +416,28 @@ def _widen_tensors(gm: fx.GraphModule, channels: _Channels, sources: list[dict],
 
 def _default_band(owner: nn.Module | None, param: str, like: torch.Tensor) -> torch.Tensor | None:
     """The value of channels no source net provides, or None to copy a source."""
-    if param == "running_var" or (param == "weight" and isinstance(owner, _NORMS)):
-        return torch.ones_like(like)
-    if param in ("bias", "running_mean") and (owner is None or isinstance(owner, _NORMS + _WEIGHT_LAYERS)):
-        return torch.zeros_like(like)
-    return None
+    value = fill_value(owner, param)
+    return None if value is None else torch.full_like(like, value)
 
 
 def _fix_layer_args(gm: fx.GraphModule, g: int, channels: _Channels) -> None:
-    """Depthwise convs grow their groups with their channels; module attributes that
-    describe widths follow the tensors."""
-    conv_groups = {}
-    for node in gm.graph.nodes:
-        if is_layer(node) and meta(node)["module_type"].startswith("Conv"):
-            layer, groups = meta(node)["source"], node.args[6]
-            if groups > 1 and channels.grows(layer, "weight", 0):
-                node.args = (*node.args[:6], groups * g, *node.args[7:])
-            conv_groups[layer] = node.args[6]
+    """Options that count channels (a depthwise conv's groups) grow with them; module
+    attributes that describe widths follow the tensors."""
     mixed = {p.source: p for p in mix_producers(gm).values()}
+    for node in gm.graph.nodes:
+        call = layer_call(node, gm) if is_layer(node) else None
+        for option, (role, dim) in (call.kind.channel_options(call) if call else {}).items():
+            if channels.grows(call.path, role, dim):
+                call.set_option(option, call.options[option] * g)
     for path, module in gm.named_modules():
-        weight = getattr(module, "weight", None)
-        shape = (mixed[f"{path}.weight"].weight_shape if f"{path}.weight" in mixed
-                 else tuple(weight.shape) if isinstance(weight, torch.Tensor) else None)
-        if shape is None:
+        kind = kind_of(module)
+        if kind is None:
             continue
-        if isinstance(module, nn.Linear):
-            module.out_features, module.in_features = shape[0], shape[1]
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            module.groups = conv_groups.get(path, module.groups)
-            module.out_channels, module.in_channels = shape[0], shape[1] * module.groups
-        elif isinstance(module, nn.modules.batchnorm._NormBase):
-            module.num_features = shape[0]
-        elif isinstance(module, nn.GroupNorm):
-            if module.num_groups == module.num_channels:
-                module.num_groups = shape[0]
-            module.num_channels = shape[0]
-        elif isinstance(module, nn.LayerNorm):
-            module.normalized_shape = tuple(shape)
+        shapes = {name: tuple(t.shape) for name, t in module.named_parameters(recurse=False)}
+        shapes |= {name: tuple(t.shape) for name, t in module.named_buffers(recurse=False) if t.dim()}
+        if f"{path}.weight" in mixed:
+            shapes["weight"] = mixed[f"{path}.weight"].weight_shape
+        kind.resize(module, shapes)
 
 
 # --- small helpers -------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from torch import fx, nn
 from ..analysis import channel_groups, propagate_shapes
 from ..errors import FxgrowError, SpecError
 from ..fold import fold
-from ..ir import LAYER_KINDS, fetch_attr, replace_tensor
+from ..ir import fetch_attr, replace_tensor
+from ..layers import kind_of
 from ..nn.mask import MaskProducer
 from .prune_regrow_masks import MaskedWeight, drop_count, top_k_mask
 
@@ -68,9 +69,6 @@ class FilterGroup:
 
 # --- finding the groups -----------------------------------------------------------------------
 
-_NORM_PARAMS = ("weight", "bias", "running_mean", "running_var")
-
-
 def annotate_groups(gm: fx.GraphModule, example: torch.Tensor | None, where: str) -> None:
     """At rewrite: find the prunable channel groups and store, on each mask, the
     (group, size, dim, offset, repeat) of every group it holds channels of."""
@@ -105,10 +103,11 @@ def _unprunable(gm: fx.GraphModule, group, masks: dict[str, MaskProducer]) -> st
         return group.reason
     for use in group.uses:
         module = gm.get_submodule(use.layer)
-        if type(module) in LAYER_KINDS:
+        kind = kind_of(module)
+        if kind is not None and kind.targetable:
             if use.param == "weight" and f"{use.layer}.weight" not in masks:
                 return f"'{use.layer}' uses these channels but is not targeted"
-        elif not (isinstance(module, nn.modules.batchnorm._NormBase) and use.param in _NORM_PARAMS):
+        elif not (kind is not None and kind.channelwise):
             return f"'{use.layer}' ({type(module).__name__}) mixes channels"
     return ""
 
@@ -254,15 +253,7 @@ def _merge(parts: dict[int, tuple[torch.Tensor, int]], length: int) -> torch.Ten
 
 def _fix_sizes(module: nn.Module) -> None:
     """Make a module's size attributes agree with its (sliced) tensors."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        c_in_per_group = module.weight.shape[1]
-        if module.groups > 1 and c_in_per_group == 1 and module.groups == module.in_channels:  # depthwise
-            module.groups = module.weight.shape[0]
-        module.out_channels = module.weight.shape[0]
-        module.in_channels = c_in_per_group * module.groups
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        ref = module.weight if module.weight is not None else module.running_mean
-        if ref is not None:
-            module.num_features = ref.shape[0]
+    kind = kind_of(module)
+    if kind is not None:
+        kind.resize(module, {name: tuple(t.shape) for name, t in module.named_parameters(recurse=False)}
+                    | {name: tuple(t.shape) for name, t in module.named_buffers(recurse=False) if t.dim()})

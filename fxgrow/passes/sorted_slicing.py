@@ -24,7 +24,8 @@ from ..analysis import propagate_shapes
 from ..analysis.coupling import channel_groups
 from ..errors import FxgrowError, SpecError
 from ..ir import META, insert_producer, is_layer, layer_types, replace_submodule, weight_chains
-from ..nn.slicing import ConvGroups, DepthGate, SlicedLayerNorm, SliceProducer, SubnetState, sliced_batch_norm
+from ..layers import kind_of, layer_call
+from ..nn.slicing import ConvGroups, DepthGate, SliceProducer, SubnetState
 from ..specs.base import PassSpec, StrictModel
 from ..subnets import evaluate_grid, find_state, materialize, recalibrate
 from ..train.callbacks import Callback
@@ -190,26 +191,24 @@ class SortedSlicingPass(Pass):
         chains = weight_chains(gm)
         for key, layouts in plan.chains.items():
             insert_producer(gm, chains[key], SliceProducer(state, layouts), self.kind)
-        # A depthwise conv cut to k channels is a conv with k groups.
+        # Options that count channels (a depthwise conv's groups) follow the cut.
         for node in gm.graph.nodes:
-            if not (is_layer(node) and node.target in (F.conv1d, F.conv2d, F.conv3d)):
-                continue
-            source = node.meta[META]["source"]
-            out = next((lay for lay in plan.chains.get(f"{source}.weight", []) if lay.dim == 0), None)
-            if isinstance(node.args[6], int) and node.args[6] > 1 and out is not None:
-                path = f"{META}.{source.replace('.', '_')}.groups"
-                gm.add_submodule(path, ConvGroups(state, out))
+            call = layer_call(node, gm) if is_layer(node) else None
+            for option, (role, dim) in (call.kind.channel_options(call) if call else {}).items():
+                layout = next((lay for lay in plan.chains.get(f"{call.path}.{role}", []) if lay.dim == dim), None)
+                if layout is None:
+                    continue
+                path = f"{META}.{call.path.replace('.', '_')}.{option}"
+                gm.add_submodule(path, ConvGroups(state, layout))
                 with gm.graph.inserting_before(node):
-                    groups = gm.graph.call_module(path, ())
-                groups.meta[META] = {"role": "groups", "pass": self.kind, "source": source}
-                node.update_arg(6, groups)
+                    counted = gm.graph.call_module(path, ())
+                counted.meta[META] = {"role": option, "pass": self.kind, "source": call.path}
+                call.set_option(option, counted)
 
     def _slice_norms(self, gm: fx.GraphModule, plan: SlicePlan, state: SubnetState) -> None:
         for path, layout in plan.norms.items():
             old = gm.get_submodule(path)
-            new = (SlicedLayerNorm(old, state, layout) if isinstance(old, nn.LayerNorm)
-                   else sliced_batch_norm(old, state, layout, per_width=self.spec.bn == "per_width"))
-            replace_submodule(gm, path, new)
+            replace_submodule(gm, path, kind_of(old).sliced(old, state, layout, per_width=self.spec.bn == "per_width"))
 
     def _gate_blocks(self, gm: fx.GraphModule, blocks: list[Block], state: SubnetState) -> None:
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
