@@ -36,7 +36,7 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         layer = meta(node)["source"]
         if layer not in rebuilt:
             call = layer_call(node, gm)
-            tensors = {name: (evaluate_chain(gm, chains[f"{layer}.{name}"]).detach().clone()
+            tensors = {name: (evaluate_chain(gm, chains[f"{layer}.{name}"], folding=True).detach().clone()
                               if tail is not None else None)
                        for name, tail in layer_operands(node).items()}
             module = call.kind.rebuild(tensors, call.options)

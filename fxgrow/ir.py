@@ -197,9 +197,19 @@ def fetch_attr(gm: nn.Module, target: str) -> torch.Tensor:
     return obj
 
 
-def evaluate_chain(gm: fx.GraphModule, chain: WeightChain) -> torch.Tensor:
-    """The tensor a chain produces now (e.g. the effective weight)."""
+def chain_shape(gm: fx.GraphModule, chain: WeightChain, upto: int | None = None) -> tuple[int, ...]:
+    """The shape of the tensor a chain produces (or what reaches producer `upto`), from
+    the producers' `output_shape`: no tensor math."""
+    shape = tuple(fetch_attr(gm, chain.head.target).shape)
+    for module in chain.modules(gm)[:upto]:
+        shape = module.output_shape(shape)
+    return shape
+
+
+def evaluate_chain(gm: fx.GraphModule, chain: WeightChain, folding: bool = False) -> torch.Tensor:
+    """The tensor a chain produces now (e.g. the effective weight); with `folding`, the one
+    each producer's `fold` bakes into a plain layer."""
     value = fetch_attr(gm, chain.head.target)
     for module in chain.modules(gm):
-        value = module(value)
+        value = module.fold(value) if folding else module(value)
     return value

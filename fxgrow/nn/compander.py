@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import FxgrowError
 from .base import Producer
 
 FUNCTIONS = ("atan", "asinh", "erf")
@@ -116,6 +117,7 @@ class CompandProducer(Producer):
 
     rank = 10
     role = "compand"
+    keeps_zeros = True  # psi is odd: psi(0) = 0
 
     def __init__(self, scale: CompanderScale, function: str = "atan"):
         super().__init__()
@@ -132,3 +134,12 @@ class CompandProducer(Producer):
 
     def extra_repr(self) -> str:
         return f"function={self.function}"
+
+    def grow(self, growth, path: str) -> nn.Module:
+        """One (a, b) serves every block of a grown weight: the source nets must agree on it."""
+        for name in self.state_dict():
+            key = f"{path}.{name}"
+            if any(not torch.equal(s[key], growth.sources[0][key]) for s in growth.sources[1:]):
+                raise FxgrowError(f"cannot fuse: compander '{key}' differs between the source "
+                                  "nets, and one value serves every block of the grown weight")
+        return self

@@ -151,6 +151,12 @@ class SliceProducer(Producer, _Sliced):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self._cut(w)
 
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        out = list(shape)
+        for dim, length, _ in self.cuts[self.state.width_index]:
+            out[dim] = length
+        return tuple(out)
+
     def extra_repr(self) -> str:
         return ", ".join(f"dim {lay.dim}: groups {[s.group for s in lay.segments]}" for lay in self.layouts)
 

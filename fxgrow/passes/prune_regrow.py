@@ -21,7 +21,7 @@ from torch import fx
 
 from ..analysis.erk import layout_counts
 from ..errors import FxgrowError
-from ..ir import fetch_attr, insert_producer, weight_chains
+from ..ir import chain_shape, fetch_attr, insert_producer, weight_chains
 from ..nn.mask import MaskProducer
 from ..specs.base import PassSpec, StrictModel
 from ..train.callbacks import Callback, TrainContext
@@ -266,12 +266,9 @@ class PruneRegrowPass(Pass):
         for m in matches:
             chain = chains[f"{m.layer}.weight"]
             head = fetch_attr(gm, chain.head.target)
-            value = head
-            for module in chain.modules(gm):
-                if module.rank <= MaskProducer.rank:
-                    value = module(value)
-            insert_producer(gm, chain, MaskProducer(value.shape, head.dtype, head.device, chain.key),
-                            self.kind)
+            before = sum(module.rank <= MaskProducer.rank for module in chain.modules(gm))  # chains are rank-ordered
+            insert_producer(gm, chain, MaskProducer(chain_shape(gm, chain, before), head.dtype, head.device,
+                                                    chain.key, spec.granularity), self.kind)
         if spec.granularity == "filter":
             annotate_groups(gm, ctx.example_input, ctx.where)
         if spec.initial_sparsity > 0:

@@ -13,7 +13,6 @@ import torch
 from torch import fx, nn
 
 from ..ir import fetch_attr, weight_chains
-from ..nn.compander import CompandProducer
 from ..nn.mask import MaskProducer
 
 
@@ -44,10 +43,10 @@ class MaskedWeight:
 
     @property
     def zeroable(self) -> bool:
-        """A zero parameter entry gives a zero weight: true with no producer before the mask,
-        or only companders (psi is odd). Template mixing mixes whole tensors: no entry of a
+        """A zero parameter entry gives a zero weight: every producer before the mask keeps
+        zeros (a compander: psi is odd). Template mixing mixes whole tensors: no entry of a
         template belongs to one weight, so pruned/regrown positions cannot be zeroed there."""
-        return all(isinstance(m, CompandProducer) for m in self.before) and self.param.shape == self.mask.shape
+        return all(m.keeps_zeros for m in self.before) and self.param.shape == self.mask.shape
 
     @torch.no_grad()
     def value(self) -> torch.Tensor:
