@@ -2,12 +2,12 @@
 
 The result has no fxgrow node and no producer overhead, and its module paths are the
 original ones, so when shapes are unchanged its state_dict loads (strict) into the
-user's original model class.
+user's original model class. Passes that changed more than weight chains (sorted
+slicing) are reversed first, at their current setting (`Pass.reverse`).
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 from torch import fx, nn
@@ -15,18 +15,13 @@ from torch import fx, nn
 from .ir import META, evaluate_chain, is_layer, layer_operands, meta, replace_submodule, weight_chains
 from .layers import layer_call
 
-# Passes whose graph nodes are not weight chains (sorted slicing's depth gates and sliced
-# norms) register here how to turn them into plain graph code before chains are folded.
-FOLD_PREPARERS: list[Callable[[fx.GraphModule], None]] = []
-
 
 @torch.no_grad()
 def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     """Return a GraphModule whose layers are plain modules holding the chains' values."""
     if not inplace:
         gm = copy.deepcopy(gm)
-    for prepare in FOLD_PREPARERS:
-        prepare(gm)
+    reverse_passes(gm)
     chains = weight_chains(gm)
     rebuilt: dict[str, nn.Module] = {}
     graph = gm.graph
@@ -54,4 +49,18 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def reverse_passes(gm: fx.GraphModule, full: bool = False) -> list[str]:
+    """Call the `reverse` of every reversible pass that rewrote `gm`, in the reverse of the
+    order they apply in (their producers' ranks), at their current setting (with `full`,
+    their largest). Returns their kinds."""
+    from .passes import PASS_REGISTRY
+
+    done = []
+    for cls in sorted((c for c in PASS_REGISTRY.values() if c.reversible), key=lambda c: -(c.rank or 0)):
+        if cls.applied_to(gm):
+            cls.reverse(gm, full=full)
+            done.append(cls.kind)
+    return done
 

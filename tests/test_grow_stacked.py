@@ -80,7 +80,8 @@ def test_sliced_growth_keeps_sub_models_exact():
     x = torch.randn(4, 3, 8, 8)
     net = stacked(ResNetTiny, x, 0)
     state = find_state(net)
-    new, info = grow_model(net, [net.state_dict()], 2, x)
+    slicing = SortedSlicingPass(width={"fractions": [0.5, 1.0]}, depth={"blocks": "all"})  # as in stacked()
+    new, info = grow_model(net, [net.state_dict()], 2, x, carried=[slicing])
     callback = PruneRegrowCallback(PruneRegrowPass(**{
         "initial_sparsity": 0.5, "final_sparsity": 0.8, "init_distribution": "uniform",
         "schedule": {"start": 0, "end": 10, "every": 2}}).spec)

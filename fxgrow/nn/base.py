@@ -11,7 +11,11 @@ itself everything a pass or growth would otherwise have to know about its class:
 - `fold(value)`: the tensor fold bakes into the plain layer (by default its forward);
 - `grow(growth, path) -> nn.Module`: itself widened for the grown network (`growth` is a
   `fxgrow.growth.Growth`; `path` its module path, which keys its tensors in the source
-  nets' state dicts); `growth_refusal()` says why it cannot, before anything is built.
+  nets' state dicts); `growth_refusal()` says why it cannot, before anything is built;
+- `solve_for(gm, {chain key: value})` (class): change what the producers of this class
+  compute from so that they output these values (template mixing re-solves its bank);
+  returns the max abs residual per key. A pass stacked after one re-initialises its input
+  through it (the compander's v = psi^-1(W)); `can_solve(producer)` says whether a class can.
 
 A producer holds only its own state; `forward` is pure tensor math so torch.compile can
 fuse the chain. Other modules may take part in growth by having the same `grow` method
@@ -44,6 +48,10 @@ class Producer(nn.Module):
     def fold(self, value: torch.Tensor) -> torch.Tensor:
         return self(value)
 
+    @classmethod
+    def solve_for(cls, gm: nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+        raise FxgrowError(f"{cls.__name__} cannot be solved for a given output")
+
     def growth_refusal(self) -> str:
         """Why this producer cannot follow growth ("" when it can)."""
         if type(self).grow is Producer.grow:
@@ -52,3 +60,7 @@ class Producer(nn.Module):
 
     def grow(self, growth: "Growth", path: str) -> nn.Module:
         raise FxgrowError(self.growth_refusal())
+
+
+def can_solve(producer: Producer) -> bool:
+    return type(producer).solve_for.__func__ is not Producer.solve_for.__func__

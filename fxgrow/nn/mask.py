@@ -30,9 +30,6 @@ class MaskProducer(Producer):
         self.source = source          # "layer.param" this mask belongs to (for reports)
         # "filter": the mask removes whole channels of coupled groups (see prune_regrow_filters)
         self.granularity = granularity
-        # Filter granularity: (group id, group size, dim, offset, repeat) per channel group
-        # this weight indexes (see fxgrow/passes/prune_regrow_filters.py).
-        self.channel_uses: list[tuple[int, int, int, int, int]] = []
         self.capture = False
         self.dense_grad: torch.Tensor | None = None
         # Set by growth: True where the mask belongs to a new block (all ones until the

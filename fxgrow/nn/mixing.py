@@ -154,6 +154,10 @@ class MixProducer(Producer):
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return self.weight_shape
 
+    @classmethod
+    def solve_for(cls, gm: nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+        return retarget(gm, targets)
+
     def growth_refusal(self) -> str:
         if self.grid != (1, 1) or self.sets != 1:
             return "it has grown already; growing twice is not supported"
@@ -166,6 +170,47 @@ class MixProducer(Producer):
         # first producer to grow notes those of all mixed weights.
         coefficients = growth.shared(_Coefficients, lambda: _Coefficients.noting_sources(growth))
         return _grown_producer(_plan_grid(path, self, growth), growth, coefficients)
+
+
+def preserving_templates(alphas: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """T with alphas @ T == the stacked weights: T = pinv(alphas) @ W (exact when the
+    L x K alphas have full row rank, i.e. L <= K; = alphas^T W for orthonormal rows)."""
+    w = torch.stack([x.detach().to(torch.float64).flatten() for x in weights])
+    t = torch.linalg.pinv(alphas) @ w
+    like = weights[0]
+    return t.view(alphas.shape[1], *like.shape).to(like.dtype)
+
+
+def retarget(gm: nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Re-solve bank templates so each mixed weight in `targets` ({"layer.weight": value})
+    comes out as that value; layers of an affected bank not in `targets` keep their
+    current mix. For a pass stacked after mixing that re-initialises its input (the
+    compander's v = psi^-1(W)). Returns the max abs residual per key: 0 up to rounding
+    when the bank has at most K layers (ungrown), a least-squares fit otherwise."""
+    producers = mix_producers(gm)
+    by_source = {p.source: (path, p) for path, p in producers.items()}
+    missing = [k for k in targets if k not in by_source]
+    if missing:
+        raise FxgrowError(f"not template-mixed: {', '.join(missing)}")
+    banks = {by_source[k][1].bank for k in targets}
+    residual: dict[str, float] = {}
+    with torch.no_grad():
+        for bank_path in banks:
+            bank: TemplateBank = gm.get_submodule(bank_path)
+            users = [p for p in producers.values() if p.bank == bank_path]
+            if bank.sets != 1 or any(p.grid != (1, 1) for p in users):
+                raise FxgrowError(f"cannot re-solve the templates of grown bank '{bank_path}'")
+            alphas = torch.stack([p.alpha.detach().view(-1) for p in users]).to(torch.float64)
+            values = [targets.get(p.source, p(bank.templates)) for p in users]
+            bank.templates.copy_(preserving_templates(alphas, values))
+            for p, v in zip(users, values):
+                residual[p.source] = float((p(bank.templates) - v).abs().max())
+    return {k: residual[k] for k in targets}
+
+
+def mix_producers(model: nn.Module) -> dict[str, MixProducer]:
+    """{module path: producer} of every MixProducer in `model`, in registration order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MixProducer)}
 
 
 # --- growth ----------------------------------------------------------------------------------

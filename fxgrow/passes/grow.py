@@ -9,41 +9,32 @@ before the checkpoint's model state loads.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from pydantic import Field, field_validator, model_validator
-from torch import fx
+from torch import fx, nn
 
 from ..analysis import forward_flops
 from ..errors import FxgrowError
-from ..ir import layer_types
+from ..ir import layer_types, meta, weight_chains
+from ..specs.base import At, PassSpec, resolve_time
 from ..nn.mask import MaskProducer
-from ..specs.base import PassSpec, StrictModel
 from ..train.callbacks import Callback, TrainContext
 from ..train.data import stable_seed
-from .base import Match, Pass, PassContext, register_pass
+from .base import Match, Pass, PassContext, Record, register_pass
 from .grow_model import check_growable, grow_model, load_source, surviving_params
-from .template_mixing import TemplateMixingPass, mix_producers
-# (under another name: `fxgrow inspect` shows a module-level `describe` of each pass module)
-from .template_mixing import describe as describe_banks
+
+MIXING = "template_mixing"  # growth widens template-mixed layers (MixtureGrowth)
 
 
-class GrowAt(StrictModel):
-    """When to grow: exactly one of these."""
+class GrowAt(At):
+    """When to grow: a time as every pass gives it (exactly one of step, epoch, fraction),
+    or `flops_fraction`."""
 
-    epoch: int | None = Field(None, ge=0, description="at the start of this epoch (0-based)")
-    step: int | None = Field(None, ge=0, description="before this optimizer step (0-based)")
     flops_fraction: float | None = Field(
         None, gt=0, lt=1, description="once this run has spent this fraction of the FLOPs of "
                                       "training the grown model for the whole run")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "GrowAt":
-        given = [k for k in ("epoch", "step", "flops_fraction") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of epoch, step, flops_fraction (got {given or 'none'})")
-        return self
 
 
 class GrowSpec(PassSpec):
@@ -89,10 +80,16 @@ class GrowSpec(PassSpec):
 # The event.
 
 class GrowCallback(Callback):
+    """`carried`: the pipeline's reversible passes (taken off and put back around growth);
+    `tables`: the `describe` of the passes whose producers growth widens (the template
+    banks), for the report."""
+
     name = "grow"
 
-    def __init__(self, spec: GrowSpec):
+    def __init__(self, spec: GrowSpec, carried: Sequence[Pass] = (),
+                 tables: Sequence[Callable[[nn.Module], list[dict[str, Any]]]] = ()):
         self.spec = spec
+        self.carried, self.tables = list(carried), list(tables)
         self.growth_step: int | None = None
         self.grown = False
         self.input_shape: list[int] | None = None
@@ -102,10 +99,8 @@ class GrowCallback(Callback):
     # --- when ---
     def on_train_start(self, ctx: TrainContext) -> None:
         at, total = self.spec.at, ctx.total_steps
-        if at.step is not None:
-            self.growth_step = at.step
-        elif at.epoch is not None:
-            self.growth_step = at.epoch * ctx.steps_per_epoch
+        if at.flops_fraction is None:
+            self.growth_step = resolve_time(at, total, ctx.steps_per_epoch)
         if self.growth_step is not None and self.growth_step >= total:
             raise FxgrowError(f"grow.at: growth at step {self.growth_step} never happens: training "
                               f"takes {total} steps")
@@ -155,7 +150,7 @@ class GrowCallback(Callback):
         generator = torch.Generator().manual_seed(stable_seed(int(ctx.seed), int(self.growth_step or 0), self.name))
         return grow_model(model, sources, self.spec.factor, self._example(ctx), layout=self.spec.layout,
                           new_coefficients=self.spec.new_coefficients, noise=self.spec.noise,
-                          generator=generator)
+                          generator=generator, carried=self.carried)
 
     def _grow(self, ctx: TrainContext) -> None:
         old = ctx.model
@@ -164,7 +159,7 @@ class GrowCallback(Callback):
         ctx.replace_model(new, params)
         self.grown = True
         self.info = {"step": ctx.step, "epoch": ctx.epoch, **info, "kept_optimizer_state": sorted(params),
-                     "fused": list(self.spec.fuse), "blocks": describe_banks(new)}
+                     "fused": list(self.spec.fuse), "blocks": [row for table in self.tables for row in table(new)]}
         ctx.log({"split": "grow", "factor": info["factor"], "sources": info["sources"],
                  "params_before": info["params_before"], "params_after": info["params_after"],
                  "widths": [[w["before"], w["after"]] for w in info["widths"]]})
@@ -202,20 +197,24 @@ class GrowPass(Pass):
     rank = None
     functionalizes = False
 
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        if not any(p.kind == MIXING for p in ctx.applied):
+            raise FxgrowError(f"grow needs a {MIXING} pass before it in `passes`")
+
     def match(self, gm: fx.GraphModule, ctx: PassContext) -> list[Match]:
         """The template-mixed layers (their channel groups are known only with shapes)."""
         types = layer_types(gm)
-        return [Match(p.source.rpartition(".")[0], types.get(p.source.rpartition(".")[0], "?"),
-                      {"bank": p.bank}) for p in mix_producers(gm).values()]
+        chains = weight_chains(gm).values()
+        return [Match(c.layer, types.get(c.layer, "?")) for c in chains
+                if any(meta(n).get("pass") == MIXING for n in c.producers)]
 
-    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
-        mixing = [p for p in ctx.applied if isinstance(p, TemplateMixingPass)]
-        if not mixing:
-            raise FxgrowError("grow needs a template_mixing pass before it in `passes`")
-        check_growable(gm)
-        for p in mixing:  # their FLOPs accounting adds the fused runs' cost
-            p.fused_runs = list(self.spec.fuse)
+    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> Record:
+        check_growable(gm, [p.kind for p in ctx.applied if p.reversible])
+        # The fused runs' training counts toward this run's FLOPs (template mixing's accounting).
+        return Record(tuple(m.layer for m in matches), builds_on=tuple(self.spec.fuse))
 
-    def callbacks(self, gm: fx.GraphModule) -> list[Callback]:
-        check_growable(gm)  # passes after grow may have added producers it cannot carry
-        return [GrowCallback(self.spec)]
+    def callbacks(self, gm: fx.GraphModule, record: Record, ctx: PassContext) -> list[Callback]:
+        carried = [a.pass_ for a in ctx.history if a.pass_.reversible]
+        check_growable(gm, [p.kind for p in carried])  # passes after grow may have added producers it cannot carry
+        tables = [a.pass_.describe for a in ctx.history if a.pass_.kind == MIXING]
+        return [GrowCallback(self.spec, carried, tables)]

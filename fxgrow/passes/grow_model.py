@@ -19,23 +19,25 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
 
 from ..analysis import channel_groups, propagate_shapes
 from ..errors import FxgrowError
+from ..fold import reverse_passes
 from ..growth import Channels, Growth
 from ..ir import chain_shape, is_layer, layer_types, meta, replace_submodule, replace_tensor, weight_chains
 from ..layers import fill_value, kind_of, layer_call
+from .base import Pass, Pipeline
 
 
 # --- checks and sources -------------------------------------------------------------------
 
-def check_growable(gm: nn.Module, carried: tuple[str, ...] = ("sorted_slicing",)) -> None:
+def check_growable(gm: nn.Module, carried: Sequence[str] = ()) -> None:
     """Refuse models growth cannot widen faithfully, with the reason. Producers of the
-    passes in `carried` are taken off and put back around growth, so they need not grow."""
+    passes in `carried` (kinds) are taken off and put back around growth: they need not grow."""
     if not isinstance(gm, fx.GraphModule) or not any(
             meta(n).get("pass") == "template_mixing" for n in gm.graph.nodes):
         raise FxgrowError("grow needs template-mixed layers: put a template_mixing pass before it")
@@ -91,20 +93,25 @@ def surviving_params(old: nn.Module, new: nn.Module) -> dict[str, str]:
 def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], factor: int,
                example: torch.Tensor, *, layout: str = "vertical",
                new_coefficients: str = "orthogonal", noise: float = 0.0,
-               generator: torch.Generator | None = None) -> tuple[fx.GraphModule, dict[str, Any]]:
+               generator: torch.Generator | None = None, carried: Sequence[Pass] = ()
+               ) -> tuple[fx.GraphModule, dict[str, Any]]:
     """The grown copy of `gm` and a summary. `sources[i]` is the state_dict of source net i
     (same structure as `gm`; `sources[0]` is normally `gm.state_dict()`). `example` is an
-    input batch (of at least one sample) for the shapes."""
+    input batch (of at least one sample) for the shapes. `carried`: the reversible passes
+    that rewrote `gm` (in their order), reversed before growth and applied again after."""
     g, n = factor, len(sources)
     if not 1 <= n <= g:
         raise FxgrowError(f"{n} source nets for factor {g}: need 1..{g}")
-    check_growable(gm)
+    kinds = [p.kind for p in carried]
+    check_growable(gm, kinds)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     device = next(iter(sources[0].values())).device
     sources = [{k: v.to(device) for k, v in s.items()} for s in sources]
     new = copy.deepcopy(gm)
-    from .sorted_slicing import reslice, unslice  # (sorted_slicing imports grow's neighbours)
-    slicing = unslice(new)
+    uncarried = [k for k in reverse_passes(new, full=True) if k not in kinds]
+    if uncarried:
+        raise FxgrowError(f"grow: the model was rewritten by {', '.join(uncarried)}, which growth must take off "
+                          "and put back; hand the pass to growth (grow_model(..., carried=[the pass]))")
     propagate_shapes(new, example)
     out_before = _output_shapes(new)
     groups = channel_groups(new)
@@ -135,8 +142,8 @@ def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], facto
                           "in the model (e.g. x.view(-1, 256)) cannot grow") from None
     if _output_shapes(new) != out_before:
         raise FxgrowError(f"growth changed the output shape: {out_before} -> {_output_shapes(new)}")
-    if slicing is not None:
-        reslice(new, *slicing, example)
+    if carried:
+        Pipeline(list(carried))(new, example_input=example, inplace=True)
     info = {
         "factor": g, "sources": n, "layout": layout, "new_coefficients": new_coefficients,
         "widths": [{"group": grp.id, "before": grp.size, "after": grp.size * g,

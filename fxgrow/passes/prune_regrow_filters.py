@@ -69,16 +69,25 @@ class FilterGroup:
 
 # --- finding the groups -----------------------------------------------------------------------
 
-def annotate_groups(gm: fx.GraphModule, example: torch.Tensor | None, where: str) -> None:
-    """At rewrite: find the prunable channel groups and store, on each mask, the
-    (group, size, dim, offset, repeat) of every group it holds channels of."""
-    if example is None:
+ChannelUses = dict[str, list[tuple[int, int, int, int, int]]]  # mask key -> (group, size, dim, offset, repeat)
+
+
+def prunable_channel_uses(gm: fx.GraphModule, example: torch.Tensor | None, where: str,
+                          groups: list | None = None) -> ChannelUses:
+    """Find the prunable channel groups of the filter-granular masks of `gm`: per mask,
+    the (group, size, dim, offset, repeat) of every group it holds channels of (the
+    record the pass hands its callback; fold --shrink finds them again). `groups`: the
+    channel groups when they are known already (shapes propagated)."""
+    if example is None and groups is None:
         raise SpecError([(f"{where}.granularity", "filter granularity needs an example input for the channel "
                           "analysis (model.example_input in a spec, example_input= in Python)")])
-    masks = {m.source: m for m in gm.modules() if isinstance(m, MaskProducer)}
-    propagate_shapes(gm, example)
+    masks = {m.source: m for m in gm.modules() if isinstance(m, MaskProducer) and m.granularity == "filter"}
+    if groups is None:
+        propagate_shapes(gm, example)
+        groups = channel_groups(gm)
+    uses: ChannelUses = {key: [] for key in masks}
     reasons: dict[str, list[str]] = {key.rpartition(".")[0]: [] for key in masks}
-    for group in channel_groups(gm):
+    for group in groups:
         why = _unprunable(gm, group, masks)
         for use in group.uses:
             if use.layer in reasons and why:
@@ -88,13 +97,14 @@ def annotate_groups(gm: fx.GraphModule, example: torch.Tensor | None, where: str
         for use in group.uses:
             key = f"{use.layer}.{use.param}"
             if key in masks:
-                masks[key].channel_uses.append((group.id, group.size, use.dim, use.offset, use.repeat))
-    orphans = [layer for layer, why in reasons.items() if not masks[f"{layer}.weight"].channel_uses]
+                uses[key].append((group.id, group.size, use.dim, use.offset, use.repeat))
+    orphans = [layer for layer in reasons if not uses[f"{layer}.weight"]]
     if orphans:
         detail = "; ".join(f"'{layer}' ({'; '.join(dict.fromkeys(reasons[layer])) or 'no channel group'})"
                            for layer in orphans)
         raise SpecError([(f"{where}.granularity", f"filter pruning needs a prunable channel group on every "
                           f"targeted layer; these have none: {detail}. Exclude them or use granularity: element")])
+    return uses
 
 
 def _unprunable(gm: fx.GraphModule, group, masks: dict[str, MaskProducer]) -> str:
@@ -112,11 +122,11 @@ def _unprunable(gm: fx.GraphModule, group, masks: dict[str, MaskProducer]) -> st
     return ""
 
 
-def filter_groups(weights: list[MaskedWeight]) -> list[FilterGroup]:
-    """The prunable groups, rebuilt from what the masks of the current model record."""
+def filter_groups(weights: list[MaskedWeight], uses: ChannelUses) -> list[FilterGroup]:
+    """The prunable groups over the masked weights of the current model."""
     groups: dict[int, FilterGroup] = {}
     for w in weights:
-        for gid, size, dim, offset, repeat in w.mask_module.channel_uses:
+        for gid, size, dim, offset, repeat in uses.get(w.key, []):
             groups.setdefault(gid, FilterGroup(gid, size, [])).slices.append(ChannelSlice(w, dim, offset, repeat))
     return [groups[k] for k in sorted(groups)]
 
@@ -214,12 +224,12 @@ def export_pruned(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
     same outputs (up to float summation order)."""
     from .prune_regrow_masks import masked_weights
 
-    groups = filter_groups(masked_weights(gm))
-    if not groups:
+    if not any(isinstance(m, MaskProducer) and m.granularity == "filter" for m in gm.modules()):
         raise FxgrowError("export_pruned: this model has no filter-pruned channel groups "
                           "(granularity: filter)")
     propagate_shapes(gm, example)
     coupled = channel_groups(gm)
+    groups = filter_groups(masked_weights(gm), prunable_channel_uses(gm, example, "export", coupled))
     plain = fold(gm)
     indices: dict[tuple[str, str, int], dict[int, tuple[torch.Tensor, int]]] = {}
     for g in groups:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -25,12 +26,12 @@ from ..analysis.coupling import channel_groups
 from ..errors import FxgrowError, SpecError
 from ..ir import META, insert_producer, is_layer, layer_types, replace_submodule, weight_chains
 from ..layers import kind_of, layer_call
-from ..nn.slicing import ConvGroups, DepthGate, SliceProducer, SubnetState
+from ..nn.slicing import ConvGroups, DepthGate, SlicedBatchNorm, SlicedLayerNorm, SliceProducer, SubnetState
 from ..specs.base import PassSpec, StrictModel
-from ..subnets import evaluate_grid, find_state, materialize, recalibrate
+from ..subnets import evaluate_grid, find_state, recalibrate
 from ..train.callbacks import Callback
 from ..train.data import stable_seed
-from .base import Match, Pass, PassContext, register_pass
+from .base import Match, Pass, PassContext, Record, register_pass
 from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks
 
 # --- spec -------------------------------------------------------------------------------
@@ -114,18 +115,31 @@ class SortedSlicingSpec(PassSpec):
 # --- the pass ----------------------------------------------------------------------------
 
 
+@dataclass
+class SlicingRecord(Record):
+    blocks: list[str] = field(default_factory=list)           # the skippable blocks, in order
+    points: list[tuple[float, int]] = field(default_factory=list)
+    sliced: list[int] = field(default_factory=list)           # channel groups sliced
+    full_width: dict[int, str] = field(default_factory=dict)  # group -> why it stays at full width
+
+
 @register_pass
 class SortedSlicingPass(Pass):
     kind = "sorted_slicing"
     spec_cls = SortedSlicingSpec
     preserves_computation = True  # the largest sub-model is the original model
     rank = SliceProducer.rank
+    reversible = True
 
-    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
-        spec: SortedSlicingSpec = self.spec
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         if ctx.example_input is None:
             raise FxgrowError("sorted_slicing needs an example input (model.example_input) to find "
                               "channel groups and residual blocks")
+        if find_state(gm) is not None or any(p.kind == self.kind for p in ctx.applied):
+            raise FxgrowError("the model is sliced already: use one sorted_slicing pass")
+
+    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> SlicingRecord:
+        spec: SortedSlicingSpec = self.spec
         was_training = gm.training
         propagate_shapes(gm.eval(), ctx.example_input)  # eval: BN accepts a batch of one 1x1 map
         gm.train(was_training)
@@ -157,15 +171,15 @@ class SortedSlicingPass(Pass):
             plan = SlicePlan([], {}, {}, {})
         state = SubnetState(fractions, {g.id: g.size for g in plan.sliced},
                             spec.width.multiple_of if spec.width else 1, len(blocks), points)
-        state.spec, state.layers = spec, tuple(m.layer for m in matches)  # for `reslice` after growth
         gm.add_submodule(f"{META}.subnet", state)
         self._slice_chains(gm, plan, state)
         self._slice_norms(gm, plan, state)
         self._gate_blocks(gm, blocks, state)
         gm.graph.lint()
         gm.recompile()
-        self.plan, self.blocks, self.points = plan, [b.name for b in blocks], points
         _check_every_point(gm, state, ctx.example_input)
+        return SlicingRecord(tuple(m.layer for m in matches), blocks=[b.name for b in blocks], points=points,
+                             sliced=[g.id for g in plan.sliced], full_width=dict(plan.kept))
 
     def _depths(self, blocks: list[Block], ctx: PassContext) -> list[int]:
         spec = self.spec.depth
@@ -235,14 +249,85 @@ class SortedSlicingPass(Pass):
             enter.meta[META] = {**tag, "side": "enter"}
             leave.meta[META] = {**tag, "side": "exit"}
 
-    def callbacks(self, gm: fx.GraphModule) -> list[Callback]:
-        summary = {"blocks": self.blocks,
-                   "groups": {"sliced": [g.id for g in self.plan.sliced],
-                              "full_width": {str(g): why for g, why in self.plan.kept.items()}}}
+    def callbacks(self, gm: fx.GraphModule, record: SlicingRecord, ctx: PassContext) -> list[Callback]:
+        summary = {"blocks": record.blocks,
+                   "groups": {"sliced": record.sliced,
+                              "full_width": {str(g): why for g, why in record.full_width.items()}}}
         return [SortedSlicingCallback(self.spec, summary)]
 
+    def describe(self, gm: nn.Module) -> list[dict[str, Any]]:
+        return subnet_table(gm)
 
-def describe(gm: nn.Module) -> list[dict[str, Any]]:
+    @classmethod
+    def applied_to(cls, gm: nn.Module) -> bool:
+        return find_state(gm) is not None
+
+    @classmethod
+    def reverse(cls, gm: fx.GraphModule, full: bool = False) -> None:
+        """Turn the slicing machinery at the active sub-model (with `full`, the largest) into
+        plain graph code, in place: depth gates become the kept block or a bypass, sliced
+        norms plain norms holding the cut tensors, counted options (groups) constants. Slice
+        producers that cut nothing at that width leave their chains (all of them at the
+        largest sub-model, which takes the slicing off entirely); the others stay, frozen
+        at it, for fold."""
+        state = find_state(gm)
+        if state is None:
+            return
+        if full:
+            state.activate(*state.largest)
+        graph = gm.graph
+        gates = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), DepthGate)]
+        taken_off = {n.target for n in gates}
+        for node in gates:  # exits first: a dropped block's body then has no user outside it
+            if len(node.args) == 2:
+                kept = gm.get_submodule(node.target).kept
+                node.replace_all_uses_with(node.args[1] if kept else node.args[0])
+                graph.erase_node(node)
+        for node in gates:
+            if len(node.args) == 1:
+                if not gm.get_submodule(node.target).kept:
+                    _erase_descendants(graph, node)
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+        frozen = False
+        for node in list(graph.nodes):
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(module, ConvGroups):
+                value = module()
+                for user in list(node.users):  # an int argument again
+                    user.replace_input_with(node, value)
+            elif isinstance(module, SliceProducer) and module.cuts[state.width_index]:
+                frozen = True
+                continue
+            elif isinstance(module, SliceProducer):
+                node.replace_all_uses_with(node.args[0])
+            else:
+                continue
+            graph.erase_node(node)
+            taken_off.add(node.target)
+        for path, module in list(gm.named_modules()):
+            if isinstance(module, (SlicedBatchNorm, SlicedLayerNorm)):
+                replace_submodule(gm, path, module.plain())
+        graph.lint()
+        for path in taken_off | (set() if frozen else {f"{META}.subnet"}):
+            gm.delete_submodule(path)
+        gm.recompile()
+
+
+def _erase_descendants(graph: fx.Graph, enter: fx.Node) -> None:
+    """Remove a dropped block's body: every node computed from its entry gate."""
+    body, stack = set(), [enter]
+    while stack:
+        for user in stack.pop().users:
+            if user not in body:
+                body.add(user)
+                stack.append(user)
+    for node in reversed(graph.nodes):
+        if node in body:
+            graph.erase_node(node)
+
+
+def subnet_table(gm: nn.Module) -> list[dict[str, Any]]:
     """The sub-model dimensions for `fxgrow inspect`: every sliced channel group with its
     kept channels per width fraction, every gated block with the depths that keep it."""
     state = find_state(gm)
@@ -255,35 +340,6 @@ def describe(gm: nn.Module) -> list[dict[str, Any]]:
     rows += [{"dimension": "depth", "item": f"block {gates[i]}", "full": "", "kept": f"at depth >= {i + 1}"}
              for i in sorted(gates)]
     return rows
-
-
-def unslice(gm: fx.GraphModule) -> tuple[SortedSlicingSpec, tuple[str, ...]] | None:
-    """Take the sorted_slicing rewrite off `gm`, in place, at the largest sub-model: depth
-    gates, depthwise `groups` and sliced norms become plain graph code and modules (the
-    full-width statistics kept; per-width ones dropped), slice producers leave their chains.
-    Returns what `reslice` needs to put it back (growth does, on the grown graph), or None
-    when `gm` is not sliced."""
-    state = find_state(gm)
-    if state is None:
-        return None
-    state.activate(*state.largest)
-    materialize(gm)
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), SliceProducer):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            gm.delete_submodule(node.target)
-    gm.delete_submodule(f"{META}.subnet")
-    gm.graph.lint()
-    gm.recompile()
-    return state.spec, state.layers
-
-
-def reslice(gm: fx.GraphModule, spec: SortedSlicingSpec, layers: tuple[str, ...], example: torch.Tensor) -> None:
-    """Apply the sorted_slicing rewrite of `spec` to `layers` of `gm` again (after `unslice`)."""
-    types = layer_types(gm)
-    SortedSlicingPass(spec).rewrite(gm, [Match(layer, types[layer]) for layer in layers],
-                                    PassContext(example_input=example))
 
 
 @torch.no_grad()

@@ -17,10 +17,10 @@ from torch import fx, nn
 from ..analysis import forward_flops
 from ..errors import FxgrowError
 from ..ir import META, WeightChain, fetch_attr, insert_producer, weight_chains
-from ..nn.mixing import MixProducer, TemplateBank
+from ..nn.mixing import MixProducer, TemplateBank, mix_producers, preserving_templates, retarget  # noqa: F401
 from ..specs.base import PassSpec
 from ..train.callbacks import Callback, TrainContext
-from .base import Match, Pass, PassContext, register_pass
+from .base import Match, Pass, PassContext, Record, register_pass
 
 BANKS = f"{META}.banks"
 _SEED_OFFSET = 0x6D6978  # decorrelates this pass's generator from other passes using the seed
@@ -77,48 +77,7 @@ def kaiming_templates(k: int, like: torch.Tensor, generator: torch.Generator) ->
     return t.to(like.device)
 
 
-def preserving_templates(alphas: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """T with alphas @ T == the stacked weights: T = pinv(alphas) @ W (exact when the
-    L x K alphas have full row rank, i.e. L <= K; = alphas^T W for orthonormal rows)."""
-    w = torch.stack([x.detach().to(torch.float64).flatten() for x in weights])
-    t = torch.linalg.pinv(alphas) @ w
-    like = weights[0]
-    return t.view(alphas.shape[1], *like.shape).to(like.dtype)
-
-
-def retarget(gm: nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Re-solve bank templates so each mixed weight in `targets` ({"layer.weight": value})
-    comes out as that value; layers of an affected bank not in `targets` keep their
-    current mix. For a pass stacked after mixing that re-initialises its input (the
-    compander's v = psi^-1(W)). Returns the max abs residual per key: 0 up to rounding
-    when the bank has at most K layers (ungrown), a least-squares fit otherwise."""
-    producers = mix_producers(gm)
-    by_source = {p.source: (path, p) for path, p in producers.items()}
-    missing = [k for k in targets if k not in by_source]
-    if missing:
-        raise FxgrowError(f"not template-mixed: {', '.join(missing)}")
-    banks = {by_source[k][1].bank for k in targets}
-    residual: dict[str, float] = {}
-    with torch.no_grad():
-        for bank_path in banks:
-            bank: TemplateBank = gm.get_submodule(bank_path)
-            users = [p for p in producers.values() if p.bank == bank_path]
-            if bank.sets != 1 or any(p.grid != (1, 1) for p in users):
-                raise FxgrowError(f"cannot re-solve the templates of grown bank '{bank_path}'")
-            alphas = torch.stack([p.alpha.detach().view(-1) for p in users]).to(torch.float64)
-            values = [targets.get(p.source, p(bank.templates)) for p in users]
-            bank.templates.copy_(preserving_templates(alphas, values))
-            for p, v in zip(users, values):
-                residual[p.source] = float((p(bank.templates) - v).abs().max())
-    return {k: residual[k] for k in targets}
-
-
-def mix_producers(model: nn.Module) -> dict[str, MixProducer]:
-    """{module path: producer} of every MixProducer in `model`, in registration order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, MixProducer)}
-
-
-def describe(gm: nn.Module) -> list[dict[str, Any]]:
+def bank_table(gm: nn.Module) -> list[dict[str, Any]]:
     """The bank table for `fxgrow inspect` and report.json: one row per mixed weight, with
     its bank, the layers sharing that bank, and after growth the block grid and the
     template set each block mixes."""
@@ -171,7 +130,7 @@ class TemplateMixingCallback(Callback):
                 for path in mix_producers(model)}
 
     def on_train_start(self, ctx: TrainContext) -> None:
-        self.table = describe(ctx.model)
+        self.table = bank_table(ctx.model)
 
     def after_step(self, ctx: TrainContext) -> None:
         inputs = ctx.batch[0]
@@ -187,7 +146,7 @@ class TemplateMixingCallback(Callback):
                  "forward_flops_per_sample": self.flops_per_sample})
 
     def on_train_end(self, ctx: TrainContext) -> None:
-        self.table = describe(ctx.model)
+        self.table = bank_table(ctx.model)
         fused = [_run_train_flops(run) for run in self.fused_runs]
         reference = 3 * self.flops_per_sample * self.samples
         spent = self.train_flops + sum(f for f in fused if f is not None)
@@ -238,9 +197,8 @@ class TemplateMixingPass(Pass):
         super().__init__(spec, **fields)
         # `preserve` templates reproduce every weight exactly.
         self.preserves_computation = self.spec.template_init == "preserve"
-        self.fused_runs: list[str] = []  # set by a later grow pass that fuses other runs
 
-    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
+    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> Record:
         spec: TemplateMixingSpec = self.spec
         chains = weight_chains(gm)
         targeted: dict[str, WeightChain] = {}
@@ -278,9 +236,15 @@ class TemplateMixingPass(Pass):
                 mix = MixProducer(alpha.to(weight.dtype).to(weight.device).clone(),
                                   tuple(weight.shape), bank=path, source=chain.key)
                 insert_producer(gm, chain, mix, self.kind)
+        return Record(tuple(targeted))
 
-    def callbacks(self, gm: fx.GraphModule) -> list[Callback]:
-        return [TemplateMixingCallback(self.spec, self.fused_runs)]
+    def callbacks(self, gm: fx.GraphModule, record: Record, ctx: PassContext) -> list[Callback]:
+        # The runs the pipeline builds on (growth's fused nets) count in the FLOPs accounting.
+        fused = [run for a in ctx.history for run in a.record.builds_on]
+        return [TemplateMixingCallback(self.spec, fused)]
+
+    def describe(self, gm: nn.Module) -> list[dict[str, Any]]:
+        return bank_table(gm)
 
 
 def _replace_head(gm: fx.GraphModule, chain: WeightChain, target: str) -> None:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 from ..errors import SpecError
 
@@ -16,6 +16,49 @@ class StrictModel(BaseModel):
     """Frozen, no unknown fields: a typo in YAML is an error, never silently ignored."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- one vocabulary for time in training --------------------------------------------------
+
+class At(StrictModel):
+    """A point in training, exactly one of: `step` (once that many optimizer steps are done),
+    `epoch` (at the start of that epoch, 0-based) or `fraction` (of all optimizer steps)."""
+
+    step: int | None = Field(None, ge=0, description="once this many optimizer steps are done")
+    epoch: int | None = Field(None, ge=0, description="at the start of this epoch (0-based)")
+    fraction: float | None = Field(None, ge=0, le=1, description="of all optimizer steps")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "At":
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(type(self).model_fields)} (got {given or 'none'})")
+        return self
+
+
+# A time: an int counts optimizer steps, a float in [0, 1] is a fraction of training, or an `At`.
+Time = Union[StrictInt, StrictFloat, At]
+
+
+def check_time(value: int | float | At) -> int | float | At:
+    """Validate a plain int or float time (an `At` validates itself)."""
+    if isinstance(value, float) and not 0 <= value <= 1:
+        raise ValueError("a float is a fraction of training and must be in [0, 1]; "
+                         "give an int for a step count")
+    if isinstance(value, int) and value < 0:
+        raise ValueError("a step count must be >= 0")
+    return value
+
+
+def resolve_time(value: int | float | At, total_steps: int, steps_per_epoch: int | None = None) -> int:
+    """The optimizer step count a time stands for in a run of `total_steps`."""
+    if isinstance(value, At):
+        if value.epoch is not None:
+            if steps_per_epoch is None:
+                raise SpecError("a time in epochs needs the run's steps per epoch")
+            return value.epoch * steps_per_epoch
+        value = value.step if value.step is not None else value.fraction
+    return value if isinstance(value, int) else round(value * total_steps)
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:
