@@ -74,21 +74,6 @@ def spec_dump(spec: Spec) -> dict[str, Any]:
     return spec.model_dump(mode="json", exclude_unset=True)
 
 
-class _RestoreContext:
-    """The part of the loop's context that callbacks use while restoring state."""
-
-    def __init__(self, model: nn.Module, spec: Spec):
-        self.model, self.spec, self.step = model, spec, 0
-        self.device = torch.device("cpu")
-        self.seed = spec.train.seed
-
-    def replace_model(self, model: nn.Module, param_map: dict[str, str] | None = None) -> None:
-        self.model = model
-
-    def log(self, record: dict[str, Any]) -> None:
-        pass
-
-
 def restore(run: str | Path, model_ref: str | None = None) -> tuple[Spec, fx.GraphModule]:
     """The rewritten model as a run's checkpoint left it (growth and all), on the CPU."""
     from .specs.root import parse_spec
@@ -97,13 +82,12 @@ def restore(run: str | Path, model_ref: str | None = None) -> tuple[Spec, fx.Gra
     path = find_checkpoint(Path(run))
     state = load_checkpoint(path)
     spec = parse_spec(state["spec"], source=f"{path} (spec)")
+    from .train.callbacks import replay_structure
+
     result = compile_spec(spec, build_model(spec, model_ref))
-    ctx = _RestoreContext(result.graph_module, spec)
-    ctx.step = state["step"]
-    for cb in result.callbacks:
-        cb.load_state_dict(state["callbacks"].get(cb.name, {}), ctx)
-    ctx.model.load_state_dict(state["model"])
-    return spec, ctx.model.eval()
+    model = replay_structure(result.graph_module, result.callbacks, state["callbacks"])
+    model.load_state_dict(state["model"])
+    return spec, model.eval()
 
 
 def save_folded(model: nn.Module, out_dir: Path, report: dict[str, Any]) -> None:

@@ -366,6 +366,7 @@ def test_callback_grows_at_its_step_and_regrows_on_resume():
     # resume: a fresh small model, the callback's state, then the checkpoint's model state
     resumed = FakeContext(source(ConvBN(), x, 3), x)
     cb2 = GrowCallback(spec)
+    resumed.model = cb2.replay_structure(resumed.model, cb.state_dict())
     cb2.on_train_start(resumed)
     cb2.load_state_dict(cb.state_dict(), resumed)
     resumed.model.load_state_dict(grown_state)

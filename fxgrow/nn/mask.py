@@ -32,9 +32,6 @@ class MaskProducer(Producer):
         self.granularity = granularity
         self.capture = False
         self.dense_grad: torch.Tensor | None = None
-        # Set by growth: True where the mask belongs to a new block (all ones until the
-        # prune_regrow callback lays it out at the sparsity in force, then None).
-        self.fresh: torch.Tensor | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         out = w * self.mask
@@ -72,7 +69,6 @@ class MaskProducer(Producer):
         grown = weight.place([s[f"{path}.mask"] for s in growth.sources], fill=1.0)
         new = MaskProducer(grown.shape, grown.dtype, grown.device, self.source, self.granularity)
         new.mask.copy_(grown)
-        new.fresh = weight.fresh(tuple(self.mask.shape)).to(grown.device)
         return new
 
     def extra_repr(self) -> str:

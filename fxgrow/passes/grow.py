@@ -3,8 +3,9 @@
 Growth is an event, not a rewrite at spec time: the pass checks the model and hands the
 loop a `GrowCallback`, which at `at` (an epoch, a step, or a fraction of the FLOPs budget)
 builds the grown GraphModule with `grow_model.grow_model` (fusing other runs' checkpoints
-when `fuse` lists them) and swaps it in through `ctx.replace_model`. On resume it re-grows
-before the checkpoint's model state loads.
+when `fuse` lists them) and swaps it in through `ctx.replace_model` (the loop then tells
+every callback, `on_model_replaced`). On resume, `replay_structure` grows the fresh model
+again before the checkpoint's model state loads.
 """
 from __future__ import annotations
 
@@ -19,11 +20,10 @@ from ..analysis import forward_flops
 from ..errors import FxgrowError
 from ..ir import layer_types, meta, weight_chains
 from ..specs.base import At, PassSpec, resolve_time
-from ..nn.mask import MaskProducer
-from ..train.callbacks import Callback, TrainContext
+from ..train.callbacks import Callback, ModelChange, TrainContext
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
-from .grow_model import check_growable, grow_model, load_source, surviving_params
+from .grow_model import Grown, check_growable, grow_model, load_source, surviving_params
 
 MIXING = "template_mixing"  # growth widens template-mixed layers (MixtureGrowth)
 
@@ -125,8 +125,7 @@ class GrowCallback(Callback):
         training the grown model for all `total_steps` (same samples per step)."""
         x = ctx.batch[0]
         small = forward_flops(ctx.model, x)
-        grown, _ = self._build(ctx, structure_only=True)
-        big = forward_flops(grown, x)
+        big = forward_flops(self._build(ctx.model, ctx.seed, self.input_shape, self.input_dtype).model, x)
         step = math.ceil(self.spec.at.flops_fraction * big * ctx.total_steps / small)
         if step >= ctx.total_steps:
             raise FxgrowError(
@@ -135,28 +134,30 @@ class GrowCallback(Callback):
         return step
 
     # --- how ---
-    def _example(self, ctx: TrainContext) -> torch.Tensor:
-        return torch.zeros((2, *self.input_shape), dtype=getattr(torch, self.input_dtype),
-                           device=ctx.device)
-
-    def _build(self, ctx: TrainContext, structure_only: bool) -> tuple[fx.GraphModule, dict]:
-        model = ctx.model
+    def _build(self, model: fx.GraphModule, seed: int, input_shape: list[int], input_dtype: str,
+               growth_step: int | None = None, structure_only: bool = True) -> Grown:
+        """The grown model. `structure_only` (resume, FLOPs): every source is `model` itself,
+        no files are read; the values do not matter (a checkpoint's load next, or none)."""
         n = 1 + len(self.spec.fuse)
         own = model.state_dict()
-        if structure_only:  # the shapes only (resume, FLOPs): no files, no fresh randomness
+        if structure_only:
             sources = [own] * n
         else:
             sources = [own] + [load_source(p, own, f"grow.fuse.{i}") for i, p in enumerate(self.spec.fuse)]
-        generator = torch.Generator().manual_seed(stable_seed(int(ctx.seed), int(self.growth_step or 0), self.name))
-        return grow_model(model, sources, self.spec.factor, self._example(ctx), layout=self.spec.layout,
+        step = self.growth_step if growth_step is None else growth_step
+        generator = torch.Generator().manual_seed(stable_seed(int(seed), int(step or 0), self.name))
+        device = next(iter(own.values())).device
+        example = torch.zeros((2, *input_shape), dtype=getattr(torch, input_dtype), device=device)
+        return grow_model(model, sources, self.spec.factor, example, layout=self.spec.layout,
                           new_coefficients=self.spec.new_coefficients, noise=self.spec.noise,
                           generator=generator, carried=self.carried)
 
     def _grow(self, ctx: TrainContext) -> None:
         old = ctx.model
-        new, info = self._build(ctx, structure_only=False)
+        grown = self._build(old, ctx.seed, self.input_shape, self.input_dtype, structure_only=False)
+        new, info = grown
         params = surviving_params(old, new)
-        ctx.replace_model(new, params)
+        ctx.replace_model(new, ModelChange(params, cause=self.name, fresh=grown.fresh))
         self.grown = True
         self.info = {"step": ctx.step, "epoch": ctx.epoch, **info, "kept_optimizer_state": sorted(params),
                      "fused": list(self.spec.fuse), "blocks": [row for table in self.tables for row in table(new)]}
@@ -169,20 +170,18 @@ class GrowCallback(Callback):
         return {"grown": self.grown, "growth_step": self.growth_step, "input_shape": self.input_shape,
                 "input_dtype": self.input_dtype, "info": self.info}
 
+    def replay_structure(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        """The grown structure, when the checkpoint was written after growth."""
+        if not state or not state["grown"]:
+            return model
+        return self._build(model, 0, state["input_shape"], state["input_dtype"], state["growth_step"]).model
+
     def load_state_dict(self, state: dict[str, Any], ctx: TrainContext | None = None) -> None:
         if not state:
             return
         self.growth_step, self.input_shape = state["growth_step"], state["input_shape"]
         self.input_dtype, self.info = state["input_dtype"], state["info"]
-        if state["grown"] and not self.grown:
-            if ctx is None:
-                raise FxgrowError("grow: resuming after growth needs the training context")
-            new, _ = self._build(ctx, structure_only=True)  # the checkpoint's values load next
-            for m in new.modules():  # the checkpoint's masks are laid out already
-                if isinstance(m, MaskProducer):
-                    m.fresh = None
-            ctx.replace_model(new)
-            self.grown = True
+        self.grown = state["grown"]
 
     def report(self) -> dict[str, Any]:
         return {"at": self.spec.at.model_dump(exclude_none=True), "growth_step": self.growth_step,

@@ -18,6 +18,7 @@ source net 0's channels.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -89,12 +90,34 @@ def surviving_params(old: nn.Module, new: nn.Module) -> dict[str, str]:
 
 # --- the whole model ---------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Grown:
+    """What `grow_model` returns: the grown model, a summary for the report, and `fresh(key)`
+    (see `ModelChange.fresh`). Unpacks as `model, info`."""
+
+    model: fx.GraphModule
+    info: dict[str, Any]
+    growth: Growth
+    shapes: dict[str, tuple[int, ...]]  # every chain's value before growth
+
+    def fresh(self, key: str) -> torch.Tensor | None:
+        """True where the grown value of chain `key` holds entries no source net provides."""
+        if key not in self.shapes:
+            return None
+        weight = self.growth.weight_of(key)
+        if not any(weight.grows(d) for d in range(len(self.shapes[key]))):
+            return None
+        return weight.fresh(self.shapes[key])
+
+    def __iter__(self):
+        return iter((self.model, self.info))
+
+
 @torch.no_grad()
 def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], factor: int,
                example: torch.Tensor, *, layout: str = "vertical",
                new_coefficients: str = "orthogonal", noise: float = 0.0,
-               generator: torch.Generator | None = None, carried: Sequence[Pass] = ()
-               ) -> tuple[fx.GraphModule, dict[str, Any]]:
+               generator: torch.Generator | None = None, carried: Sequence[Pass] = ()) -> Grown:
     """The grown copy of `gm` and a summary. `sources[i]` is the state_dict of source net i
     (same structure as `gm`; `sources[0]` is normally `gm.state_dict()`). `example` is an
     input batch (of at least one sample) for the shapes. `carried`: the reversible passes
@@ -121,6 +144,7 @@ def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], facto
                             f"{grp.reason}" for grp in groups)
         raise FxgrowError(f"no channel group can grow ({reasons})")
     chains = weight_chains(new)
+    shapes = {key: chain_shape(new, chain) for key, chain in chains.items()}
     growth = Growth(new, Channels(groups), sources, g,
                     {"layout": layout, "new_coefficients": new_coefficients, "noise": noise}, generator,
                     {node.target: (chain.layer, chain.param) for chain in chains.values() for node in chain.producers})
@@ -151,7 +175,7 @@ def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], facto
         "params_before": sum(p.numel() for p in gm.parameters()),
         "params_after": sum(p.numel() for p in new.parameters()),
     }
-    return new, info
+    return Grown(new, info, growth, shapes)
 
 
 def _widen_tensors(gm: fx.GraphModule, growth: Growth, generated: set[str]) -> None:

@@ -11,7 +11,6 @@ Step convention: an event at time `t` happens once `t` optimizer steps are done 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,7 +23,7 @@ from ..errors import FxgrowError, SpecError
 from ..ir import chain_shape, fetch_attr, insert_producer, weight_chains
 from ..nn.mask import MaskProducer
 from ..specs.base import At, PassSpec, StrictModel, Time, check_time, resolve_time
-from ..train.callbacks import Callback, TrainContext
+from ..train.callbacks import Callback, ModelChange, TrainContext
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
 from .prune_regrow_filters import (ChannelUses, filter_groups, keep_channels_group, keep_channels_total,
@@ -312,22 +311,21 @@ class PruneRegrowCallback(Callback):
         self.last: dict[str, Any] | None = None   # the latest measurement (report.json)
         self._time: int | None = None              # the event time this step ends at
         self._capturing = False
-        self._model: weakref.ref | None = None     # the model whose masks were last seen
 
     # -- hooks
     def on_train_start(self, ctx: TrainContext) -> None:
         # (only a time in epochs needs steps_per_epoch; a driver with no epochs may omit it)
         self.schedule = resolve_schedule(self.spec, ctx.total_steps, getattr(ctx, "steps_per_epoch", None))
-        self._model = weakref.ref(ctx.model)
 
-    def on_micro_step(self, ctx: TrainContext, index: int) -> None:
-        # After every on_step_start (growth swaps the model there, in any callback order)
-        # and before the forward: lay out the masks of a grown model.
-        if self._model is None or self._model() is not ctx.model:
-            self._model = weakref.ref(ctx.model)
-            weights = masked_weights(ctx.model)
-            if any(w.mask_module.fresh is not None for w in weights):
-                self.relayout(ctx, weights)
+    def on_model_replaced(self, ctx: TrainContext, old, new, change: ModelChange) -> None:
+        """Growth: lay out the new mask blocks before the next forward; a step that captures
+        the dense gradient captures it on the new masks."""
+        weights = masked_weights(new)
+        fresh = {w.key: change.fresh(w.key) for w in weights}
+        if any(f is not None for f in fresh.values()):
+            self.relayout(ctx, weights, fresh)
+        if self._capturing:
+            self._set_capture(new, True)
 
     def on_step_start(self, ctx: TrainContext) -> None:
         self._time = ctx.step + 1
@@ -387,9 +385,10 @@ class PruneRegrowCallback(Callback):
                 "regrow_fraction": fraction, "pruned": pruned, "dropped": dropped, "moved": moved}
 
     @torch.no_grad()
-    def relayout(self, ctx: TrainContext, weights: list[MaskedWeight]) -> dict[str, Any]:
-        """Growth left new mask blocks dense and marked `fresh`: bring every mask to the
-        sparsity in force (the last pruning event's target) with the counts the scope
+    def relayout(self, ctx: TrainContext, weights: list[MaskedWeight],
+                 fresh: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+        """Growth left new mask blocks dense (True in `fresh`): bring every mask to the
+        sparsity in force (the last pruning event's sparsity) with the counts the scope
         prescribes for the grown shapes. Active positions outside new blocks stay first
         (the source masks are kept whenever the counts allow), then new-block positions by
         magnitude of the grown weight; masked-out source positions come last."""
@@ -400,9 +399,9 @@ class PruneRegrowCallback(Callback):
         top = 1 + max(float(v.max()) for v in values)
         scores = []
         for w, v in zip(weights, values):
-            fresh = w.mask_module.fresh
-            fresh = torch.zeros_like(w.active) if fresh is None else fresh
-            scores.append(torch.where(fresh, v, torch.where(w.active, v + top, torch.full_like(v, -1.0))))
+            new = fresh.get(w.key)
+            new = torch.zeros_like(w.active) if new is None else new.to(w.active.device)
+            scores.append(torch.where(new, v, torch.where(w.active, v + top, torch.full_like(v, -1.0))))
         keeps = ([keep_total(weights, sparsity)] if self.spec.scope == "global"
                  else self.keep_per_layer(weights, sparsity))
         parts = [torch.cat([sc.flatten() for sc in scores])] if self.spec.scope == "global" else \
@@ -410,7 +409,6 @@ class PruneRegrowCallback(Callback):
         kept, offset = torch.cat([top_k_mask(part, keep) for part, keep in zip(parts, keeps)]), 0
         for w in weights:
             w.set_active(kept[offset:offset + w.numel].view(w.mask.shape), ctx.optimizer)
-            w.mask_module.fresh = None
             offset += w.numel
         self.check(weights, None, sparsity, t)
         record = {"relayout_target_sparsity": sparsity, **self.measure(weights)}

@@ -390,7 +390,7 @@ class SortedSlicingCallback(Callback):
         self.grid: list[dict[str, Any]] = []
         self._plan: list[tuple[float, int]] = []
         self._recent: collections.deque[torch.Tensor] = collections.deque(maxlen=spec.recalibrate_batches)
-        self._found: tuple[nn.Module, SubnetState] | None = None
+        self._subnet: SubnetState | None = None  # the model's slicing state
 
     # sampling: a pure function of (seed, step)
     def plan(self, points: list[tuple[float, int]], seed: int, step: int) -> list[tuple[float, int]]:
@@ -415,6 +415,7 @@ class SortedSlicingCallback(Callback):
         return sorted(chosen, reverse=True)
 
     def on_train_start(self, ctx) -> None:
+        self._subnet = None
         state = self._state(ctx)
         state.activate(*state.largest)
         _allow_a_graph_per_sub_model(len(state.points))
@@ -424,6 +425,9 @@ class SortedSlicingCallback(Callback):
         self._plan = self.plan(list(state.points), ctx.seed, ctx.step)
         if ctx.batch is not None and ctx.step >= ctx.total_steps - self.spec.recalibrate_batches:
             self._recent.append(ctx.batch[0].detach())  # the last batches recalibrate BN at the end
+
+    def on_model_replaced(self, ctx, old, new, change) -> None:
+        self._subnet = None  # growth put slicing back on the grown model: a new state
 
     def micro_steps(self, ctx) -> int:
         return len(self._plan)
@@ -459,10 +463,9 @@ class SortedSlicingCallback(Callback):
         self._recent.extend(x.to(device) if device is not None else x for x in state.get("recent", []))
 
     def _state(self, ctx) -> SubnetState:
-        # Looked up once per model object (growth or resume replaces it), not every step.
-        if self._found is None or self._found[0] is not ctx.model:
-            state = find_state(ctx.model)
-            if state is None:
+        # Looked up once per model (on_train_start and on_model_replaced forget it), not every step.
+        if self._subnet is None:
+            self._subnet = find_state(ctx.model)
+            if self._subnet is None:
                 raise FxgrowError("sorted_slicing: the model has no slicing state (was the pass applied?)")
-            self._found = (ctx.model, state)
-        return self._found[1]
+        return self._subnet

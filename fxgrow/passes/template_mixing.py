@@ -120,7 +120,7 @@ class TemplateMixingCallback(Callback):
         self.train_flops = 0.0
         self.samples = 0
         self.flops_per_sample = 0.0
-        self._measured: nn.Module | None = None
+        self._measure = True  # on the next training batch: at the start and after a replaced model
         self.summary: dict[str, Any] = {}
 
     def param_group_overrides(self, model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -131,12 +131,16 @@ class TemplateMixingCallback(Callback):
 
     def on_train_start(self, ctx: TrainContext) -> None:
         self.table = bank_table(ctx.model)
+        self._measure = True
+
+    def on_model_replaced(self, ctx: TrainContext, old: nn.Module, new: nn.Module, change) -> None:
+        self._measure = True
 
     def after_step(self, ctx: TrainContext) -> None:
         inputs = ctx.batch[0]
-        if self._measured is not ctx.model:
+        if self._measure:
             self.flops_per_sample = forward_flops(ctx.model, inputs) / len(inputs)
-            self._measured = ctx.model
+            self._measure = False
         samples = len(inputs) * getattr(ctx, "world", 1)
         self.samples += samples
         self.train_flops += 3 * self.flops_per_sample * samples

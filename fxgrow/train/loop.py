@@ -32,7 +32,7 @@ from ..analysis.cost import forward_flops
 from ..errors import FxgrowError
 from ..specs.train import TrainSpec
 from . import checkpoint as ckpt
-from .callbacks import Callback
+from .callbacks import Callback, ModelChange, replay_structure
 from .data import Batches, Data, load_data, step_generator
 from .meter import Meter
 from .optim import build_optimizer, build_scheduler, lr_factor, merge_overrides, transfer_state
@@ -117,13 +117,17 @@ class Trainer:
         if self.rank == 0 and self._metrics is not None:
             self._metrics.write(json.dumps({"step": self.step, "epoch": self.epoch, **record}) + "\n")
 
-    def replace_model(self, model: nn.Module, param_map: dict[str, str] | None = None) -> None:
-        old_params = dict(self.model.named_parameters())
+    def replace_model(self, model: nn.Module, change: ModelChange | dict[str, str] | None = None) -> None:
+        change = change if isinstance(change, ModelChange) else ModelChange(param_map=dict(change or {}))
+        old, old_params = self.model, dict(self.model.named_parameters())
         old_optimizer = self.optimizer
         self._install(model)
         self.optimizer = self._build_optimizer()
-        transfer_state(old_optimizer, old_params, self.optimizer, dict(self.model.named_parameters()), param_map)
+        transfer_state(old_optimizer, old_params, self.optimizer, dict(self.model.named_parameters()),
+                       change.param_map)
         self.scheduler = build_scheduler(self.optimizer, self._lr_factor, self.step)
+        for cb in self.callbacks:
+            cb.on_model_replaced(self, old, self.model, change)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
@@ -188,6 +192,8 @@ class Trainer:
             torch.manual_seed(spec.seed + self.rank)
             random.seed(spec.seed + self.rank)
             np.random.seed(spec.seed + self.rank)
+        else:  # the structure the checkpoint's model had (growth), before anything sees the model
+            self.model = replay_structure(self.model, self.callbacks, state["callbacks"])
         self._install(self.model)
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, self._lr_factor, 0)
@@ -250,7 +256,7 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.epoch = self.step // self.steps_per_epoch
-        for cb in self.callbacks:  # before the model state: growth rebuilds the model here
+        for cb in self.callbacks:
             cb.load_state_dict(state["callbacks"].get(cb.name, {}), self)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
