@@ -6,8 +6,9 @@ resnet50 at 1x3x224x224. Goal: <= 0.5 s warm, <= 0.75 s cold.
 
 Each of `--processes` fresh processes builds the model (not timed), then times the first
 call after the imports (`cold`) and `--repeats` calls after it (`warm`: their median). The
-figures are the medians over the processes: on a shared machine one process's cold call
-can take several times the others'. `--profile` prints cProfile's top entries of one warm
+figures are the medians over the processes (and the minima: on a shared machine one
+process's call can take several times another's, and the least disturbed run is the
+minimum). `--profile` prints cProfile's top entries of one warm
 call (in this process). `total cpu` is the CPU time of all the process's threads: less
 moved by other jobs on the machine than the wall-clock figures, which the goals are about.
 """
@@ -60,7 +61,8 @@ def measure(size: int, repeats: int) -> dict[str, dict[str, float]]:
     x = torch.randn(1, 3, size, size)
     cold = once(model, x)
     runs = [once(model, x) for _ in range(repeats)]
-    return {"cold": cold, "warm": {k: statistics.median(r[k] for r in runs) for k in cold}}
+    return {"cold": cold, "warm": {k: statistics.median(r[k] for r in runs) for k in cold},
+            "warm_min": {k: min(r[k] for r in runs) for k in cold}}
 
 
 def main() -> None:
@@ -81,10 +83,11 @@ def main() -> None:
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"resnet50, input 1x3x{args.size}x{args.size}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.processes} processes x (1 cold + {args.repeats} warm)")
-    print(f"{'stage':<10}{'cold s':>10}{'warm s':>10}   cold per process")
+    print(f"{'stage':<10}{'cold s':>10}{'warm s':>10}{'cold min':>10}{'warm min':>10}   cold per process")
     for k in results[0]["cold"]:
         colds = [r["cold"][k] for r in results]
         print(f"{k:<10}{statistics.median(colds):>10.3f}{statistics.median(r['warm'][k] for r in results):>10.3f}"
+              f"{min(colds):>10.3f}{min(r['warm_min'][k] for r in results):>10.3f}"
               f"   {' '.join(f'{c:.2f}' for c in colds)}")
     if args.profile:
         model = torchvision.models.resnet50().eval()

@@ -45,9 +45,10 @@ def _targetable(module: nn.Module) -> bool:
     return kind is not None and kind.targetable
 
 
-def functionalize(gm: fx.GraphModule, layers: list[str]) -> None:
+def functionalize(gm: fx.GraphModule, layers: list[str], recompile: bool = True) -> None:
     """Rewrite each `call_module` of `layers` into its functional form with chain operands.
-    Already functional layers are left alone. Outputs are unchanged bit for bit."""
+    Already functional layers are left alone. Outputs are unchanged bit for bit. Without
+    `recompile` the caller recompiles (a pipeline does once, at its end)."""
     wanted = set(layers)
     chains: dict[str, fx.Node] = {}  # "path.param" -> get_attr node, shared by repeat calls
     graph = gm.graph
@@ -78,7 +79,8 @@ def functionalize(gm: fx.GraphModule, layers: list[str]) -> None:
                            "module_type": type(module).__name__}
         node.replace_all_uses_with(call)
         graph.erase_node(node)
-    gm.recompile()
+    if recompile:
+        gm.recompile()
 
 
 @dataclass

@@ -156,7 +156,7 @@ class MixProducer(Producer):
 
     @classmethod
     def solve_for(cls, gm: nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, float]:
-        return retarget(gm, targets)
+        return retarget(gm, targets, measure=False)
 
     def growth_refusal(self) -> str:
         if self.grid != (1, 1) or self.sets != 1:
@@ -172,21 +172,37 @@ class MixProducer(Producer):
         return _grown_producer(_plan_grid(path, self, growth), growth, coefficients)
 
 
-def preserving_templates(alphas: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+def preserving_templates(alphas: torch.Tensor, weights: list[torch.Tensor],
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """T with alphas @ T == the stacked weights: T = pinv(alphas) @ W (exact when the
-    L x K alphas have full row rank, i.e. L <= K; = alphas^T W for orthonormal rows)."""
-    w = torch.stack([x.detach().to(torch.float64).flatten() for x in weights])
-    t = torch.linalg.pinv(alphas) @ w
-    like = weights[0]
-    return t.view(alphas.shape[1], *like.shape).to(like.dtype)
+    L x K alphas have full row rank, i.e. L <= K; = alphas^T W for orthonormal rows), in
+    float64, or written into `out` in its dtype."""
+    pinv = torch.linalg.pinv(alphas)  # K x L, small
+    if out is None:
+        out = torch.empty((alphas.shape[1], *weights[0].shape), dtype=torch.float64, device=weights[0].device)
+    for k in range(alphas.shape[1]):  # T_k = sum_l pinv[k, l] W_l, without stacking the Ws
+        torch.mul(weights[0].detach(), float(pinv[k, 0]), out=out[k])
+        for l in range(1, len(weights)):
+            out[k].add_(weights[l].detach(), alpha=float(pinv[k, l]))
+    return out
 
 
-def retarget(gm: nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+# Below this condition number of a bank's alphas the mix of re-solved templates is within
+# (K + L + 1) * eps * cond * max|W| of its target (the rounding of the L-term solve, of T
+# and of the K-term mix, in the templates' dtype), small enough not to measure; above it
+# `retarget` measures the residual.
+_WELL_CONDITIONED = 10.0
+
+
+def retarget(gm: nn.Module, targets: dict[str, torch.Tensor], measure: bool = True) -> dict[str, float]:
     """Re-solve bank templates so each mixed weight in `targets` ({"layer.weight": value})
     comes out as that value; layers of an affected bank not in `targets` keep their
     current mix. For a pass stacked after mixing that re-initialises its input (the
     compander's v = psi^-1(W)). Returns the max abs residual per key: 0 up to rounding
-    when the bank has at most K layers (ungrown), a least-squares fit otherwise."""
+    when the bank has at most K layers (ungrown), a least-squares fit otherwise. Without
+    `measure`, a well-conditioned bank (full row rank, the default orthonormal alphas)
+    reports the rounding bound instead of evaluating every mix again: the templates are
+    solved once."""
     producers = mix_producers(gm)
     by_source = {p.source: (path, p) for path, p in producers.items()}
     missing = [k for k in targets if k not in by_source]
@@ -201,11 +217,25 @@ def retarget(gm: nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, float
             if bank.sets != 1 or any(p.grid != (1, 1) for p in users):
                 raise FxgrowError(f"cannot re-solve the templates of grown bank '{bank_path}'")
             alphas = torch.stack([p.alpha.detach().view(-1) for p in users]).to(torch.float64)
-            values = [targets.get(p.source, p(bank.templates)) for p in users]
-            bank.templates.copy_(preserving_templates(alphas, values))
+            values = [targets[p.source] if p.source in targets else p(bank.templates) for p in users]
+            preserving_templates(alphas, values, out=bank.templates.data)
+            cond = _row_condition(alphas)
             for p, v in zip(users, values):
-                residual[p.source] = float((p(bank.templates) - v).abs().max())
+                if measure or cond > _WELL_CONDITIONED:
+                    residual[p.source] = float((p(bank.templates) - v).abs().max())
+                else:
+                    lo, hi = torch.aminmax(v)
+                    eps = torch.finfo(bank.templates.dtype).eps
+                    residual[p.source] = (sum(alphas.shape) + 1) * eps * cond * max(-float(lo), float(hi))
     return {k: residual[k] for k in targets}
+
+
+def _row_condition(alphas: torch.Tensor) -> float:
+    """||A||_inf * ||pinv(A)||_inf, or inf when A (L x K) has no full row rank."""
+    if alphas.shape[0] > alphas.shape[1] or torch.linalg.matrix_rank(alphas) < alphas.shape[0]:
+        return float("inf")
+    norm = lambda m: float(m.abs().sum(1).max())  # noqa: E731  (the inf-norm: max row sum)
+    return norm(alphas) * norm(torch.linalg.pinv(alphas))
 
 
 def mix_producers(model: nn.Module) -> dict[str, MixProducer]:

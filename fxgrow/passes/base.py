@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import FxgrowError, PassError, SpecError
+from ..analysis import channel_groups, propagate_shapes
 from ..ir import functionalize, layer_types
 from ..specs.base import PassSpec
 from ..trace import trace
@@ -70,6 +71,36 @@ class Applied:
     index: int
 
 
+class Analysis:
+    """Shapes and channel groups of the graph a pipeline rewrites, computed once, on first
+    use, and shared by its passes. Weight-chain rewrites keep them valid (activations keep
+    their shapes; the coupling analysis skips chains; a chain's own shape comes from its
+    producers' `output_shape`); the pipeline forgets them after a reversible pass, which
+    changes the graph's structure."""
+
+    def __init__(self, gm: fx.GraphModule, example: torch.Tensor | None):
+        self.gm, self.example = gm, example
+        self._shaped = False
+        self._groups: list | None = None
+
+    def shapes(self) -> fx.GraphModule:
+        """`gm` with `tensor_meta` on its nodes."""
+        if not self._shaped:
+            if self.example is None:
+                raise FxgrowError("the analysis needs an example input (model.example_input)")
+            propagate_shapes(self.gm, self.example)
+            self._shaped = True
+        return self.gm
+
+    def channel_groups(self) -> list:
+        if self._groups is None:
+            self._groups = channel_groups(self.shapes())
+        return self._groups
+
+    def invalidate(self) -> None:
+        self._shaped, self._groups = False, None
+
+
 @dataclass
 class PassContext:
     """What a pass may know beyond the graph."""
@@ -79,10 +110,16 @@ class PassContext:
     index: int = 0              # position in the spec's pass list, for error paths
     applied: list["Pass"] = field(default_factory=list)  # the passes before this one
     history: list[Applied] = field(default_factory=list)  # at `callbacks`: every pass of the pipeline
+    analysis: Analysis | None = None  # the pipeline's shared analysis (`analyzed` makes one when missing)
 
     @property
     def where(self) -> str:
         return f"passes.{self.index}"
+
+    def analyzed(self, gm: fx.GraphModule) -> Analysis:
+        if self.analysis is None or self.analysis.gm is not gm:
+            self.analysis = Analysis(gm, self.example_input)
+        return self.analysis
 
 
 @dataclass
@@ -185,16 +222,19 @@ class Pipeline:
             gm = copy.deepcopy(gm)  # never mutate the user's parameters
         history: list[Applied] = []
         matches: dict[str, list[Match]] = {}
+        analysis = Analysis(gm, example_input)
         for index, p in enumerate(self.passes):
             ctx = PassContext(example_input=example_input, seed=seed, index=index,
-                              applied=[a.pass_ for a in history], history=list(history))
+                              applied=[a.pass_ for a in history], history=list(history), analysis=analysis)
             with self._naming(p, index, history):
                 p.requires(gm, ctx)
                 found = p.match(gm, ctx)
                 if p.functionalizes:
-                    functionalize(gm, [m.layer for m in found])
+                    functionalize(gm, [m.layer for m in found], recompile=False)
                 record = p.rewrite(gm, found, ctx)
                 gm.graph.lint()
+            if p.reversible:
+                analysis.invalidate()
             record = record if record is not None else Record()
             if not record.layers:
                 record.layers = tuple(m.layer for m in found)

@@ -87,9 +87,11 @@ class CompanderPass(Pass):
         chains = [all_chains[f"{m.layer}.weight"] for m in matches]
         record = CompanderRecord(tuple(m.layer for m in matches))
         # Every inverse is computed from the weights as they are before any is written,
-        # so a parameter tied into two chains is inverted once.
+        # so a parameter tied into two chains is inverted once. A generated weight is a
+        # fresh tensor: its inverse overwrites it.
         with torch.no_grad():
-            targets = {c.key: self._inverse(c.key, evaluate_chain(gm, c), record.clamped) for c in chains}
+            targets = {c.key: self._inverse(c.key, evaluate_chain(gm, c), record.clamped, bool(c.producers))
+                       for c in chains}
         shared = CompanderScale(a, b, learnable=True) if spec.learnable == "global" else None
         generated: dict[str, torch.Tensor] = {}
         for chain in chains:
@@ -108,9 +110,10 @@ class CompanderPass(Pass):
     def callbacks(self, gm: fx.GraphModule, record: "CompanderRecord", ctx: PassContext) -> list[Callback]:
         return [CompanderCallback(self.spec, dict(record.clamped))]
 
-    def _inverse(self, key: str, w: torch.Tensor, clamped_counts: dict[str, int]) -> torch.Tensor:
+    def _inverse(self, key: str, w: torch.Tensor, clamped_counts: dict[str, int],
+                 overwrite: bool = False) -> torch.Tensor:
         a, b = self.spec.initial_ab
-        v, clamped = psi_inverse(w, a, b, self.spec.function)
+        v, clamped = psi_inverse(w, a, b, self.spec.function, overwrite)
         clamped_counts[key] = clamped
         if clamped > self.spec.max_clamped_fraction * w.numel():
             raise FxgrowError(f"{clamped} of {w.numel()} weights of '{key}' lie outside the range of "
@@ -141,8 +144,10 @@ def _solve_upstream(gm: fx.GraphModule, chains: list[WeightChain], targets: dict
             by_class.setdefault(type(chain.modules(gm)[0]), {})[chain.key] = targets[chain.key]
     residual = {k: r for cls, part in by_class.items() for k, r in cls.solve_for(gm, part).items()}
     for key, r in residual.items():
-        scale = max(1.0, float(targets[key].abs().max()))
-        if r > 1e-5 * scale:
+        if r <= 1e-5:  # within tolerance whatever the scale: no pass over the values
+            continue
+        lo, hi = torch.aminmax(targets[key])
+        if r > 1e-5 * max(1.0, -float(lo), float(hi)):
             raise FxgrowError(f"cannot initialise v = psi^-1(W) for '{key}' through its template bank "
                               f"(residual {r:.3g}): the producer before it cannot be solved exactly "
                               "(a template bank's alphas without full row rank)")

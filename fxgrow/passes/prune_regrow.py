@@ -270,7 +270,8 @@ class PruneRegrowPass(Pass):
                                                     chain.key, spec.granularity), self.kind)
         record = PruneRegrowRecord(tuple(m.layer for m in matches))
         if spec.granularity == "filter":
-            record.channel_uses = prunable_channel_uses(gm, ctx.example_input, ctx.where)
+            record.channel_uses = prunable_channel_uses(gm, ctx.example_input, ctx.where,
+                                                        ctx.analyzed(gm).channel_groups())
         if spec.initial_sparsity > 0:
             apply_initial_layout(masked_weights(gm), spec.initial_sparsity, spec.init_distribution, ctx.seed)
         return record

@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import fx, nn
 
-from ..analysis import propagate_shapes
-from ..analysis.coupling import channel_groups
+from ..analysis.shapes import graph_checks
 from ..errors import FxgrowError, SpecError
-from ..ir import META, insert_producer, is_layer, layer_types, replace_submodule, weight_chains
+from ..ir import META, insert_producer, is_layer, replace_submodule, weight_chains
 from ..layers import kind_of, layer_call
 from ..nn.slicing import ConvGroups, DepthGate, SlicedBatchNorm, SlicedLayerNorm, SliceProducer, SubnetState
 from ..specs.base import PassSpec, StrictModel
@@ -140,9 +139,8 @@ class SortedSlicingPass(Pass):
 
     def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> SlicingRecord:
         spec: SortedSlicingSpec = self.spec
-        was_training = gm.training
-        propagate_shapes(gm.eval(), ctx.example_input)  # eval: BN accepts a batch of one 1x1 map
-        gm.train(was_training)
+        analysis = ctx.analyzed(gm)
+        analysis.shapes()
         blocks = skippable_blocks(gm) if spec.depth is not None else []
         depths = self._depths(blocks, ctx)
         fractions = spec.width.fractions if spec.width is not None else [1.0]
@@ -162,8 +160,7 @@ class SortedSlicingPass(Pass):
             raise SpecError([(f"{ctx.where}.weights", f"{len(spec.weights)} weights for {len(points)} grid points")])
 
         if spec.width is not None:
-            groups = channel_groups(gm)
-            plan = plan_slicing(gm, groups, {m.layer for m in matches})
+            plan = plan_slicing(gm, analysis.channel_groups(), {m.layer for m in matches})
             if not plan.sliced:
                 reasons = "; ".join(f"group {g}: {r}" for g, r in plan.kept.items()) or "no channel groups"
                 raise FxgrowError(f"sorted_slicing: no channel group can be sliced ({reasons})")
@@ -176,7 +173,6 @@ class SortedSlicingPass(Pass):
         self._slice_norms(gm, plan, state)
         self._gate_blocks(gm, blocks, state)
         gm.graph.lint()
-        gm.recompile()
         _check_every_point(gm, state, ctx.example_input)
         return SlicingRecord(tuple(m.layer for m in matches), blocks=[b.name for b in blocks], points=points,
                              sliced=[g.id for g in plan.sliced], full_width=dict(plan.kept))
@@ -344,21 +340,37 @@ def subnet_table(gm: nn.Module) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def _check_every_point(gm: fx.GraphModule, state: SubnetState, example: torch.Tensor) -> None:
-    """Run every sub-model once (eval mode) so a model that hard-codes a channel count or a
-    block that cannot run on an empty batch fails here, naming the sub-model."""
-    was_training = gm.training
-    gm.eval()
+    """Run the sub-models once, on meta tensors (shapes, no arithmetic), so a model that
+    hard-codes a channel count or a block that cannot run on an empty batch fails here,
+    naming the sub-model. See `_points_to_check` for which ones."""
     try:
-        for point in state.points:
-            state.activate(*point)
-            try:
-                gm(example)
-            except Exception as e:
-                raise FxgrowError(f"sub-model (width {point[0]}, depth {point[1]}) does not run: "
-                                  f"{type(e).__name__}: {e}") from e
+        with graph_checks(gm) as check:
+            for point in _points_to_check(state):
+                state.activate(*point)
+                try:
+                    check(example)
+                except Exception as e:
+                    raise FxgrowError(f"sub-model (width {point[0]}, depth {point[1]}) does not run: "
+                                      f"{type(e).__name__}: {e}") from e
     finally:
         state.activate(*state.largest)
-        gm.train(was_training)
+
+
+def _points_to_check(state: SubnetState) -> list[tuple[float, int]]:
+    """The grid points whose runs cover every failure a sub-model can have. The largest is
+    left out: every slice is the identity there and every gate passes, so it runs the model
+    whose shapes were just propagated. In a product grid, every width at the full depth
+    (each channel count, on a full batch in every block) and every depth at the smallest
+    width (each set of dropped blocks running on an empty batch, with cut channels) cover
+    the rest: a failure only at a larger width of a smaller depth would need an op that
+    fails on an empty batch with full channels but not with fewer. A list grid is checked
+    point by point."""
+    points = [p for p in state.points if p != state.largest]
+    widths, depths = sorted({w for w, _ in state.points}), sorted({d for _, d in state.points})
+    if len(state.points) != len(widths) * len(depths):  # not a product grid
+        return points
+    full, smallest = max(depths), min(widths)
+    return [p for p in points if p[1] == full or p[0] == smallest]
 
 
 # --- training ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..analysis.coupling import ChannelGroup
-from ..ir import weight_chains
+from ..ir import chain_shape, weight_chains
 from ..layers import kind_of
 from ..nn.slicing import DimLayout, Segment
 
@@ -176,7 +176,7 @@ def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str
     for key, by_dim in dims.items():
         layer, _, param = key.rpartition(".")
         # the tensor a chain produces (template mixing stores no `weight`), or a norm's own
-        shape = _shape(chains[key].tail) if key in chains else getattr(gm.get_submodule(layer), param).shape
+        shape = chain_shape(gm, chains[key]) if key in chains else getattr(gm.get_submodule(layer), param).shape
         layouts = [DimLayout(d, shape[d], tuple(sorted(segs, key=lambda s: s.offset)))
                    for d, segs in sorted(by_dim.items())]
         if layer in norm_calls:

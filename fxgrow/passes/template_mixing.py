@@ -7,6 +7,7 @@ and a `MixProducer` holding the layer's alphas is the chain's first producer.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,10 +21,10 @@ from ..ir import META, WeightChain, fetch_attr, insert_producer, weight_chains
 from ..nn.mixing import MixProducer, TemplateBank, mix_producers, preserving_templates, retarget  # noqa: F401
 from ..specs.base import PassSpec
 from ..train.callbacks import Callback, TrainContext
+from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
 
 BANKS = f"{META}.banks"
-_SEED_OFFSET = 0x6D6978  # decorrelates this pass's generator from other passes using the seed
 
 
 class TemplateMixingSpec(PassSpec):
@@ -222,17 +223,21 @@ class TemplateMixingPass(Pass):
                     raise FxgrowError(
                         f"template_init: preserve needs at most K={k} layers per bank, but "
                         f"{', '.join(group)} share one; raise `templates` or use share: pairs/none")
-        generator = torch.Generator().manual_seed(ctx.seed + _SEED_OFFSET)
         first = _next_bank_index(gm)
-        for i, group in enumerate(groups):
-            weights = [fetch_attr(gm, targeted[name].head.target) for name in group]
-            alphas = init_coefficients(len(group), k, spec.coefficient_init, generator)
-            if spec.template_init == "preserve":
-                templates = preserving_templates(alphas, weights)
-            else:
-                templates = kaiming_templates(k, weights[0], generator)
+        # One generator per bank (seeded by the run's seed and the bank), so the banks'
+        # templates draw independently: in parallel threads, as torch's normal_ is serial.
+        generators = [torch.Generator().manual_seed(stable_seed(ctx.seed, self.kind, first + i))
+                      for i in range(len(groups))]
+        weights_of = [[fetch_attr(gm, targeted[name].head.target) for name in group] for group in groups]
+        alphas_of = [init_coefficients(len(group), k, spec.coefficient_init, g) for group, g in zip(groups, generators)]
+        if spec.template_init == "preserve":
+            templates_of = [preserving_templates(a, w).to(w[0].dtype) for a, w in zip(alphas_of, weights_of)]
+        else:
+            with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+                templates_of = list(pool.map(lambda w, g: kaiming_templates(k, w[0], g), weights_of, generators))
+        for i, (group, weights, alphas, templates) in enumerate(zip(groups, weights_of, alphas_of, templates_of)):
             path = f"{BANKS}.bank{first + i}"
-            gm.add_submodule(path, TemplateBank(templates.detach().clone()))
+            gm.add_submodule(path, TemplateBank(templates.detach()))  # a fresh tensor: no copy
             for name, alpha in zip(group, alphas):
                 chain = targeted[name]
                 _replace_head(gm, chain, f"{path}.templates")
