@@ -208,10 +208,14 @@ def chain_shape(gm: fx.GraphModule, chain: WeightChain, upto: int | None = None)
     return shape
 
 
+def run_producers(value: torch.Tensor, producers: list[Producer], folding: bool = False) -> torch.Tensor:
+    """`value` through `producers` in order (with `folding`, each one's `fold`)."""
+    for module in producers:
+        value = module.fold(value) if folding else module(value)
+    return value
+
+
 def evaluate_chain(gm: fx.GraphModule, chain: WeightChain, folding: bool = False) -> torch.Tensor:
     """The tensor a chain produces now (e.g. the effective weight); with `folding`, the one
     each producer's `fold` bakes into a plain layer."""
-    value = fetch_attr(gm, chain.head.target)
-    for module in chain.modules(gm):
-        value = module.fold(value) if folding else module(value)
-    return value
+    return run_producers(fetch_attr(gm, chain.head.target), chain.modules(gm), folding)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..ir import fetch_attr, weight_chains
+from ..ir import fetch_attr, run_producers, weight_chains
 from ..nn.base import Producer
 from ..nn.compander import CompanderScale, CompandProducer, psi, psi_and_prime_many, psi_prime
 from ..train.callbacks import Callback, TrainContext
@@ -53,10 +53,7 @@ class Site:
 
     def v(self) -> torch.Tensor:
         """The compander's input."""
-        value = self.head
-        for module in self.upstream:
-            value = module(value)
-        return value
+        return run_producers(self.head, self.upstream)
 
     def parameters(self) -> list[nn.Parameter]:
         """What v is computed from."""

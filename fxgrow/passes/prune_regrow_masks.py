@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..ir import fetch_attr, weight_chains
+from ..ir import fetch_attr, run_producers, weight_chains
 from ..nn.mask import MaskProducer
 
 
@@ -51,10 +51,7 @@ class MaskedWeight:
     @torch.no_grad()
     def value(self) -> torch.Tensor:
         """The weight as it reaches the mask (what magnitude pruning ranks)."""
-        v = self.param
-        for module in self.before:
-            v = module(v)
-        return v.detach()
+        return run_producers(self.param, self.before).detach()
 
     @torch.no_grad()
     def set_active(self, active: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> int:
