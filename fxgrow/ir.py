@@ -208,6 +208,18 @@ def chain_shape(gm: fx.GraphModule, chain: WeightChain, upto: int | None = None)
     return shape
 
 
+def producer_sites(gm: fx.GraphModule, cls: type[Producer]) -> list[tuple[WeightChain, Producer, list[Producer], torch.Tensor]]:
+    """Every producer of class `cls` in `gm`'s chains, in graph order of their layers:
+    (chain, producer, the producers before it, the chain's head tensor)."""
+    sites = []
+    for chain in weight_chains(gm).values():
+        modules = chain.modules(gm)
+        for i, module in enumerate(modules):
+            if isinstance(module, cls):
+                sites.append((chain, module, modules[:i], fetch_attr(gm, chain.head.target)))
+    return sites
+
+
 def run_producers(value: torch.Tensor, producers: list[Producer], folding: bool = False) -> torch.Tensor:
     """`value` through `producers` in order (with `folding`, each one's `fold`)."""
     for module in producers:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..ir import fetch_attr, run_producers, weight_chains
+from ..ir import producer_sites, run_producers
 from ..nn.base import Producer
 from ..nn.compander import CompanderScale, CompandProducer, psi, psi_and_prime_many, psi_prime
 from ..train.callbacks import Callback, TrainContext
@@ -64,13 +64,8 @@ def compand_sites(model: nn.Module) -> list[Site]:
     """Every compander of `model`, in graph order of the layers it feeds."""
     if not isinstance(model, fx.GraphModule):
         return []
-    sites = []
-    for chain in weight_chains(model).values():
-        modules = chain.modules(model)
-        for i, module in enumerate(modules):
-            if isinstance(module, CompandProducer):
-                sites.append(Site(chain.key, fetch_attr(model, chain.head.target), modules[:i], module))
-    return sites
+    return [Site(chain.key, head, upstream, producer)
+            for chain, producer, upstream, head in producer_sites(model, CompandProducer)]
 
 
 def percentiles(t: torch.Tensor, qs: tuple[float, ...] = PERCENTILES) -> list[float]:

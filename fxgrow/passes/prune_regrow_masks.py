@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..ir import fetch_attr, run_producers, weight_chains
+from ..ir import producer_sites, run_producers
 from ..nn.mask import MaskProducer
 
 
@@ -73,13 +73,7 @@ def masked_weights(gm: nn.Module) -> list[MaskedWeight]:
     """Every masked weight of `gm`, in graph order."""
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"prune_regrow needs the rewritten GraphModule, got {type(gm).__name__}")
-    out = []
-    for chain in weight_chains(gm).values():
-        modules = chain.modules(gm)
-        for i, module in enumerate(modules):
-            if isinstance(module, MaskProducer):
-                out.append(MaskedWeight(chain.key, module, fetch_attr(gm, chain.head.target), modules[:i]))
-    return out
+    return [MaskedWeight(chain.key, mask, head, before) for chain, mask, before, head in producer_sites(gm, MaskProducer)]
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
