@@ -19,7 +19,7 @@ from torch import fx, nn
 from ..analysis import forward_flops
 from ..errors import FxgrowError
 from ..ir import layer_types, meta, weight_chains
-from ..specs.base import At, PassSpec, resolve_time
+from ..specs.base import At, PassSpec, resolve_time, time_type
 from ..train.callbacks import Callback, ModelChange, TrainContext
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
@@ -37,10 +37,16 @@ class GrowAt(At):
                                       "training the grown model for the whole run")
 
 
+def _flops_fraction(at) -> float | None:
+    return at.flops_fraction if isinstance(at, GrowAt) else None
+
+
 class GrowSpec(PassSpec):
     kind: Literal["grow"] = "grow"
     factor: int = Field(2, ge=2, description="g: every growing channel group becomes g times wider")
-    at: GrowAt
+    at: time_type(GrowAt) = Field(description=(
+        "when to grow: an int counts optimizer steps, a float in [0, 1] is a fraction of training, "
+        "or {step|epoch|fraction|flops_fraction: ...}"))
     fuse: list[str] = Field(default_factory=list, description=(
         "run folders or checkpoint.pt files of other trained small runs of the same spec; "
         "source net 0 is this run's model, the fused ones follow on the diagonal"))
@@ -69,7 +75,8 @@ class GrowSpec(PassSpec):
 
     def check_train(self, train) -> list[tuple[str, str]]:
         epochs = getattr(train, "epochs", None)
-        if self.at.epoch is not None and getattr(train, "steps", None) is None and epochs is not None \
+        if isinstance(self.at, GrowAt) and self.at.epoch is not None and getattr(train, "steps", None) is None \
+                and epochs is not None \
                 and self.at.epoch >= epochs:
             return [("at.epoch", f"growth at epoch {self.at.epoch} never happens: training has "
                                  f"{epochs} epochs (0..{epochs - 1})")]
@@ -99,7 +106,7 @@ class GrowCallback(Callback):
     # --- when ---
     def on_train_start(self, ctx: TrainContext) -> None:
         at, total = self.spec.at, ctx.total_steps
-        if at.flops_fraction is None:
+        if _flops_fraction(at) is None:
             self.growth_step = resolve_time(at, total, ctx.steps_per_epoch)
         if self.growth_step is not None and self.growth_step >= total:
             raise FxgrowError(f"grow.at: growth at step {self.growth_step} never happens: training "
@@ -126,10 +133,10 @@ class GrowCallback(Callback):
         x = ctx.batch[0]
         small = forward_flops(ctx.model, x)
         big = forward_flops(self._build(ctx.model, ctx.seed, self.input_shape, self.input_dtype).model, x)
-        step = math.ceil(self.spec.at.flops_fraction * big * ctx.total_steps / small)
+        step = math.ceil(_flops_fraction(self.spec.at) * big * ctx.total_steps / small)
         if step >= ctx.total_steps:
             raise FxgrowError(
-                f"grow.at.flops_fraction={self.spec.at.flops_fraction} is never reached: training the "
+                f"grow.at.flops_fraction={_flops_fraction(self.spec.at)} is never reached: training the "
                 f"small model for the whole run spends {small / big:.3f} of the grown model's budget")
         return step
 
@@ -184,7 +191,8 @@ class GrowCallback(Callback):
         self.grown = state["grown"]
 
     def report(self) -> dict[str, Any]:
-        return {"at": self.spec.at.model_dump(exclude_none=True), "growth_step": self.growth_step,
+        at = self.spec.at
+        return {"at": at.model_dump(exclude_none=True) if isinstance(at, GrowAt) else at, "growth_step": self.growth_step,
                 "grown": self.grown, **self.info}
 
 

@@ -22,7 +22,7 @@ from ..analysis.erk import layout_counts
 from ..errors import FxgrowError, SpecError
 from ..ir import chain_shape, fetch_attr, insert_producer, weight_chains
 from ..nn.mask import MaskProducer
-from ..specs.base import At, PassSpec, StrictModel, Time, check_time, resolve_time
+from ..specs.base import At, PassSpec, StrictModel, Time, resolve_time
 from ..train.callbacks import Callback, ModelChange, TrainContext
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
@@ -62,11 +62,6 @@ class PruneScheduleSpec(StrictModel):
     end: Time = 0.7
     every: int = Field(1000, ge=1)
     shape: Literal["cubic", "linear"] = "cubic"
-
-    @field_validator("start", "end")
-    @classmethod
-    def _time(cls, value: Time) -> Time:
-        return check_time(value)
 
     @model_validator(mode="after")
     def _ordered(self) -> "PruneScheduleSpec":

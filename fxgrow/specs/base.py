@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, Union
+from typing import Annotated, Any, Iterable, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, field_validator,
+                      model_validator)
 
 from ..errors import SpecError
 
@@ -36,18 +37,32 @@ class At(StrictModel):
         return self
 
 
-# A time: an int counts optimizer steps, a float in [0, 1] is a fraction of training, or an `At`.
-Time = Union[StrictInt, StrictFloat, At]
-
-
-def check_time(value: int | float | At) -> int | float | At:
-    """Validate a plain int or float time (an `At` validates itself)."""
+def check_time(value: Any, at: type[At] = At) -> int | float | At:
+    """A time as given: an int (optimizer steps), a float in [0, 1] (a fraction of training)
+    or a mapping validated as `at`; anything else is an error that says so."""
+    if isinstance(value, bool):
+        raise ValueError("a time is an int (steps), a float (a fraction of training) or a mapping, not a bool")
     if isinstance(value, float) and not 0 <= value <= 1:
         raise ValueError("a float is a fraction of training and must be in [0, 1]; "
                          "give an int for a step count")
     if isinstance(value, int) and value < 0:
         raise ValueError("a step count must be >= 0")
+    if isinstance(value, dict):
+        return at.model_validate(value)  # its errors keep their field paths
+    if not isinstance(value, (int, float, at)):
+        raise ValueError(f"a time is an int (steps), a float (a fraction of training) or "
+                         f"{{{'|'.join(at.model_fields)}: ...}}")
     return value
+
+
+def time_type(at: type[At] = At) -> Any:
+    """The field type of a time whose mapping form is `at` (one error per bad value, not
+    one per union member)."""
+    return Annotated[Union[StrictInt, StrictFloat, at], BeforeValidator(lambda v: check_time(v, at))]
+
+
+# A time: an int counts optimizer steps, a float in [0, 1] is a fraction of training, or an `At`.
+Time = time_type()
 
 
 def resolve_time(value: int | float | At, total_steps: int, steps_per_epoch: int | None = None) -> int:
