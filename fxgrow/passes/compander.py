@@ -86,25 +86,29 @@ class CompanderPass(Pass):
         all_chains = weight_chains(gm)
         chains = [all_chains[f"{m.layer}.weight"] for m in matches]
         record = CompanderRecord(tuple(m.layer for m in matches))
-        # Every inverse is computed from the weights as they are before any is written,
-        # so a parameter tied into two chains is inverted once. A generated weight is a
-        # fresh tensor: its inverse overwrites it.
-        with torch.no_grad():
-            targets = {c.key: self._inverse(c.key, evaluate_chain(gm, c), record.clamped, bool(c.producers))
-                       for c in chains}
-        shared = CompanderScale(a, b, learnable=True) if spec.learnable == "global" else None
-        generated: dict[str, torch.Tensor] = {}
         for chain in chains:
             if chain.producers:
                 self._check_upstream(gm, chain)
-                generated[chain.key] = targets[chain.key]
-            else:
-                with torch.no_grad():
-                    fetch_attr(gm, chain.head.target).copy_(targets[chain.key])
+        # Chains computed from one head (a template bank; a parameter tied into two layers)
+        # are initialised together, each from the values before any is written, one head at
+        # a time (its targets then free their memory for the next). A generated weight is a
+        # fresh tensor: its inverse overwrites it.
+        by_head: dict[int, list[WeightChain]] = {}  # by tensor: tied parameters have two names
+        for chain in chains:
+            by_head.setdefault(id(fetch_attr(gm, chain.head.target)), []).append(chain)
+        with torch.no_grad():
+            for members in by_head.values():
+                targets = {c.key: self._inverse(c.key, evaluate_chain(gm, c), record.clamped, bool(c.producers))
+                           for c in members}
+                if members[0].producers:
+                    _solve_upstream(gm, members, targets)
+                else:
+                    for chain in members:
+                        fetch_attr(gm, chain.head.target).copy_(targets[chain.key])
+        shared = CompanderScale(a, b, learnable=True) if spec.learnable == "global" else None
+        for chain in chains:
             scale = shared if shared is not None else CompanderScale(a, b, spec.learnable == "layer")
             insert_producer(gm, chain, CompandProducer(scale, spec.function), self.kind)
-        if generated:
-            _solve_upstream(gm, chains, generated)
         return record
 
     def callbacks(self, gm: fx.GraphModule, record: "CompanderRecord", ctx: PassContext) -> list[Callback]:
@@ -139,7 +143,7 @@ class CompanderPass(Pass):
 def _solve_upstream(gm: fx.GraphModule, chains: list[WeightChain], targets: dict[str, torch.Tensor]) -> None:
     """Make the producer before each compander (a template mix) output v = psi^-1(W)."""
     by_class: dict[type, dict[str, torch.Tensor]] = {}
-    for chain in chains:
+    for chain in chains:  # (no compander is inserted yet: the first producer is the upstream one)
         if chain.key in targets:
             by_class.setdefault(type(chain.modules(gm)[0]), {})[chain.key] = targets[chain.key]
     residual = {k: r for cls, part in by_class.items() for k, r in cls.solve_for(gm, part).items()}
