@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import SpecError
 from ..passes import PASS_REGISTRY
 from .base import StrictModel
+from .document import MAX_BYTES, check_tree, load_yaml, short_repr
 from .train import TrainSpec
+
+
+MAX_EXAMPLE_VALUES = 1 << 26  # 256 MiB of float32
 
 
 class ModelRef(StrictModel):
@@ -24,6 +28,14 @@ class ModelRef(StrictModel):
     leaf_modules: list[str] = Field(default_factory=list)  # type names or module paths kept opaque
     # Forward arguments fixed while tracing (e.g. a flag that drives Python control flow).
     concrete_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("example_input")
+    @classmethod
+    def _not_huge(cls, shape: list[int]) -> list[int]:
+        if math.prod(shape) > MAX_EXAMPLE_VALUES:
+            raise ValueError(f"{math.prod(shape):,} values is more than {MAX_EXAMPLE_VALUES:,} "
+                             "(one example's input shape, batch 1 is enough)")
+        return shape
 
 
 def _pass_union() -> Any:
@@ -85,7 +97,7 @@ def spec_error(e: ValidationError, source: str | None = None, prefix: str | None
             path, _, msg = msg.partition(": ")
         got = err.get("input")
         if err["type"] not in ("missing",) and not isinstance(got, (dict, list)):
-            msg += f" (got {got!r})"
+            msg += f" (got {short_repr(got)})"
         lines.append((path, msg))
     return SpecError(lines, source)
 
@@ -95,6 +107,7 @@ def parse_spec(data: Any, source: str | None = None) -> Spec:
         data = {}
     if not isinstance(data, dict):
         raise SpecError(f"the spec must be a mapping, not {type(data).__name__}", source)
+    check_tree(data, source)
     try:
         return Spec.model_validate(data)
     except ValidationError as e:
@@ -107,23 +120,18 @@ def load_spec(path: str | Path) -> Spec:
     """Read a YAML spec file. Every problem is a SpecError naming the file and the field."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            text = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"spec file not found: {path}", str(path)) from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise SpecError(f"cannot read spec file: {e}", str(path)) from None
     return parse_spec_text(text, str(path))
 
 
-def parse_spec_text(text: str, source: str | None = None) -> Spec:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"malformed YAML: {where}{problem}", source) from None
-    return parse_spec(data, source)
+def parse_spec_text(text: str | bytes, source: str | None = None) -> Spec:
+    """Parse a YAML document (str, or bytes that must be UTF-8) into a Spec."""
+    return parse_spec(load_yaml(text, source), source)
 
 
 def spec_json_schema() -> str:

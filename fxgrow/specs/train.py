@@ -6,11 +6,17 @@ or a mapping with `name` and that dataset's options.
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
 from .base import StrictModel
+
+# Seeds go to torch, numpy (below 2**32, plus the DDP rank) and scikit-learn.
+Seed = Annotated[int, Field(ge=0, le=2 ** 31 - 1)]
+MAX_IMAGE_SIZE = 4096
+MAX_SYNTHETIC_VALUES = 1 << 30  # float32 values of both splits and the prototypes: 4 GiB
 
 
 # --- data -------------------------------------------------------------------------
@@ -18,13 +24,13 @@ from .base import StrictModel
 class _DataBase(StrictModel):
     # Random crop (zero padding) + horizontal flip, done on the device per batch.
     augment: Literal["none", "crop_flip"] = "none"
-    crop_padding: int = Field(4, ge=0)
+    crop_padding: int = Field(4, ge=0, le=256)
 
 
 class _Resizable(_DataBase):
-    image_size: int | None = Field(None, ge=1, description="resize images to this square size")
+    image_size: int | None = Field(None, ge=1, le=MAX_IMAGE_SIZE, description="resize images to this square size")
     channels: Literal[1, 3] | None = Field(None, description="repeat grayscale to 3 channels")
-    pad_to: int | None = Field(None, ge=1, description="zero-pad images (after any resize) to this "
+    pad_to: int | None = Field(None, ge=1, le=MAX_IMAGE_SIZE, description="zero-pad images (after any resize) to this "
                                                          "square size, e.g. 28x28 Fashion-MNIST to 32x32")
 
 
@@ -33,19 +39,27 @@ class DigitsData(_Resizable):
 
     name: Literal["digits"] = "digits"
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int = 0
+    split_seed: Seed = 0
 
 
 class SyntheticData(_DataBase):
     """Gaussian clusters around random class prototypes: learnable, any shape."""
 
     name: Literal["synthetic"] = "synthetic"
-    shape: list[int] = Field(default_factory=lambda: [3, 32, 32], min_length=1)
+    shape: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [3, 32, 32], min_length=1)
     num_classes: int = Field(10, ge=2)
     train_size: int = Field(1024, ge=1)
     test_size: int = Field(256, ge=1)
     noise: float = Field(1.0, ge=0)
-    data_seed: int = 0
+    data_seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _fits(self):
+        values = (self.train_size + self.test_size + self.num_classes) * math.prod(self.shape)
+        if values > MAX_SYNTHETIC_VALUES:
+            raise ValueError(f"{values:,} values ((train_size + test_size + num_classes) x shape) is more than "
+                             f"{MAX_SYNTHETIC_VALUES:,}: make the data smaller")
+        return self
 
 
 class FashionMNISTData(_Resizable):
@@ -75,7 +89,7 @@ class ImageFolderData(_DataBase):
     root: str
     train: str = "train"
     test: str = "val"
-    image_size: int = Field(32, ge=1)
+    image_size: int = Field(32, ge=1, le=MAX_IMAGE_SIZE)
     in_memory: bool | None = Field(None, description="decode all images once; default: when under 2 GiB")
     workers: int = Field(2, ge=0)
 
@@ -154,7 +168,7 @@ class TrainSpec(StrictModel):
     steps: int | None = Field(None, ge=1, description="total optimizer steps; replaces epochs")
     batch_size: int = Field(128, ge=1, description="global batch (split across DDP ranks)")
     eval_batch_size: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     optimizer: OptimizerSpec = Field(default_factory=SGDSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
