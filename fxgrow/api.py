@@ -92,7 +92,7 @@ class _RestoreContext:
 def restore(run: str | Path, model_ref: str | None = None) -> tuple[Spec, fx.GraphModule]:
     """The rewritten model as a run's checkpoint left it (growth and all), on the CPU."""
     from .specs.root import parse_spec
-    from .train.checkpoint import find_checkpoint, load_checkpoint
+    from .train.checkpoint import find_checkpoint, load_checkpoint, load_model_state, restore_callback
 
     path = find_checkpoint(Path(run))
     state = load_checkpoint(path)
@@ -101,8 +101,8 @@ def restore(run: str | Path, model_ref: str | None = None) -> tuple[Spec, fx.Gra
     ctx = _RestoreContext(result.graph_module, spec)
     ctx.step = state["step"]
     for cb in result.callbacks:
-        cb.load_state_dict(state["callbacks"].get(cb.name, {}), ctx)
-    ctx.model.load_state_dict(state["model"])
+        restore_callback(cb, state, ctx, path)
+    load_model_state(ctx.model, state["model"], path, f"the model {model_ref or spec.model.entry} builds")
     return spec, ctx.model.eval()
 
 

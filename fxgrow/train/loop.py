@@ -37,6 +37,7 @@ from .data import Batches, Data, load_data, step_generator
 from .meter import Meter
 from .optim import build_optimizer, build_scheduler, lr_factor, merge_overrides, transfer_state
 from .progress import Progress
+from .run_folder import metrics_up_to
 
 REPORT_KEYS = ("accuracy", "loss", "parameters", "flops", "wall_time_s", "steps", "epochs", "samples_per_s",
                "device", "world_size", "out_dir")
@@ -208,9 +209,8 @@ class Trainer:
                               lambda f: f.write(yaml.safe_dump(self.spec_dump, sort_keys=False).encode()))
             metrics = self.out_dir / "metrics.jsonl"
             if state is not None and metrics.exists():  # drop what the interrupted run logged after its checkpoint
-                kept = [line for line in metrics.read_text().splitlines(keepends=True)
-                        if line.strip() and json.loads(line)["step"] <= state["step"]]
-                ckpt.atomic_write(metrics, lambda f: f.write("".join(kept).encode()))
+                kept = metrics_up_to(metrics, state["step"])
+                ckpt.atomic_write(metrics, lambda f: f.write(kept.encode()))
             self._metrics = open(metrics, "a" if state is not None else "w", buffering=1)
             self._progress = Progress(spec.progress, self.total_steps, state["step"] if state else 0)
 
@@ -251,10 +251,14 @@ class Trainer:
         self.step = state["step"]
         self.epoch = self.step // self.steps_per_epoch
         for cb in self.callbacks:  # before the model state: growth rebuilds the model here
-            cb.load_state_dict(state["callbacks"].get(cb.name, {}), self)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+            ckpt.restore_callback(cb, state, self, self.resume_from)
+        ckpt.load_model_state(self.model, state["model"], self.resume_from, "the model being trained")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"{self.resume_from}: its optimizer or scheduler state does not fit this "
+                                       f"run's ({type(e).__name__}: {e})") from e
         self._restore_rng(state)
         if self.rank == 0:  # the interval's sums over all ranks, as saved
             self._meter.carry = list(state["interval_sums"])
