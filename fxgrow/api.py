@@ -58,13 +58,16 @@ def run(spec: Spec, model_ref: str | None = None, out_dir: str | Path | None = N
     """Rewrite, train, fold and save: what `fxgrow apply` does."""
     from .train import Trainer  # the loop is optional for pure graph work
 
+    from .trust import sign
+
     model = build_model(spec, model_ref)
     if model_ref is not None:  # the run folder then says which model it trained
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"entry": model_ref})})
     result = compile_spec(spec, model)
     trainer = Trainer(result.graph_module, spec.train, callbacks=result.callbacks,
                       out_dir=Path(out_dir) if out_dir else None,
-                      spec_dump=spec_dump(spec), resume=resume, on_finish=save_folded)
+                      spec_dump=spec_dump(spec), resume=resume, on_finish=save_folded,
+                      signature=sign(spec))  # this user ran this code: later rebuilds may import it
     return trainer.fit()
 
 
@@ -89,14 +92,22 @@ class _RestoreContext:
         pass
 
 
-def restore(run: str | Path, model_ref: str | None = None) -> tuple[Spec, fx.GraphModule]:
-    """The rewritten model as a run's checkpoint left it (growth and all), on the CPU."""
+def restore(run: str | Path, model_ref: str | None = None, trust_code: bool = False,
+            uses_data: bool = False) -> tuple[Spec, fx.GraphModule]:
+    """The rewritten model as a run's checkpoint left it (growth and all), on the CPU.
+
+    The code the run names is imported only if `model_ref` replaces it, `trust_code` is
+    set, or this user's fxgrow signed the run (see `fxgrow.trust`); `uses_data`: the
+    caller will load the run's dataset, so its `python:` data function counts too."""
     from .specs.root import parse_spec
     from .train.checkpoint import find_checkpoint, load_checkpoint, load_model_state, restore_callback
+    from .trust import check_run_code
 
     path = find_checkpoint(Path(run))
     state = load_checkpoint(path)
     spec = parse_spec(state["spec"], source=f"{path} (spec)")
+    check_run_code(spec, state.get("signature"), path, model_given=model_ref is not None, uses_data=uses_data,
+                   trust_code=trust_code)
     result = compile_spec(spec, build_model(spec, model_ref))
     ctx = _RestoreContext(result.graph_module, spec)
     ctx.step = state["step"]

@@ -9,29 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from fxgrow.cli.main import app
 from fxgrow.errors import FxgrowError
 from fxgrow.train.checkpoint import load_checkpoint, save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-MLP = str(ROOT / "examples/models/mlp.py")
+from tests.cli_runs import MLP, apply_run, cli
+
 SPEC = ("model: {example_input: [1, 1, 8, 8]}\npasses:\n  - kind: compander\n"
         "train: {data: digits, steps: 4, batch_size: 32, progress: none, checkpoint_every_steps: 2}\n")
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("trained")
-    (base / "spec.yaml").write_text(SPEC)
-    result = cli("apply", base / "spec.yaml", MLP, "--out", base / "run")
-    assert result.exit_code == 0, result.output
+    apply_run(base, SPEC)
     return base
 
 

@@ -72,6 +72,10 @@ def apply(
               f"-> {report.get('out_dir', out_dir or '')}")
 
 
+TRUST_CODE_HELP = ("Import the model and data code the run's spec names although your fxgrow did not sign "
+                   "the run (a run from elsewhere: read RUN/spec.yaml first).")
+
+
 def _parse_shape(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -94,6 +98,7 @@ def inspect(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what each pass would match; rewrite nothing."),
     nodes: bool = typer.Option(False, "--nodes", help="List every graph node."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,32,32."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Show the (rewritten) graph: weight chains, parameters and FLOPs, channel groups."""
     from .. import api
@@ -107,7 +112,7 @@ def inspect(
     if run_dir.is_dir():
         if spec is not None or dry_run:
             raise FxgrowError("inspect RUN shows a trained run as it is: give no SPEC and no --dry-run")
-        s, gm = api.restore(run_dir)
+        s, gm = api.restore(run_dir, trust_code=trust_code)
         user_model = api.build_model(s)
     else:
         s = load_spec(spec) if spec else parse_spec({})
@@ -207,6 +212,7 @@ def fold(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: RUN/folded.pt"),
     shrink: bool = typer.Option(False, "--shrink", help="Also remove the channels filter pruning "
                                                         "(prune_regrow granularity: filter) zeroed."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Fold a run's rewritten model into a plain one (no fxgrow nodes) and save it,
     with its state_dict beside it (`<name>_state_dict.pt`)."""
@@ -215,7 +221,7 @@ def fold(
     from .. import api
     from ..fold import fold as fold_model
 
-    spec, gm = api.restore(run, model)
+    spec, gm = api.restore(run, model, trust_code=trust_code)
     if shrink:
         from ..passes.prune_regrow_filters import export_pruned
         plain = export_pruned(gm, api.example_input(spec))

@@ -17,13 +17,17 @@ from ..errors import FxgrowError
 console = Console()
 
 
-def _load(target: Path, model: Optional[str]):
+TRUST_CODE_HELP = ("Import the model and data code the run's spec names although your fxgrow did not sign "
+                   "the run (a run from elsewhere: read RUN/spec.yaml first).")
+
+
+def _load(target: Path, model: Optional[str], trust_code: bool):
     """(spec, rewritten model) of a run folder (trained weights) or a spec file (fresh ones)."""
     from .. import api
     from ..specs.root import load_spec
 
     if target.is_dir() or target.suffix == ".pt":
-        return api.restore(target, model)
+        return api.restore(target, model, trust_code=trust_code, uses_data=True)
     spec = load_spec(target)
     return spec, api.compile_spec(spec, api.build_model(spec, model)).graph_module.eval()
 
@@ -53,12 +57,13 @@ def eval(  # noqa: A001  (the command's name)
     recalibrate: bool = typer.Option(True, help="Recalibrate BatchNorm per sub-model when the spec says bn: recalibrate."),
     batch_size: int = typer.Option(256, "--batch-size", help="Evaluation batch size."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Test accuracy of a model, or with --grid of every sub-model (params, FLOPs, share of the largest)."""
     from ..subnets import (calibration_inputs, data_evaluator, evaluate_grid, find_state, grid_table_rows,
                            has_batch_norm)
 
-    spec, gm = _load(target, model)
+    spec, gm = _load(target, model, trust_code)
     dev = _device(device)
     gm = gm.to(dev)
     data = _data(spec, dev)
@@ -112,6 +117,7 @@ def extract(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: RUN/subnet_w<W>_d<D>.pt"),
     recalibrate: bool = typer.Option(True, help="Recalibrate BatchNorm on training batches when the spec says "
                                                 "bn: recalibrate."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Write one sub-model as a standalone plain model (smaller tensors) and its state_dict."""
     import torch
@@ -120,7 +126,7 @@ def extract(
     from ..subnets import calibration_inputs, find_state, has_batch_norm, resolve_point, subnet
     from ..subnets import extract as extract_subnet, recalibrate as recalibrate_bn
 
-    spec, gm = _load(run, model)
+    spec, gm = _load(run, model, trust_code)
     state = find_state(gm)
     if state is None:
         raise FxgrowError(f"{run}: the run has no sorted_slicing sub-models")

@@ -79,13 +79,16 @@ class Trainer:
     (name from `spec_dump["name"]`). `resume` is a run folder or a checkpoint file.
     `data` replaces the spec's dataset (Python use). `on_finish(model, out_dir, report)`
     runs on rank 0 after training, before report.json is written (it may add to it).
+    `signature` goes into every checkpoint (see `fxgrow.trust`).
     """
 
     def __init__(self, model: nn.Module, spec: TrainSpec, callbacks: Sequence[Callback] = (),
                  out_dir: Path | str | None = None, spec_dump: dict[str, Any] | None = None,
                  resume: Path | str | None = None, data: Data | None = None,
-                 on_finish: Callable[[nn.Module, Path, dict[str, Any]], None] | None = None):
+                 on_finish: Callable[[nn.Module, Path, dict[str, Any]], None] | None = None,
+                 signature: dict[str, str] | None = None):
         self.spec = spec
+        self.signature = signature
         self.callbacks = list(callbacks)
         names = [cb.name for cb in self.callbacks]
         for name in names:
@@ -403,6 +406,8 @@ class Trainer:
             "interval_sums": carry,
             "wall_time_s": self._wall_time(),
         }
+        if self.signature:
+            state["signature"] = self.signature
         if self.rank == 0:
             ckpt.save_checkpoint(self.out_dir / ckpt.CHECKPOINT, state)
         self._last_checkpoint = self.step
