@@ -54,12 +54,20 @@ def compile_spec(spec: Spec, model: nn.Module | fx.GraphModule) -> PassResult:
 
 
 def run(spec: Spec, model_ref: str | None = None, out_dir: str | Path | None = None,
-        resume: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rewrite, train, fold and save: what `fxgrow apply` does."""
+        resume: str | Path | None = None, overrides: dict[str, Any] | None = None,
+        overwrite: bool = False) -> dict[str, Any]:
+    """Rewrite, train, fold and save: what `fxgrow apply` does. A new run needs an empty
+    (or new) `out_dir`; `overwrite` clears an earlier run there first."""
     from .train import Trainer  # the loop is optional for pure graph work
-
+    from .train.checkpoint import find_checkpoint
+    from .train.run_folder import check_free, check_unlocked
     from .trust import sign
 
+    if resume is not None:
+        check_unlocked(Path(resume) if Path(resume).is_dir() else Path(resume).parent)
+    resume_path = find_checkpoint(Path(resume)) if resume is not None else None
+    if out_dir is not None and (resume_path is None or resume_path.parent.resolve() != Path(out_dir).resolve()):
+        check_free(Path(out_dir), overwrite)  # before any work: the Trainer checks again under its lock
     model = build_model(spec, model_ref)
     if model_ref is not None:  # the run folder then says which model it trained
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"entry": model_ref})})
@@ -67,7 +75,8 @@ def run(spec: Spec, model_ref: str | None = None, out_dir: str | Path | None = N
     trainer = Trainer(result.graph_module, spec.train, callbacks=result.callbacks,
                       out_dir=Path(out_dir) if out_dir else None,
                       spec_dump=spec_dump(spec), resume=resume, on_finish=save_folded,
-                      signature=sign(spec))  # this user ran this code: later rebuilds may import it
+                      signature=sign(spec),  # this user ran this code: later rebuilds may import it
+                      overwrite=overwrite)
     return trainer.fit()
 
 
@@ -121,7 +130,9 @@ def save_folded(model: nn.Module, out_dir: Path, report: dict[str, Any]) -> None
     """Write the folded plain model (`folded.pt`: the module; `folded_state_dict.pt`)."""
     if not isinstance(model, fx.GraphModule):
         return
+    from .train.checkpoint import save_file
+
     folded = fold(model).cpu().eval()
-    torch.save(folded, out_dir / "folded.pt")
-    torch.save(folded.state_dict(), out_dir / "folded_state_dict.pt")
+    save_file(folded, out_dir / "folded.pt")
+    save_file(folded.state_dict(), out_dir / "folded_state_dict.pt")
     report.setdefault("artifacts", {}).update(folded="folded.pt", folded_state_dict="folded_state_dict.pt")

@@ -57,6 +57,8 @@ def apply(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<time>, "
                                                                  "or the resumed run's)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Clear the run already in --out first "
+                                                             "(without it, a non-empty --out is refused)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override train.seed (e.g. a second source net)."),
 ) -> None:
     """Rewrite MODEL as SPEC says, train it, fold it and save everything under --out."""
@@ -66,7 +68,7 @@ def apply(
     s = load_spec(spec)
     if seed is not None:
         s = s.model_copy(update={"train": s.train.model_copy(update={"seed": seed})})
-    report = api.run(s, model, out_dir=out_dir, resume=resume)
+    report = api.run(s, model, out_dir=out_dir, resume=resume, overwrite=overwrite)
     acc = report.get("accuracy")
     out.print(f"done: test accuracy {acc:.4f}" if isinstance(acc, float) else "done",
               f"-> {report.get('out_dir', out_dir or '')}")
@@ -216,10 +218,9 @@ def fold(
 ) -> None:
     """Fold a run's rewritten model into a plain one (no fxgrow nodes) and save it,
     with its state_dict beside it (`<name>_state_dict.pt`)."""
-    import torch
-
     from .. import api
     from ..fold import fold as fold_model
+    from ..train.checkpoint import save_file
 
     spec, gm = api.restore(run, model, trust_code=trust_code)
     if shrink:
@@ -228,8 +229,8 @@ def fold(
     else:
         plain = fold_model(gm)
     target = output or (run if run.is_dir() else run.parent) / "folded.pt"
-    torch.save(plain, target)
-    torch.save(plain.state_dict(), target.with_name(f"{target.stem}_state_dict.pt"))
+    save_file(plain, target)
+    save_file(plain.state_dict(), target.with_name(f"{target.stem}_state_dict.pt"))
     out.print(f"wrote {target} and {target.with_name(f'{target.stem}_state_dict.pt')}")
 
 

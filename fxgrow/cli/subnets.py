@@ -125,6 +125,7 @@ def extract(
     from ..analysis import measure
     from ..subnets import calibration_inputs, find_state, has_batch_norm, resolve_point, subnet
     from ..subnets import extract as extract_subnet, recalibrate as recalibrate_bn
+    from ..train.checkpoint import save_file
 
     spec, gm = _load(run, model, trust_code)
     state = find_state(gm)
@@ -142,9 +143,9 @@ def extract(
     small = extract_subnet(gm, *point).eval()
     base = run if run.is_dir() else run.parent
     target = output or base / f"subnet_w{point[0]:g}_d{point[1]}.pt"
-    torch.save(small, target)
+    save_file(small, target)
     state_path = target.with_name(f"{target.stem}_state_dict.pt")
-    torch.save(small.state_dict(), state_path)
+    save_file(small.state_dict(), state_path)
     from .. import api
     cost = measure(small, api.example_input(spec))
     console.print(f"sub-model width {point[0]:g}, depth {point[1]}: {cost.params:,} parameters, "

@@ -37,11 +37,23 @@ def atomic_write(path: Path, write) -> None:
     """`write(file)` into a temporary sibling, fsync, then rename over `path`: a reader
     (or a run killed mid-write) sees the old file or the new one, never a torn one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. no such folder, disk full: the old file, if any, is untouched
+        tmp.unlink(missing_ok=True)
+        raise FxgrowError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_file(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path` atomically (a kill leaves the old file or the new one)."""
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ from .data import Batches, Data, load_data, step_generator
 from .meter import Meter
 from .optim import build_optimizer, build_scheduler, lr_factor, merge_overrides, transfer_state
 from .progress import Progress
-from .run_folder import metrics_up_to
+from .run_folder import RunFolder, metrics_up_to, unused_folder
 
 REPORT_KEYS = ("accuracy", "loss", "parameters", "flops", "wall_time_s", "steps", "epochs", "samples_per_s",
                "device", "world_size", "out_dir")
@@ -79,16 +79,17 @@ class Trainer:
     (name from `spec_dump["name"]`). `resume` is a run folder or a checkpoint file.
     `data` replaces the spec's dataset (Python use). `on_finish(model, out_dir, report)`
     runs on rank 0 after training, before report.json is written (it may add to it).
-    `signature` goes into every checkpoint (see `fxgrow.trust`).
+    `signature` goes into every checkpoint (see `fxgrow.trust`). A new run needs an empty
+    `out_dir` unless `overwrite` (see `run_folder.py`).
     """
 
     def __init__(self, model: nn.Module, spec: TrainSpec, callbacks: Sequence[Callback] = (),
                  out_dir: Path | str | None = None, spec_dump: dict[str, Any] | None = None,
                  resume: Path | str | None = None, data: Data | None = None,
                  on_finish: Callable[[nn.Module, Path, dict[str, Any]], None] | None = None,
-                 signature: dict[str, str] | None = None):
+                 signature: dict[str, str] | None = None, overwrite: bool = False):
         self.spec = spec
-        self.signature = signature
+        self.signature, self.overwrite = signature, overwrite
         self.callbacks = list(callbacks)
         names = [cb.name for cb in self.callbacks]
         for name in names:
@@ -111,7 +112,7 @@ class Trainer:
         self.resumed = False
         self.rank, self.world = 0, 1
         self.device = torch.device("cpu")
-        self._metrics = self._progress = self._ddp = None
+        self._metrics = self._progress = self._ddp = self._folder = None
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._last_checkpoint: int | None = None
 
@@ -175,6 +176,7 @@ class Trainer:
             changed += _changed(state["spec"], self.spec_dump, {"train"})
             if changed:
                 raise FxgrowError(f"resume: the spec differs from the checkpoint's in {', '.join(changed)}")
+        self._claim_folder()
         self.device = self._pick_device()
         self._bf16 = spec.precision == "bf16" or (spec.precision == "auto" and self.device.type == "cuda")
         self._channels_last = spec.channels_last if spec.channels_last != "auto" else (
@@ -199,15 +201,7 @@ class Trainer:
         self._interval_samples = self._samples = 0
         self._check_every_step = self.device.type == "cpu"  # a sync costs nothing there
 
-        if self.out_dir is None:
-            self.out_dir = self.resume_from.parent if self.resume_from else Path("runs") / (
-                f"{self.spec_dump.get('name', 'run')}-{datetime.now():%Y%m%d-%H%M%S}")
-        if self.world > 1:  # one folder for all ranks: rank 0's
-            shared = [str(self.out_dir)]
-            dist.broadcast_object_list(shared, src=0)
-            self.out_dir = Path(shared[0])
         if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write(self.out_dir / "spec.yaml",
                               lambda f: f.write(yaml.safe_dump(self.spec_dump, sort_keys=False).encode()))
             metrics = self.out_dir / "metrics.jsonl"
@@ -216,6 +210,19 @@ class Trainer:
                 ckpt.atomic_write(metrics, lambda f: f.write(kept.encode()))
             self._metrics = open(metrics, "a" if state is not None else "w", buffering=1)
             self._progress = Progress(spec.progress, self.total_steps, state["step"] if state else 0)
+
+    def _claim_folder(self) -> None:
+        """Pick the run folder (all ranks use rank 0's) and lock it for this run."""
+        if self.out_dir is None:
+            self.out_dir = self.resume_from.parent if self.resume_from else unused_folder(Path("runs") / (
+                f"{self.spec_dump.get('name', 'run')}-{datetime.now():%Y%m%d-%H%M%S}"))
+        if self.world > 1:  # one folder for all ranks: rank 0's
+            shared = [str(self.out_dir)]
+            dist.broadcast_object_list(shared, src=0)
+            self.out_dir = Path(shared[0])
+        if self.rank == 0:
+            resuming_here = self.resume_from is not None and self.resume_from.parent.resolve() == self.out_dir.resolve()
+            self._folder = RunFolder(self.out_dir, resume=resuming_here, overwrite=self.overwrite)
 
     def _pick_device(self) -> torch.device:
         name = self.spec.device
@@ -474,3 +481,6 @@ class Trainer:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self._folder is not None:
+            self._folder.release()
+            self._folder = None
