@@ -1,6 +1,6 @@
 """The common training loop: one loop for every rewritten model (see loop.py)."""
 from .callbacks import Callback, TrainContext
 from .data import Data, DataError, load_data
-from .loop import NonFiniteLoss, Trainer
+from .loop import NonFiniteLoss, NonFiniteState, Trainer
 
-__all__ = ["Callback", "TrainContext", "Trainer", "NonFiniteLoss", "Data", "DataError", "load_data"]
+__all__ = ["Callback", "TrainContext", "Trainer", "NonFiniteLoss", "NonFiniteState", "Data", "DataError", "load_data"]

@@ -204,6 +204,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One bool per tensor: all its values finite. Kernels only; no device sync."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors])
+
+
 def load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], path: Path, built: str) -> None:
     """`model.load_state_dict(saved)`, or a CheckpointError saying what does not fit
     (`built` says which model it is, e.g. "the model examples/mlp.py builds")."""

@@ -54,6 +54,11 @@ class NonFiniteLoss(FxgrowError):
     """The loss became NaN or infinite; the run stopped."""
 
 
+class NonFiniteState(FxgrowError):
+    """A parameter, buffer or optimizer state became NaN or infinite (found when a
+    checkpoint was due, or at the end); the run stopped without writing it."""
+
+
 @torch.no_grad()
 def test_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
               prepare: Callable[[torch.Tensor], torch.Tensor], autocast: Callable[[], Any],
@@ -195,6 +200,8 @@ class Trainer:
             random.seed(spec.seed + self.rank)
             np.random.seed(spec.seed + self.rank)
         self._install(self.model)
+        # Tensors non-finite from the start (e.g. -inf attention masks) are meant to be.
+        self._non_finite_at_start = {name for name, t in self._state_tensors() if not torch.isfinite(t).all()}
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, self._lr_factor, 0)
         self._meter = Meter(self.device)
@@ -355,10 +362,41 @@ class Trainer:
                                    dist.ReduceOp.MIN))
             bad = None if bad == _NEVER else bad
         if bad is not None:
-            where = (f"the last good checkpoint is {self.out_dir / ckpt.CHECKPOINT} (step {self._last_checkpoint})"
-                     if self._last_checkpoint is not None else "no checkpoint was written")
             raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {(bad - 1) // self.steps_per_epoch}); "
-                                f"training stopped, {where}")
+                                f"training stopped, {self._last_good()}")
+
+    def _last_good(self) -> str:
+        return (f"the last good checkpoint is {self.out_dir / ckpt.CHECKPOINT} (step {self._last_checkpoint})"
+                if self._last_checkpoint is not None else "no checkpoint was written")
+
+    def _state_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(description, tensor) of every floating parameter, buffer and optimizer state."""
+        tensors = [(f"model parameter {n!r}", t) for n, t in self.model.named_parameters()]
+        tensors += [(f"model buffer {n!r}", t) for n, t in self.model.named_buffers()]
+        if self.optimizer is not None:
+            names = {p: n for n, p in self.model.named_parameters()}
+            tensors += [(f"optimizer state {k!r} of {names.get(p, '?')!r}", v)
+                        for p, state in self.optimizer.state.items() for k, v in state.items()
+                        if isinstance(v, torch.Tensor)]
+        return [(n, t) for n, t in tensors if t.is_floating_point() or t.is_complex()]
+
+    def _check_state_finite(self) -> None:
+        """Stop, writing nothing, when any state is NaN or inf that was not from the start.
+        One flag per tensor and a single device sync: run when a checkpoint is due, never
+        per step."""
+        tensors = [(n, t) for n, t in self._state_tensors() if n not in self._non_finite_at_start]
+        bad = None
+        if tensors:
+            finite = ckpt.finite_flags([t for _, t in tensors])
+            if self.world > 1:
+                finite = self._reduce(finite.to(torch.int32), dist.ReduceOp.MIN).bool()  # a bad tensor on any rank
+            if not bool(finite.all()):
+                index = int((~finite).nonzero()[0])
+                bad = tensors[index][0] + ("" if not torch.isfinite(tensors[index][1]).all() else " (on another rank)")
+        if bad is not None:
+            raise NonFiniteState(f"non-finite state at step {self.step} (epoch {(self.step - 1) // self.steps_per_epoch}): "
+                                 f"{bad} holds NaN or inf; training stopped without saving it, {self._last_good()}. "
+                                 "A lower lr or a grad_clip may help")
 
     def _reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world > 1:
@@ -400,6 +438,7 @@ class Trainer:
         # Fold the interval so far into one carried sum, here and in the resumed run alike,
         # so both log the same figures.
         carry = self._interval_sums()
+        self._check_state_finite()
         self._meter.carry = carry if self.rank == 0 else [0.0, 0.0, 0.0]
         state = {
             "step": self.step,
@@ -447,6 +486,8 @@ class Trainer:
             self._eval()
         for cb in self.callbacks:
             cb.on_train_end(self)
+        if self._last_checkpoint != self.step:  # a checkpoint at this step was checked already
+            self._check_state_finite()  # nothing non-finite is folded and reported as done
         _, metrics = self._last_eval
         wall = self._wall_time()
         report = {
