@@ -60,9 +60,11 @@ def run(spec: Spec, model_ref: str | None = None, out_dir: str | Path | None = N
     (or new) `out_dir`; `overwrite` clears an earlier run there first."""
     from .train import Trainer  # the loop is optional for pure graph work
     from .train.checkpoint import find_checkpoint
+    from .train.loop import device_for
     from .train.run_folder import check_free, check_unlocked
     from .trust import sign
 
+    device_for(spec.train.device)  # before any work: a device this machine does not have
     if resume is not None:
         check_unlocked(Path(resume) if Path(resume).is_dir() else Path(resume).parent)
     resume_path = find_checkpoint(Path(resume)) if resume is not None else None

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import FxgrowError
+from .options import TRUST_CODE_HELP, output_file, write_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="fxgrow: declarative graph rewriting over torch.fx "
@@ -65,17 +66,15 @@ def apply(
     from .. import api
     from ..specs.root import load_spec
 
+    from ..specs.root import with_overrides
+
     s = load_spec(spec)
     if seed is not None:
-        s = s.model_copy(update={"train": s.train.model_copy(update={"seed": seed})})
+        s = with_overrides(s, {"train.seed": seed}, "--seed")
     report = api.run(s, model, out_dir=out_dir, resume=resume, overwrite=overwrite)
     acc = report.get("accuracy")
     out.print(f"done: test accuracy {acc:.4f}" if isinstance(acc, float) else "done",
-              f"-> {report.get('out_dir', out_dir or '')}")
-
-
-TRUST_CODE_HELP = ("Import the model and data code the run's spec names although your fxgrow did not sign "
-                   "the run (a run from elsewhere: read RUN/spec.yaml first).")
+              f"-> {report.get('out_dir', out_dir or '')}", markup=False)
 
 
 def _parse_shape(text: str | None) -> list[int] | None:
@@ -106,10 +105,11 @@ def inspect(
     from .. import api
     from ..analysis import measure, propagate_shapes
     from ..inspection import chain_rows, node_rows, to_dot
-    from ..specs.root import load_spec, parse_spec
+    from ..specs.root import load_spec, parse_spec, with_overrides
 
     if fmt not in ("text", "dot", "svg"):
         raise FxgrowError(f"--format: expected text, dot or svg (got {fmt!r})")
+    output_file(output, "--output")
     run_dir = Path(model)
     if run_dir.is_dir():
         if spec is not None or dry_run:
@@ -120,7 +120,7 @@ def inspect(
         s = load_spec(spec) if spec else parse_spec({})
     shape = _parse_shape(input_shape)
     if shape:
-        s = s.model_copy(update={"model": s.model.model_copy(update={"example_input": shape})})
+        s = with_overrides(s, {"model.example_input": shape}, "--input-shape")
     x = api.example_input(s)
     if not run_dir.is_dir():
         user_model = api.build_model(s, model).eval()
@@ -184,15 +184,15 @@ def _table(title: str, rows: list[dict]) -> Table:
     for col in (rows[0] if rows else {"(none)": ""}):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(*(str(v) for v in r.values()))
+        table.add_row(*(escape(str(v)) for v in r.values()))
     return table
 
 
 def _write_graph(dot: str, fmt: str, output: Path | None) -> None:
     if fmt == "dot":
         if output:
-            output.write_text(dot)
-            out.print(f"wrote {output}")
+            write_text(output, dot)
+            out.print(f"wrote {output}", markup=False)
         else:
             sys.stdout.write(dot)
         return
@@ -203,8 +203,8 @@ def _write_graph(dot: str, fmt: str, output: Path | None) -> None:
                           "or use --format dot")
     svg = subprocess.run([exe, "-Tsvg"], input=dot.encode(), capture_output=True, check=True).stdout
     target = output or Path("graph.svg")
-    target.write_bytes(svg)
-    out.print(f"wrote {target}")
+    write_text(target, svg.decode())
+    out.print(f"wrote {target}", markup=False)
 
 
 @command()
@@ -222,6 +222,7 @@ def fold(
     from ..fold import fold as fold_model
     from ..train.checkpoint import save_file
 
+    output_file(output, "--output")
     spec, gm = api.restore(run, model, trust_code=trust_code)
     if shrink:
         from ..passes.prune_regrow_filters import export_pruned
@@ -231,7 +232,7 @@ def fold(
     target = output or (run if run.is_dir() else run.parent) / "folded.pt"
     save_file(plain, target)
     save_file(plain.state_dict(), target.with_name(f"{target.stem}_state_dict.pt"))
-    out.print(f"wrote {target} and {target.with_name(f'{target.stem}_state_dict.pt')}")
+    out.print(f"wrote {target} and {target.with_name(f'{target.stem}_state_dict.pt')}", markup=False)
 
 
 @command()
@@ -239,9 +240,9 @@ def schema(output: Optional[Path] = typer.Option(None, "--output", "-o", help="W
     """Print the spec's JSON Schema (for editor completion and validation)."""
     from ..specs.root import spec_json_schema
     text = spec_json_schema()
-    if output:
-        output.write_text(text + "\n")
-        out.print(f"wrote {output}")
+    if output_file(output, "--output"):
+        write_text(output, text + "\n")
+        out.print(f"wrote {output}", markup=False)
     else:
         sys.stdout.write(text + "\n")
 

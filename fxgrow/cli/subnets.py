@@ -10,15 +10,13 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import FxgrowError
+from .options import TRUST_CODE_HELP, output_file
 
 console = Console()
-
-
-TRUST_CODE_HELP = ("Import the model and data code the run's spec names although your fxgrow did not sign "
-                   "the run (a run from elsewhere: read RUN/spec.yaml first).")
 
 
 def _load(target: Path, model: Optional[str], trust_code: bool):
@@ -33,10 +31,8 @@ def _load(target: Path, model: Optional[str], trust_code: bool):
 
 
 def _device(name: str):
-    import torch
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    from ..train.loop import device_for
+    return device_for(name, "--device")
 
 
 def _slicing(spec) -> Any:
@@ -55,7 +51,7 @@ def eval(  # noqa: A001  (the command's name)
     plot: Optional[Path] = typer.Option(None, "--plot", help="Heatmap PNG of accuracy (width x depth); "
                                         "default with --grid on a run: RUN/grid.png (needs matplotlib)."),
     recalibrate: bool = typer.Option(True, help="Recalibrate BatchNorm per sub-model when the spec says bn: recalibrate."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Evaluation batch size."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Evaluation batch size."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
     trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
@@ -63,10 +59,14 @@ def eval(  # noqa: A001  (the command's name)
     from ..subnets import (calibration_inputs, data_evaluator, evaluate_grid, find_state, grid_table_rows,
                            has_batch_norm)
 
-    spec, gm = _load(target, model, trust_code)
+    output_file(plot, "--plot")
     dev = _device(device)
+    spec, gm = _load(target, model, trust_code)
     gm = gm.to(dev)
     data = _data(spec, dev)
+    from ..train.preflight import check_model_fits
+    check_model_fits(gm, data.example(), data.num_classes, str(model or spec.model.entry),
+                     f"train.data: {spec.train.data.name}")
     evaluate = data_evaluator(data, batch_size, dev)
     if not grid:
         metrics = evaluate(gm)
@@ -79,7 +79,7 @@ def eval(  # noqa: A001  (the command's name)
     if recalibrate and slicing.bn == "recalibrate" and has_batch_norm(gm):
         calibration = calibration_inputs(data, slicing.recalibrate_batches, spec.train.batch_size, dev, spec.train.seed)
     rows = evaluate_grid(gm, evaluate, data.example(), calibration=calibration)
-    table = Table(title=f"sub-models of {target}" + (" (BN recalibrated)" if calibration else ""))
+    table = Table(title=escape(f"sub-models of {target}") + (" (BN recalibrated)" if calibration else ""))
     for column in ("width", "blocks", "accuracy", "share", "params", "FLOPs"):
         table.add_column(column, justify="right")
     for row in grid_table_rows(rows):
@@ -93,7 +93,7 @@ def eval(  # noqa: A001  (the command's name)
             console.print("(install matplotlib, the `plot` extra, for a heatmap PNG)")
     if plot is not None:
         write_heatmap(rows, plot)
-        console.print(f"wrote {plot}")
+        console.print(f"wrote {plot}", markup=False)
 
 
 def write_heatmap(rows: list[dict[str, Any]], path: Path) -> None:
@@ -127,6 +127,7 @@ def extract(
     from ..subnets import extract as extract_subnet, recalibrate as recalibrate_bn
     from ..train.checkpoint import save_file
 
+    output_file(output, "--output")
     spec, gm = _load(run, model, trust_code)
     state = find_state(gm)
     if state is None:
@@ -149,7 +150,7 @@ def extract(
     from .. import api
     cost = measure(small, api.example_input(spec))
     console.print(f"sub-model width {point[0]:g}, depth {point[1]}: {cost.params:,} parameters, "
-                  f"{cost.flops:,} FLOPs{note}\nwrote {target} and {state_path}")
+                  f"{cost.flops:,} FLOPs{note}\nwrote {target} and {state_path}", markup=False)
 
 
 COMMANDS = [eval, extract]

@@ -116,6 +116,19 @@ def parse_spec(data: Any, source: str | None = None) -> Spec:
         raise SpecError(e.errors, source) from None
 
 
+def with_overrides(spec: Spec, updates: dict[str, Any], source: str) -> Spec:
+    """`spec` with dotted fields replaced (e.g. {"train.seed": 3}), validated again like
+    the spec itself; errors name `source` (e.g. the command-line option)."""
+    data = spec.model_dump(mode="json", exclude_unset=True)
+    for dotted, value in updates.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return parse_spec(data, source)
+
+
 def load_spec(path: str | Path) -> Spec:
     """Read a YAML spec file. Every problem is a SpecError naming the file and the field."""
     path = Path(path)

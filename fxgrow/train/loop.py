@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import time
 import warnings
 from datetime import datetime
@@ -36,6 +37,7 @@ from .callbacks import Callback
 from .data import Batches, Data, load_data, step_generator
 from .meter import Meter
 from .optim import build_optimizer, build_scheduler, lr_factor, merge_overrides, transfer_state
+from .preflight import check_model_fits
 from .progress import Progress
 from .run_folder import RunFolder, metrics_up_to, unused_folder
 
@@ -44,6 +46,25 @@ REPORT_KEYS = ("accuracy", "loss", "parameters", "flops", "wall_time_s", "steps"
 # Fields a resumed run may change: they do not change what is computed.
 FREE_ON_RESUME = {"device", "compile", "progress", "log_every_steps", "checkpoint_every_steps"}
 _NEVER = 2 ** 62  # "no bad step" when ranks agree on the first one
+
+
+def device_for(name: str, where: str = "train.device") -> torch.device:
+    """The device `name` (auto, cpu, cuda[:N], mps) means on this machine, or an error
+    naming `where` when it is not one or not here."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
+        raise FxgrowError(f"{where}: expected auto, cpu, cuda, cuda:N or mps (got {name!r})")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FxgrowError(f"{where}: {name}, but there is no CUDA device here (no GPU or driver, or a torch "
+                              "built without CUDA); use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FxgrowError(f"{where}: {name}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise FxgrowError(f"{where}: mps, but there is no MPS device here; use cpu or auto")
+    return device
 
 
 def _changed(old: dict, new: dict, ignore: set[str], prefix: str = "") -> list[str]:
@@ -200,6 +221,9 @@ class Trainer:
             random.seed(spec.seed + self.rank)
             np.random.seed(spec.seed + self.rank)
         self._install(self.model)
+        model_name = (self.spec_dump.get("model") or {}).get("entry") or type(self.model).__name__
+        check_model_fits(self.model, self.data.example(), self.data.num_classes, model_name,
+                         f"train.data: {spec.data.name}")
         # Tensors non-finite from the start (e.g. -inf attention masks) are meant to be.
         self._non_finite_at_start = {name for name, t in self._state_tensors() if not torch.isfinite(t).all()}
         self.optimizer = self._build_optimizer()
@@ -232,12 +256,9 @@ class Trainer:
             self._folder = RunFolder(self.out_dir, resume=resuming_here, overwrite=self.overwrite)
 
     def _pick_device(self) -> torch.device:
-        name = self.spec.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cuda":
-            name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        device = torch.device(name)
+        device = device_for(self.spec.device)
+        if device.type == "cuda" and device.index is None:
+            device = device_for(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}", f"train.device {self.spec.device}")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         return device
