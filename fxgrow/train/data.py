@@ -217,10 +217,29 @@ def _pad(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.pad(x, (left, size - w - left, top, size - h - top))
 
 
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(spec: DigitsData | FashionMNISTData, images: int, side: int, bytes_per_value: int) -> None:
+    """Refuse, before allocating, a resized/padded dataset larger than this machine's memory."""
+    size = max(spec.image_size or side, spec.pad_to or 0)
+    need = images * size * size * bytes_per_value
+    have = _physical_memory()
+    if have is not None and need > have:
+        field = "pad_to" if spec.pad_to and spec.pad_to >= (spec.image_size or side) else "image_size"
+        raise DataError(f"train.data.{field}: {images:,} {spec.name} images at {size}x{size} take "
+                        f"{need / 1e9:.1f} GB in memory; this machine has {have / 1e9:.1f} GB")
+
+
 def _digits(spec: DigitsData) -> Data:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    check_fits_in_memory(spec, 1797, 8, 4)
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target, dtype=torch.int64)
@@ -244,6 +263,7 @@ def _synthetic(spec: SyntheticData) -> Data:
 def _fashion_mnist(spec: FashionMNISTData) -> Data:
     from torchvision.datasets import FashionMNIST
 
+    check_fits_in_memory(spec, (spec.train_size or 60000) + 10000, 28, 1)
     root = _fashion_mnist_root(Path(spec.root))
     splits = []
     for train in (True, False):
