@@ -96,3 +96,11 @@ def test_a_diverged_run_exits_non_zero_and_folds_nothing(tmp_path):
         state = load_checkpoint(out / "checkpoint.pt")
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
         assert f"(step {state['step']})" in result.output
+
+
+def test_finite_flags_are_exact_when_a_sum_overflows():
+    from fxgrow.train.checkpoint import finite_flags
+    huge = torch.full((4,), 3e38)  # finite, but its sum is inf
+    nan, inf = torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), -float("inf")])
+    assert finite_flags([huge, torch.ones(3)]).tolist() == [True, True]
+    assert finite_flags([huge, nan, inf, torch.zeros(0)]).tolist() == [True, False, False, True]

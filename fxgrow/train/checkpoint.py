@@ -205,7 +205,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One bool per tensor: all its values finite. Kernels only; no device sync."""
+    """One bool per tensor: all its values finite. A NaN or inf anywhere makes the sum
+    non-finite, so finite sums settle it in one read of each tensor (one device sync);
+    only when some sum is not finite (which finite values can also do, by overflowing)
+    does an exact pass follow."""
+    quick = torch.stack([torch.isfinite(t.sum()) for t in tensors])
+    if bool(quick.all()):
+        return quick
     return torch.stack([torch.isfinite(t).all() for t in tensors])
 
 
