@@ -131,3 +131,16 @@ def test_a_huge_integer_in_data_gives_a_message_not_a_crash():
     with pytest.raises(SpecError) as info:
         parse_spec({"train": {"seed": 10 ** 5000}})
     assert len(str(info.value)) < 500
+
+
+@pytest.mark.parametrize("kwargs, path", [
+    ({"width": {0: None}}, "model.kwargs.width.0"),    # would come back as {"0": None} from the run folder
+    ({True: 1}, "model.kwargs.True"),                  # YAML's `on: 1`
+    ({"clip": float("inf")}, "model.kwargs.clip"),     # would come back as null
+])
+def test_values_that_do_not_survive_the_run_folder_are_refused(kwargs, path):
+    """The property test found these: a spec that parses must parse back the same from the
+    JSON copy a run folder keeps, or a restored model is built with other arguments."""
+    with pytest.raises(SpecError) as info:
+        parse_spec({"model": {"kwargs": kwargs}})
+    assert [loc for loc, _ in info.value.errors] == [path]

@@ -1,6 +1,7 @@
 """Reading a spec document: bounded YAML in, a plain tree out, or a SpecError.
 
-A spec is a few hundred bytes of mappings, lists, strings, numbers, booleans and null.
+A spec is a few hundred bytes of mappings (string keys), lists, strings, finite numbers,
+booleans and null.
 Everything else is refused before validation: text over `MAX_BYTES`, non-UTF-8 bytes,
 duplicate keys (YAML keeps the last one silently), tags that build other types
 (`!!binary`, `!!set`, `!!python/...`), trees nested deeper than `MAX_DEPTH`, and trees of
@@ -9,6 +10,7 @@ document whose aliases expand to billions of nodes). The same tree check runs on
 read back from checkpoints."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import yaml
@@ -104,8 +106,9 @@ def load_yaml(text: str | bytes, source: str | None = None) -> Any:
 
 
 def check_tree(data: Any, source: str | None = None) -> None:
-    """Refuse a tree that is not plain data, nests deeper than MAX_DEPTH or has more than
-    MAX_NODES nodes (shared and self-referencing containers count once per visit)."""
+    """Refuse a tree that is not plain JSON-like data (string keys, finite numbers: what
+    survives the run folder's JSON copy of the spec), nests deeper than MAX_DEPTH or has
+    more than MAX_NODES nodes (shared and self-referencing containers count once per visit)."""
     stack: list[tuple[Any, tuple, int]] = [(data, (), 0)]
     nodes = 0
     while stack:
@@ -118,9 +121,12 @@ def check_tree(data: Any, source: str | None = None) -> None:
             raise SpecError([(_dotted(path[:8]) + "...", f"nested deeper than {MAX_DEPTH} levels")], source)
         if isinstance(value, dict):
             for key, item in value.items():
-                if not isinstance(key, _PLAIN):
-                    raise SpecError([(_dotted(path), f"a key of type {type(key).__name__} is not allowed")], source)
+                if not isinstance(key, str):  # the run folder stores specs as JSON, whose keys are strings
+                    raise SpecError([(_dotted(path + (key,)), f"a key must be a string, not {type(key).__name__} "
+                                      "(quote it; YAML reads yes/no/on/off as booleans)")], source)
                 stack.append((item, path + (key,), depth + 1))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise SpecError([(_dotted(path), f"{value} is not allowed: numbers must be finite")], source)
         elif isinstance(value, (list, tuple)):
             stack.extend((item, path + (i,), depth + 1) for i, item in enumerate(value))
         elif not isinstance(value, _PLAIN):
