@@ -29,11 +29,14 @@ def genuine(tmp_path_factory) -> Path:
 
 
 def forge(genuine: Path, tmp_path: Path, model: dict | None = None, data: dict | None = None,
-          signature: str = "none") -> Path:
+          signature: str = "none", ship: dict[str, str] | None = None) -> Path:
     """A copy of the genuine run whose checkpoint names other code: unsigned, with a made-up
-    signature, or with the genuine run's signature (valid for the genuine code only)."""
+    signature, or with the genuine run's signature (valid for the genuine code only);
+    `ship` adds files to the folder."""
     run = tmp_path / "downloaded"
     shutil.copytree(genuine, run)
+    for name, text in (ship or {}).items():
+        (run / name).write_text(text)
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     if model is not None:
         state["spec"]["model"].update(model)
@@ -55,12 +58,9 @@ EVIL_PY = "from pathlib import Path\nPath({marker!r}).touch()\nfrom torch import
 
 
 def references(tmp_path: Path, marker: Path) -> dict[str, dict]:
-    (tmp_path / "shipped").mkdir(exist_ok=True)
-    evil = tmp_path / "shipped" / "evil.py"
-    evil.write_text(EVIL_PY.format(marker=str(marker)))
     return {"os:system": touch(marker),
             "subprocess:run": {"entry": "subprocess:run", "kwargs": {"args": ["touch", str(marker)]}},
-            "evil.py": {"entry": str(evil), "kwargs": {}}}
+            "evil.py": {"entry": str(tmp_path / "downloaded" / "evil.py"), "kwargs": {}}}  # shipped in the run
 
 
 @pytest.mark.parametrize("signature", ["none", "made_up", "genuine"])
@@ -69,7 +69,8 @@ def references(tmp_path: Path, marker: Path) -> dict[str, dict]:
                          ids=["fold", "eval", "extract", "inspect"])
 def test_foreign_model_code_is_refused_by_every_command(genuine, tmp_path, name, signature, command):
     marker = tmp_path / "code_ran"
-    run = forge(genuine, tmp_path, model=references(tmp_path, marker)[name], signature=signature)
+    run = forge(genuine, tmp_path, model=references(tmp_path, marker)[name], signature=signature,
+                ship={"evil.py": EVIL_PY.format(marker=str(marker))})
     result = cli(command[0], run, *command[1:])
     assert result.exit_code == 2, result.output
     assert not marker.exists(), "the run's code ran"
