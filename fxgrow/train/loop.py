@@ -225,7 +225,9 @@ class Trainer:
         check_model_fits(self.model, self.data.example(), self.data.num_classes, model_name,
                          f"train.data: {spec.data.name}")
         # Tensors non-finite from the start (e.g. -inf attention masks) are meant to be.
-        self._non_finite_at_start = {name for name, t in self._state_tensors() if not torch.isfinite(t).all()}
+        named = self._state_tensors()
+        flags = ckpt.finite_flags([t for _, t in named]).tolist() if named else []
+        self._non_finite_at_start = {name for (name, _), finite in zip(named, flags) if not finite}
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, self._lr_factor, 0)
         self._meter = Meter(self.device)
