@@ -113,7 +113,7 @@ def inspect(
         s = load_spec(spec) if spec else parse_spec({})
     shape = _parse_shape(input_shape)
     if shape:
-        s = s.model_copy(update={"model": s.model.model_copy(update={"example_input": shape})})
+        s = s.model_copy(update={"model": s.model.with_example_shape(shape)})
     x = api.example_input(s)
     if not run_dir.is_dir():
         user_model = api.build_model(s, model).eval()
