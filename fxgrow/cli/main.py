@@ -67,9 +67,12 @@ def apply(
     if seed is not None:
         s = s.model_copy(update={"train": s.train.model_copy(update={"seed": seed})})
     report = api.run(s, model, out_dir=out_dir, resume=resume)
-    acc = report.get("accuracy")
-    out.print(f"done: test accuracy {acc:.4f}" if isinstance(acc, float) else "done",
-              f"-> {report.get('out_dir', out_dir or '')}")
+    acc, ppl = report.get("accuracy"), report.get("perplexity")
+    if isinstance(ppl, float):  # causal_lm: accuracy is next-token accuracy
+        summary = f"done: test perplexity {ppl:.2f}, token accuracy {acc:.4f}"
+    else:
+        summary = f"done: test accuracy {acc:.4f}" if isinstance(acc, float) else "done"
+    out.print(summary, f"-> {report.get('out_dir', out_dir or '')}")
 
 
 def _parse_shape(text: str | None) -> list[int] | None:

@@ -61,11 +61,14 @@ def eval(  # noqa: A001  (the command's name)
     spec, gm = _load(target, model)
     dev = _device(device)
     gm = gm.to(dev)
+    from ..train.objectives import build_objective
+
     data = _data(spec, dev)
-    evaluate = data_evaluator(data, batch_size, dev)
+    evaluate = data_evaluator(data, batch_size, dev, build_objective(spec.train.objective_name, data.num_classes))
     if not grid:
         metrics = evaluate(gm)
-        console.print(f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+        ppl = f", perplexity {metrics['perplexity']:.2f}" if "perplexity" in metrics else ""
+        console.print(f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}{ppl}")
         return
     slicing = _slicing(spec)
     if slicing is None or find_state(gm) is None:
