@@ -32,7 +32,7 @@ from ..errors import FxgrowError
 from ..specs.train import TrainSpec
 from . import checkpoint as ckpt
 from .callbacks import Callback
-from .data import Batches, Data, is_token_ids, load_data, step_generator
+from .data import Batches, Data, load_data, step_generator
 from .meter import Meter
 from .objectives import Classification, Objective, build_objective
 from .optim import build_optimizer, build_scheduler, lr_factor, merge_overrides, transfer_state
@@ -323,7 +323,7 @@ class Trainer:
         try:
             return self._forward(inputs)
         except IndexError as e:  # an embedding lookup past its table: say which ids
-            if not is_token_ids(inputs):
+            if inputs.is_floating_point():  # prepared token ids are int64
                 raise
             raise FxgrowError(f"the model failed on token ids up to {int(inputs.max())} ({type(e).__name__}: {e}); "
                               f"the data's vocabulary has {self.data.num_classes} ids (train.data.vocab_size): is "
