@@ -167,14 +167,29 @@ def test_tiny_lm_learns_text_and_reports_perplexity(tmp_path):
     assert all(r["perplexity"] == pytest.approx(math.exp(r["loss"])) for r in records)
 
 
-def test_bf16_and_label_smoothing_on_an_lm(tmp_path):
+def test_bf16_and_label_smoothing_on_an_lm(tmp_path, capsys):
     write_docs(tmp_path / "t", count=12, words=60)
-    report = Trainer(small_lm(), lm_spec(tmp_path / "t", precision="bf16", label_smoothing=0.1, steps=20),
-                     out_dir=tmp_path / "run").fit()
+    report = Trainer(small_lm(), lm_spec(tmp_path / "t", precision="bf16", label_smoothing=0.1, steps=20,
+                                         progress="plain"), out_dir=tmp_path / "run").fit()
     assert math.isfinite(report["perplexity"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].endswith(f"loss {report['loss']:.4f}  acc {report['accuracy']:.4f}  "
+                              f"ppl {report['perplexity']:.2f}") and lines[-1].startswith("eval  step 20")
+    assert not any("ppl" in line for line in lines if line.startswith("step "))
     train = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if '"train"' in line]
     assert train and all("perplexity" not in r for r in train)  # a smoothed loss is no likelihood
+
+
+@pytest.mark.slow
+def test_compiled_lm_training_matches_eager(tmp_path):
+    write_docs(tmp_path / "t", count=12, words=60)
+    reports = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        reports.append(Trainer(small_lm(), lm_spec(tmp_path / "t", steps=10, compile=compile),
+                               out_dir=tmp_path / str(compile)).fit())
+    assert reports[0]["perplexity"] == pytest.approx(reports[1]["perplexity"], rel=1e-3)
 
 
 def test_lm_run_crashed_and_resumed_is_bit_identical(tmp_path):
