@@ -29,10 +29,16 @@ def build_model(spec: Spec, model_ref: str | None = None) -> nn.Module:
 
 
 def example_input(spec: Spec, batch: int | None = None) -> torch.Tensor:
-    shape = list(spec.model.example_input)
+    """The spec's example input, drawn from a generator seeded by `train.seed`: standard
+    normal floats, or integer ids uniform in [low, high)."""
+    ex = spec.model.example
+    shape = list(ex.shape)
     if batch is not None:
         shape[0] = batch
-    return torch.randn(shape, generator=torch.Generator().manual_seed(spec.train.seed))
+    generator, dtype = torch.Generator().manual_seed(spec.train.seed), getattr(torch, ex.dtype)
+    if ex.high is not None:
+        return torch.randint(ex.low, ex.high, shape, generator=generator, dtype=dtype)
+    return torch.randn(shape, generator=generator, dtype=dtype)
 
 
 def passes_from_spec(spec: Spec) -> list[Pass]:

@@ -72,9 +72,12 @@ def apply(
     if seed is not None:
         s = with_overrides(s, {"train.seed": seed}, "--seed")
     report = api.run(s, model, out_dir=out_dir, resume=resume, overwrite=overwrite)
-    acc = report.get("accuracy")
-    out.print(f"done: test accuracy {acc:.4f}" if isinstance(acc, float) else "done",
-              f"-> {report.get('out_dir', out_dir or '')}", markup=False)
+    acc, ppl = report.get("accuracy"), report.get("perplexity")
+    if isinstance(ppl, float):  # causal_lm: accuracy is next-token accuracy
+        summary = f"done: test perplexity {ppl:.2f}, token accuracy {acc:.4f}"
+    else:
+        summary = f"done: test accuracy {acc:.4f}" if isinstance(acc, float) else "done"
+    out.print(summary, f"-> {report.get('out_dir', out_dir or '')}", markup=False)
 
 
 def _parse_shape(text: str | None) -> list[int] | None:
@@ -120,7 +123,10 @@ def inspect(
         s = load_spec(spec) if spec else parse_spec({})
     shape = _parse_shape(input_shape)
     if shape:
-        s = with_overrides(s, {"model.example_input": shape}, "--input-shape")
+        example = s.model.with_example_shape(shape).example_input  # dtype and id range kept
+        s = with_overrides(s, {"model.example_input": example if isinstance(example, list)
+                               else example.model_dump(mode="json", exclude_unset=True) | {"shape": shape}},
+                           "--input-shape")
     x = api.example_input(s)
     if not run_dir.is_dir():
         user_model = api.build_model(s, model).eval()

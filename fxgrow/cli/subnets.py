@@ -63,14 +63,18 @@ def eval(  # noqa: A001  (the command's name)
     dev = _device(device)
     spec, gm = _load(target, model, trust_code)
     gm = gm.to(dev)
+    from ..train.objectives import build_objective
+
     data = _data(spec, dev)
     from ..train.preflight import check_model_fits
+    objective = build_objective(spec.train.objective_name, data.num_classes)
     check_model_fits(gm, data.example(), data.num_classes, str(model or spec.model.entry),
-                     f"train.data: {spec.train.data.name}")
-    evaluate = data_evaluator(data, batch_size, dev)
+                     f"train.data: {spec.train.data.name}", objective)
+    evaluate = data_evaluator(data, batch_size, dev, objective)
     if not grid:
         metrics = evaluate(gm)
-        console.print(f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+        ppl = f", perplexity {metrics['perplexity']:.2f}" if "perplexity" in metrics else ""
+        console.print(f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}{ppl}")
         return
     slicing = _slicing(spec)
     if slicing is None or find_state(gm) is None:

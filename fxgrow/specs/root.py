@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import SpecError
 from ..passes import PASS_REGISTRY
@@ -16,6 +16,45 @@ from .train import TrainSpec
 
 
 MAX_EXAMPLE_VALUES = 1 << 26  # 256 MiB of float32
+INTEGER_DTYPES = ("int64", "int32")
+
+
+class ExampleInput(StrictModel):
+    """One example input tensor: its shape and dtype; integer ids (tokens) are drawn
+    uniformly from [low, high), e.g. `{shape: [1, 64], dtype: int64, high: 512}` for a
+    model over a 512-token vocabulary. Floats are standard normal."""
+
+    shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    dtype: Literal["float32", "float64", "float16", "bfloat16", "int64", "int32"] = "float32"
+    low: int = 0
+    high: int | None = Field(None, validate_default=True,
+                             description="integer dtypes: one past the largest id (the vocabulary size)")
+
+    @field_validator("low")
+    @classmethod
+    def _low_for_ids(cls, low: int, info: ValidationInfo) -> int:
+        if info.data.get("dtype", "int64") not in INTEGER_DTYPES:
+            raise ValueError(f"a range applies to integer dtypes, not {info.data['dtype']}")
+        return low
+
+    @field_validator("high")
+    @classmethod
+    def _high_for_ids(cls, high: int | None, info: ValidationInfo) -> int | None:
+        dtype = info.data.get("dtype")
+        if dtype is None:  # dtype failed: its error says why
+            return high
+        if dtype not in INTEGER_DTYPES:
+            if high is not None:
+                raise ValueError(f"a range applies to integer dtypes, not {dtype}")
+        elif high is None:
+            raise ValueError(f"{dtype} ids need a range: high = the vocabulary size")
+        elif "low" in info.data and high <= info.data["low"]:
+            raise ValueError(f"must be more than low ({info.data['low']})")
+        return high
+
+
+def _example_kind(value: Any) -> str:
+    return "tensor" if isinstance(value, (dict, ExampleInput)) else "shape"
 
 
 class ModelRef(StrictModel):
@@ -23,19 +62,35 @@ class ModelRef(StrictModel):
 
     entry: str | None = None   # "path/to/file.py[:callable]" or "package.module:callable"
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the callable
-    example_input: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 3, 32, 32],
-                                                             min_length=1)
+    # A shape (a float tensor) or one `ExampleInput` (dtype, id range).
+    example_input: Annotated[
+        Union[Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1), Tag("shape")],
+              Annotated[ExampleInput, Tag("tensor")]],
+        Discriminator(_example_kind)] = Field(default_factory=lambda: [1, 3, 32, 32])
     leaf_modules: list[str] = Field(default_factory=list)  # type names or module paths kept opaque
     # Forward arguments fixed while tracing (e.g. a flag that drives Python control flow).
     concrete_args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("example_input")
     @classmethod
-    def _not_huge(cls, shape: list[int]) -> list[int]:
+    def _not_huge(cls, value: "list[int] | ExampleInput") -> "list[int] | ExampleInput":
+        shape = value.shape if isinstance(value, ExampleInput) else value
         if math.prod(shape) > MAX_EXAMPLE_VALUES:
             raise ValueError(f"{math.prod(shape):,} values is more than {MAX_EXAMPLE_VALUES:,} "
                              "(one example's input shape, batch 1 is enough)")
-        return shape
+        return value
+
+    @property
+    def example(self) -> ExampleInput:
+        """`example_input` in its full form (a shape alone is a float32 tensor)."""
+        ex = self.example_input
+        return ex if isinstance(ex, ExampleInput) else ExampleInput(shape=ex)
+
+    def with_example_shape(self, shape: list[int]) -> "ModelRef":
+        """This reference with another example shape, dtype and range kept."""
+        ex = self.example_input
+        new = shape if isinstance(ex, list) else ex.model_copy(update={"shape": list(shape)})
+        return self.model_copy(update={"example_input": new})
 
 
 def _pass_union() -> Any:
@@ -90,6 +145,8 @@ def spec_error(e: ValidationError, source: str | None = None, prefix: str | None
         if len(loc) >= 3 and loc[0] == "passes" and loc[2] in PASS_REGISTRY:
             del loc[2]
         if len(loc) >= 3 and loc[0] == "train" and loc[1] in _TAGGED_TRAIN_FIELDS:
+            del loc[2]
+        if len(loc) >= 3 and loc[:2] == ["model", "example_input"]:  # the shape/tensor tag
             del loc[2]
         path = ".".join(([prefix] if prefix else []) + loc)
         msg = err["msg"].removeprefix("Value error, ")

@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -36,13 +35,14 @@ from . import checkpoint as ckpt
 from .callbacks import Callback
 from .data import Batches, Data, load_data, step_generator
 from .meter import Meter
+from .objectives import Classification, Objective, build_objective
 from .optim import build_optimizer, build_scheduler, lr_factor, merge_overrides, transfer_state
 from .preflight import check_model_fits
 from .progress import Progress
 from .run_folder import RunFolder, metrics_up_to, unused_folder
 
-REPORT_KEYS = ("accuracy", "loss", "parameters", "flops", "wall_time_s", "steps", "epochs", "samples_per_s",
-               "device", "world_size", "out_dir")
+REPORT_KEYS = ("accuracy", "loss", "perplexity", "objective", "parameters", "flops", "wall_time_s", "steps",
+               "epochs", "samples_per_s", "device", "world_size", "out_dir", "data")
 # Fields a resumed run may change: they do not change what is computed.
 FREE_ON_RESUME = {"device", "compile", "progress", "log_every_steps", "checkpoint_every_steps"}
 _NEVER = 2 ** 62  # "no bad step" when ranks agree on the first one
@@ -83,19 +83,20 @@ class NonFiniteState(FxgrowError):
 @torch.no_grad()
 def test_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
               prepare: Callable[[torch.Tensor], torch.Tensor], autocast: Callable[[], Any],
-              device: torch.device) -> torch.Tensor:
-    """(summed loss, correct, count) of `model` in eval mode over `batches`, kept on the
-    device: one sync when the caller reads them, none per batch."""
+              device: torch.device, objective: Objective | None = None) -> torch.Tensor:
+    """(summed loss, correct, counted) of `model` in eval mode over `batches` (the
+    objective's sums; classification by default), kept on the device: one sync when the
+    caller reads them, none per batch."""
+    objective = objective or Classification()
     was_training = model.training
     model.eval()
-    sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in batches:
         with autocast():
-            logits = model(prepare(x))
-        sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum"), (logits.argmax(-1) == y).sum()])
-        count += len(y)
+            output = model(prepare(x))
+        sums += objective.eval_sums(output, y)
     model.train(was_training)
-    return torch.cat([sums, sums.new_tensor([count])])
+    return sums
 
 
 class Trainer:
@@ -126,6 +127,7 @@ class Trainer:
         self.resume_from = ckpt.find_checkpoint(Path(resume)) if resume is not None else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.data = data
+        self.objective: Objective | None = None  # from the spec and the data, at setup
         self.on_finish = on_finish
         self.model = model
         # TrainContext members
@@ -159,9 +161,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         model = model if model is not None else self.model
-        sums = test_sums(model, self._test.sequential(), self._prepare, self._autocast, self.device)
-        loss, correct, count = self._reduce(sums).tolist()
-        return {"loss": loss / count, "accuracy": correct / count}
+        sums = test_sums(model, self._test.sequential(), self._prepare, self._autocast, self.device, self.objective)
+        return self.objective.metrics(self._reduce(sums).tolist())
 
     # --- the run ---------------------------------------------------------------------
 
@@ -210,6 +211,7 @@ class Trainer:
 
         data = self.data if self.data is not None else load_data(spec.data)
         self.data = data.to(self.device)
+        self.objective = build_objective(spec.objective_name, data.num_classes)
         self._train_batches = Batches(data, "train", spec.batch_size, self.device, self.rank, self.world, spec.seed)
         self._test = Batches(data, "test", spec.eval_batch_size or spec.batch_size, self.device, self.rank, self.world)
         self.steps_per_epoch = self._train_batches.steps_per_epoch
@@ -223,7 +225,7 @@ class Trainer:
         self._install(self.model)
         model_name = (self.spec_dump.get("model") or {}).get("entry") or type(self.model).__name__
         check_model_fits(self.model, self.data.example(), self.data.num_classes, model_name,
-                         f"train.data: {spec.data.name}")
+                         f"train.data: {spec.data.name}", self.objective)
         # Tensors non-finite from the start (e.g. -inf attention masks) are meant to be.
         named = self._state_tensors()
         flags = ckpt.finite_flags([t for _, t in named]).tolist() if named else []
@@ -311,7 +313,7 @@ class Trainer:
 
     def _prepare(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = self.data.prepare(x, generator, (self.rank, self.world))
-        if self._channels_last and x.dim() == 4:
+        if self._channels_last and x.dim() == 4 and x.is_floating_point():  # never on token ids
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -343,11 +345,11 @@ class Trainer:
             # DDP all-reduces gradients in the last micro-step's backward only
             with (self._ddp.no_sync() if self._ddp is not None and i < n - 1 else contextlib.nullcontext()):
                 with self._autocast():
-                    logits = self._forward(inputs)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.spec.label_smoothing)
+                    output = self._forward_checked(inputs)
+                loss, sums = self.objective.train_terms(output, targets, self.spec.label_smoothing)
                 (loss / n).backward()
             self.loss = loss.detach()
-            self._meter.add(self.step + 1, self.loss, logits.detach(), targets)
+            self._meter.add(self.step + 1, sums)
         for cb in self.callbacks:
             cb.after_backward(self)
         if self.spec.grad_clip is not None:
@@ -360,6 +362,16 @@ class Trainer:
             self._check_finite()
         for cb in self.callbacks:
             cb.after_step(self)
+
+    def _forward_checked(self, inputs: torch.Tensor) -> Any:
+        try:
+            return self._forward(inputs)
+        except IndexError as e:  # an embedding lookup past its table: say which ids
+            if inputs.is_floating_point():  # prepared token ids are int64
+                raise
+            raise FxgrowError(f"the model failed on token ids up to {int(inputs.max())} ({type(e).__name__}: {e}); "
+                              f"the data's vocabulary has {self.data.num_classes} ids (train.data.vocab_size): is "
+                              "the model's embedding smaller?") from e
 
     def _after_step_events(self, end_of_epoch: bool, last: bool) -> None:
         spec = self.spec
@@ -435,10 +447,12 @@ class Trainer:
         return sums
 
     def _log_train(self) -> None:
-        loss, correct, count = self._interval_sums()
+        metrics = self.objective.metrics(self._interval_sums())
+        if self.spec.label_smoothing:  # the smoothed loss is no likelihood: no perplexity of it
+            metrics.pop("perplexity", None)
         now = time.perf_counter()
-        record = {"step": self.step, "epoch": self.epoch, "split": "train", "loss": loss / count,
-                  "accuracy": correct / count, "lr": self.optimizer.param_groups[0]["lr"],
+        record = {"step": self.step, "epoch": self.epoch, "split": "train", **metrics,
+                  "lr": self.optimizer.param_groups[0]["lr"],
                   "samples_per_s": self._interval_samples / max(now - self._interval_start, 1e-9)}
         self._samples += self._interval_samples
         self._interval_start, self._interval_samples = now, 0
@@ -514,8 +528,10 @@ class Trainer:
         _, metrics = self._last_eval
         wall = self._wall_time()
         report = {
-            "accuracy": metrics["accuracy"],
+            "accuracy": metrics["accuracy"],  # causal_lm: next-token accuracy
             "loss": metrics["loss"],
+            **({"perplexity": metrics["perplexity"]} if "perplexity" in metrics else {}),
+            "objective": self.objective.name,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "flops": self.forward_flops(),
             "wall_time_s": wall,
@@ -526,6 +542,8 @@ class Trainer:
             "world_size": self.world,
             "out_dir": str(self.out_dir),
         }
+        if self.data.info:
+            report["data"] = self.data.info
         for cb in self.callbacks:
             report[cb.name] = cb.report()
         if self.rank == 0:

@@ -3,7 +3,8 @@
 One real forward of two examples, in eval mode, without gradients and with the random
 generators untouched (a resumed run stays bit-identical). A model that fails is refused
 naming the model, the input shape and the layer it failed in; one that returns anything
-but (batch, classes) logits, or fewer classes than the data has, is refused too. This
+but the logits its objective needs ((batch, classes), or
+(batch, tokens, vocab) for causal_lm), or fewer classes than the data has, is refused too. This
 replaces a traceback from deep inside the first step (`mat1 and mat2 shapes cannot be
 multiplied`, `Expected input batch_size (1) to match target batch_size (32)`)."""
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import fx, nn
 
 from ..errors import FxgrowError
 from ..ir import META
+from .objectives import Classification, Objective, logits_of
 
 
 class ModelDataMismatch(FxgrowError):
@@ -22,7 +24,7 @@ class ModelDataMismatch(FxgrowError):
 
 
 def check_model_fits(model: nn.Module, example: torch.Tensor, num_classes: int, model_name: str,
-                     data_name: str) -> None:
+                     data_name: str, objective: Objective | None = None) -> None:
     x = torch.cat([example[:1], example[:1]])
     shape = list(x.shape)
     modes = {m: m.training for m in model.modules()}
@@ -38,17 +40,25 @@ def check_model_fits(model: nn.Module, example: torch.Tensor, num_classes: int, 
     if failed is not None:
         layer, error = failed
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if isinstance(error, IndexError) and not x.is_floating_point():  # an embedding lookup past its table
+            raise ModelDataMismatch(f"{where} failed on token ids up to {int(x.max())} in {layer} "
+                                    f"({type(error).__name__}: {first}); the data's vocabulary has {num_classes} "
+                                    "ids (train.data.vocab_size): is the model's embedding smaller?") from error
         raise ModelDataMismatch(f"{where} does not accept the data: a batch of shape {shape} ({data_name}) fails "
                                 f"in {layer}: {first}") from error
-    if not isinstance(out, torch.Tensor):
+    objective = objective or Classification(num_classes)  # (its num_classes is the data's)
+    try:
+        logits = logits_of(out)
+    except FxgrowError:
         raise ModelDataMismatch(f"{where} returns a {type(out).__name__}; the training loop needs a tensor of "
-                                "(batch, classes) logits")
-    if out.dim() != 2 or out.shape[0] != shape[0]:
-        raise ModelDataMismatch(f"{where} returns shape {list(out.shape)} for a batch of shape {shape} "
-                                f"({data_name}); the training loop needs (batch, classes) logits, one row per example")
-    if num_classes and out.shape[1] < num_classes:
-        raise ModelDataMismatch(f"{where} returns {out.shape[1]} logits per example, but {data_name} has "
-                                f"{num_classes} classes")
+                                f"{objective.output_form} logits (or an output with .logits)") from None
+    problem = objective.output_problem(logits, shape)
+    if problem:
+        raise ModelDataMismatch(f"{where} returns shape {list(logits.shape)} for a batch of shape {shape} "
+                                f"({data_name}); {problem}")
+    problem = objective.width_problem(logits.shape[-1], data_name)
+    if problem:
+        raise ModelDataMismatch(f"{where} {problem}")
 
 
 def _run_tracking(model: nn.Module, x: torch.Tensor):
