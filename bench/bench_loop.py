@@ -103,7 +103,7 @@ def fxgrow_loop(model, data: Data, args, out_dir: Path) -> float:
                      optimizer={"name": "sgd", "lr": args.lr, "nesterov": True}, compile=args.compile,
                      eval_every_epochs=None, checkpoint=False, log_every_steps=LOG_EVERY, progress="none")
     timer = StepTimer(args.warmup, args.steps)
-    Trainer(model, spec, [timer], out_dir=out_dir, data=data).fit()
+    Trainer(model, spec, [timer], out_dir=out_dir, data=data, overwrite=True).fit()  # one folder, every repeat
     return timer.per_step
 
 

@@ -125,7 +125,7 @@ def run_study(name: str, size: str, seeds: list[int], out: Path, overrides: dict
                 continue
             report = finished_run(run_dir, spec, inputs) if reuse else None
             if report is None:
-                report = run_spec(spec, model, out_dir=run_dir)
+                report = run_spec(spec, model, out_dir=run_dir, overwrite=True)  # not reusable: run it again
             print(f"{name} {size} seed {seed} {arm['name']}: accuracy {report['accuracy']:.4f} "
                   f"({report['wall_time_s']:.1f} s)", flush=True)
             results[arm["name"]].append(report)

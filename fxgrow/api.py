@@ -29,10 +29,16 @@ def build_model(spec: Spec, model_ref: str | None = None) -> nn.Module:
 
 
 def example_input(spec: Spec, batch: int | None = None) -> torch.Tensor:
-    shape = list(spec.model.example_input)
+    """The spec's example input, drawn from a generator seeded by `train.seed`: standard
+    normal floats, or integer ids uniform in [low, high)."""
+    ex = spec.model.example
+    shape = list(ex.shape)
     if batch is not None:
         shape[0] = batch
-    return torch.randn(shape, generator=torch.Generator().manual_seed(spec.train.seed))
+    generator, dtype = torch.Generator().manual_seed(spec.train.seed), getattr(torch, ex.dtype)
+    if ex.high is not None:
+        return torch.randint(ex.low, ex.high, shape, generator=generator, dtype=dtype)
+    return torch.randn(shape, generator=generator, dtype=dtype)
 
 
 def passes_from_spec(spec: Spec) -> list[Pass]:
@@ -54,17 +60,31 @@ def compile_spec(spec: Spec, model: nn.Module | fx.GraphModule) -> PassResult:
 
 
 def run(spec: Spec, model_ref: str | None = None, out_dir: str | Path | None = None,
-        resume: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rewrite, train, fold and save: what `fxgrow apply` does."""
+        resume: str | Path | None = None, overrides: dict[str, Any] | None = None,
+        overwrite: bool = False) -> dict[str, Any]:
+    """Rewrite, train, fold and save: what `fxgrow apply` does. A new run needs an empty
+    (or new) `out_dir`; `overwrite` clears an earlier run there first."""
     from .train import Trainer  # the loop is optional for pure graph work
+    from .train.checkpoint import find_checkpoint
+    from .train.loop import device_for
+    from .train.run_folder import check_free, check_unlocked
+    from .trust import sign
 
+    device_for(spec.train.device)  # before any work: a device this machine does not have
+    if resume is not None:
+        check_unlocked(Path(resume) if Path(resume).is_dir() else Path(resume).parent)
+    resume_path = find_checkpoint(Path(resume)) if resume is not None else None
+    if out_dir is not None and (resume_path is None or resume_path.parent.resolve() != Path(out_dir).resolve()):
+        check_free(Path(out_dir), overwrite)  # before any work: the Trainer checks again under its lock
     model = build_model(spec, model_ref)
     if model_ref is not None:  # the run folder then says which model it trained
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"entry": model_ref})})
     result = compile_spec(spec, model)
     trainer = Trainer(result.graph_module, spec.train, callbacks=result.callbacks,
                       out_dir=Path(out_dir) if out_dir else None,
-                      spec_dump=spec_dump(spec), resume=resume, on_finish=save_folded)
+                      spec_dump=spec_dump(spec), resume=resume, on_finish=save_folded,
+                      signature=sign(spec),  # this user ran this code: later rebuilds may import it
+                      overwrite=overwrite)
     return trainer.fit()
 
 
@@ -74,19 +94,28 @@ def spec_dump(spec: Spec) -> dict[str, Any]:
     return spec.model_dump(mode="json", exclude_unset=True)
 
 
-def restore(run: str | Path, model_ref: str | None = None) -> tuple[Spec, fx.GraphModule]:
-    """The rewritten model as a run's checkpoint left it (growth and all), on the CPU."""
+def restore(run: str | Path, model_ref: str | None = None, trust_code: bool = False,
+            uses_data: bool = False) -> tuple[Spec, fx.GraphModule]:
+    """The rewritten model as a run's checkpoint left it (growth and all), on the CPU.
+
+    The code the run names is imported only if `model_ref` replaces it, `trust_code` is
+    set, or this user's fxgrow signed the run (see `fxgrow.trust`); `uses_data`: the
+    caller will load the run's dataset, so its `python:` data function counts too."""
     from .specs.root import parse_spec
-    from .train.checkpoint import find_checkpoint, load_checkpoint
+    from .train.checkpoint import (find_checkpoint, load_checkpoint, load_model_state, replay_structures,
+                                   restore_callback)
+    from .trust import check_run_code
 
     path = find_checkpoint(Path(run))
     state = load_checkpoint(path)
     spec = parse_spec(state["spec"], source=f"{path} (spec)")
-    from .train.callbacks import replay_structure
-
+    check_run_code(spec, state.get("signature"), path, model_given=model_ref is not None, uses_data=uses_data,
+                   trust_code=trust_code)
     result = compile_spec(spec, build_model(spec, model_ref))
-    model = replay_structure(result.graph_module, result.callbacks, state["callbacks"])
-    model.load_state_dict(state["model"])
+    model = replay_structures(result.graph_module, result.callbacks, state, path)  # growth, as the run had it
+    for cb in result.callbacks:
+        restore_callback(cb, state, None, path)
+    load_model_state(model, state["model"], path, f"the model {model_ref or spec.model.entry} builds")
     return spec, model.eval()
 
 
@@ -94,7 +123,9 @@ def save_folded(model: nn.Module, out_dir: Path, report: dict[str, Any]) -> None
     """Write the folded plain model (`folded.pt`: the module; `folded_state_dict.pt`)."""
     if not isinstance(model, fx.GraphModule):
         return
+    from .train.checkpoint import save_file
+
     folded = fold(model).cpu().eval()
-    torch.save(folded, out_dir / "folded.pt")
-    torch.save(folded.state_dict(), out_dir / "folded_state_dict.pt")
+    save_file(folded, out_dir / "folded.pt")
+    save_file(folded.state_dict(), out_dir / "folded_state_dict.pt")
     report.setdefault("artifacts", {}).update(folded="folded.pt", folded_state_dict="folded_state_dict.pt")

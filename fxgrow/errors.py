@@ -40,3 +40,10 @@ class PassError(FxgrowError):
     """A rewrite pass failed; the message names it and the passes that ran before it."""
 
     exit_code = 1
+
+
+class UntrustedCodeError(FxgrowError):
+    """A run folder names code (a model builder, a data function) that fxgrow will not
+    import without the user's say-so; the message names it and how to allow it."""
+
+    exit_code = 2

@@ -39,11 +39,24 @@ def _import_file(path: Path) -> Any:
     return module
 
 
+def _is_file(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or Path(where).suffix == ".py"
+
+
+def resolved_reference(ref: str) -> str:
+    """`ref` with a file path made absolute (from the current directory): the code it
+    names here, whatever folder a run that recorded it is read from."""
+    where, name = _split(ref)
+    if not _is_file(where):
+        return ref
+    return str(Path(where).resolve()) + (f":{name}" if name else "")
+
+
 def load_model(ref: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Build the model `ref` names, calling it with `kwargs`."""
     kwargs = kwargs or {}
     where, name = _split(ref)
-    if where.endswith(".py") or "/" in where or Path(where).suffix == ".py":
+    if _is_file(where):
         path = Path(where)
         if not path.is_file():
             raise ModelLoadError(f"MODEL {path}: no such file")

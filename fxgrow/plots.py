@@ -88,15 +88,19 @@ def load_run(path: str | Path) -> Run:
     for series in (run.train, run.test, run.prune, run.compander, run.growth):
         series.sort(key=lambda r: r["step"])
     if (folder / "report.json").is_file():
-        run.report = json.loads((folder / "report.json").read_text())
+        try:
+            run.report = json.loads((folder / "report.json").read_text(errors="replace"))
+        except json.JSONDecodeError as e:
+            raise FxgrowError(f"{folder / 'report.json'}: not valid JSON ({e})") from None
     if (folder / "spec.yaml").is_file():
-        import yaml
-        run.spec = yaml.safe_load((folder / "spec.yaml").read_text())
+        from .specs.document import load_yaml
+        spec = load_yaml((folder / "spec.yaml").read_bytes(), str(folder / "spec.yaml"))
+        run.spec = spec if isinstance(spec, dict) else None
     return run
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text().splitlines()
+    lines = path.read_text(errors="replace").splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

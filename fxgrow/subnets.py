@@ -158,17 +158,23 @@ def extract(gm: fx.GraphModule, width: float | None = None, depth: int | None = 
 
 # --- on a spec's data (the CLI's `eval` and `extract`) ---------------------------------------
 
-def data_evaluator(data, batch_size: int, device: torch.device) -> Callable[[nn.Module], dict[str, float]]:
-    """`evaluate(model)` -> test-split loss and accuracy of `data` (a `fxgrow.train.data.Data`)."""
+def data_evaluator(data, batch_size: int, device: torch.device, objective=None
+                   ) -> Callable[[nn.Module], dict[str, float]]:
+    """`evaluate(model)` -> test-split metrics of `data` (a `fxgrow.train.data.Data`) under
+    `objective` (a `fxgrow.train.objectives.Objective`; default classification): loss and
+    accuracy, and perplexity for causal_lm."""
     import contextlib
 
     from .train.data import Batches
     from .train.loop import test_sums
+    from .train.objectives import Classification
+
+    objective = objective or Classification()
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         batches = Batches(data, "test", batch_size, device).sequential()
-        loss, correct, count = test_sums(model, batches, data.prepare, contextlib.nullcontext, device).tolist()
-        return {"loss": loss / count, "accuracy": correct / count}
+        return objective.metrics(test_sums(model, batches, data.prepare, contextlib.nullcontext, device,
+                                           objective).tolist())
     return evaluate
 
 

@@ -265,3 +265,12 @@ def test_crop_flip_shard_equals_slice_of_global_batch():
     for rank in range(2):
         part = crop_flip(x[rank * 4:(rank + 1) * 4], 2, torch.Generator().manual_seed(5), shard=(rank, 2))
         assert torch.equal(part, whole[rank * 4:(rank + 1) * 4])
+
+
+def test_a_resized_dataset_larger_than_memory_is_refused_before_allocating(monkeypatch):
+    from fxgrow.train import data as data_module
+    monkeypatch.setattr(data_module, "_physical_memory", lambda: 8 << 30)
+    with pytest.raises(DataError, match=r"train.data.image_size: 1,797 digits images at 4096x4096 take 120.6 GB"):
+        load_data(data_spec(name="digits", image_size=4096))
+    with pytest.raises(DataError, match=r"train.data.pad_to: 70,000 fashion_mnist images at 4000x4000"):
+        load_data(data_spec(name="fashion_mnist", pad_to=4000, root="/nonexistent"))

@@ -67,22 +67,23 @@ class Crash(Callback):
 SMALL = {"name": "synthetic", "shape": [12], "num_classes": 3, "train_size": 16, "test_size": 6}
 
 
-def crash_and_resume(s, tmp_path: Path, edit_checkpoint=None) -> tuple[Trainer, Trainer]:
+def crash_and_resume(s, tmp_path: Path, edit_checkpoint=None, build=mlp) -> tuple[Trainer, Trainer]:
     """An uninterrupted run (`a`) and the same run crashed at step 7 (`b`), then resumed from
-    its checkpoint, which `edit_checkpoint(state)` may change first."""
+    its checkpoint, which `edit_checkpoint(state)` may change first. `build()` makes the model."""
     torch.manual_seed(0)
-    reference = Trainer(mlp(), s, out_dir=tmp_path / "a")
+    reference = Trainer(build(), s, out_dir=tmp_path / "a")
     reference.fit()
     torch.manual_seed(0)
     with pytest.raises(RuntimeError, match="crash"):
-        Trainer(mlp(), s, [Crash()], out_dir=tmp_path / "b").fit()
+        Trainer(build(), s, [Crash()], out_dir=tmp_path / "b").fit()
     if edit_checkpoint is not None:
         path = tmp_path / "b" / "checkpoint.pt"
         state = torch.load(path, weights_only=True)
         edit_checkpoint(state)
+        del state["checksum"]  # an edited file without checksums: as written before they existed
         torch.save(state, path)
     torch.manual_seed(1)  # a different init: everything must come from the checkpoint
-    resumed = Trainer(mlp(), s, resume=tmp_path / "b")
+    resumed = Trainer(build(), s, resume=tmp_path / "b")
     resumed.fit()
     return reference, resumed
 

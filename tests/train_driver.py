@@ -3,7 +3,9 @@
 step and saves the final parameters to --final (one file per rank under DDP). The
 caller puts fxgrow on PYTHONPATH.
 
-    python tests/train_driver.py --out DIR --final F.pt [--resume] [--model conv|mlp] [--crash-after N]
+    python tests/train_driver.py --out DIR --final F.pt [--resume] [--model conv|mlp|lm] [--crash-after N]
+
+`--model lm` trains a tiny causal LM on the `*.txt` files in `--text DIR` (a BPE tokenizer).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fxgrow.specs.train import TrainSpec
+from fxgrow.specs.train import TextData, TrainSpec
 from fxgrow.train import Callback, Trainer
 
 
@@ -52,6 +54,9 @@ class Announce(Callback):
 
 def build(kind: str) -> nn.Module:
     torch.manual_seed(0)
+    if kind == "lm":
+        from examples.models.tiny_lm import build as tiny_lm
+        return tiny_lm(vocab_size=300, block_size=16, dim=16, heads=2, layers=1)
     if kind == "mlp":  # no batch statistics, no dropout: DDP equals one process up to rounding
         return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.Tanh(), nn.Linear(32, 4))
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
@@ -63,7 +68,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--final", type=Path, required=True)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--model", choices=["conv", "mlp"], default="conv")
+    parser.add_argument("--model", choices=["conv", "mlp", "lm"], default="conv")
+    parser.add_argument("--text", type=Path, help="--model lm: the folder of *.txt files")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--crash-after", type=int, help="exit abruptly (every rank) after this step")
@@ -76,6 +82,9 @@ def main() -> None:
               "augment": "crop_flip", "crop_padding": 1},
         epochs=args.epochs, batch_size=16, optimizer=optimizer, schedule={"warmup_steps": 5},
         checkpoint_every_steps=3, log_every_steps=4, progress="none")
+    if args.model == "lm":
+        spec = spec.model_copy(update={"data": TextData(files=[str(args.text / "*.txt")], tokenizer="bpe",
+                                                        vocab_size=300, block_size=16, test_fraction=0.2)})
     trainer = Trainer(build(args.model), spec, callbacks=[Announce(args.crash_after)], out_dir=args.out,
                       resume=args.out if args.resume else None)
     trainer.fit()

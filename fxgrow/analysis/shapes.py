@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -115,12 +117,13 @@ def abstract_runs(module: nn.Module, count_flops: bool = False):
             except Exception as e:
                 if raw_errors:
                     raise
-                root = e
+                root, where = e, ""
                 while root.__cause__ is not None:
+                    where = where or _shape_prop_node(str(root), getattr(module, "gm", None))
                     root = root.__cause__
                 first = (str(root).strip().splitlines() or [type(root).__name__])[0]
                 raise FxgrowError(
-                    f"the example input of shape {list(example.shape)} does not fit the model: {first}\n"
+                    f"the example input of shape {list(example.shape)} does not fit the model{where}: {first}\n"
                     "  set model.example_input in the spec (or --input-shape) to the model's input shape"
                 ) from e
         return int(counter.get_total_flops()) if count_flops else 0
@@ -128,6 +131,20 @@ def abstract_runs(module: nn.Module, count_flops: bool = False):
     # ShapeProp prints a traceback before re-raising: keep it off the terminal.
     with torch.no_grad(), no_fused_attention(), _restore_modes(modes), contextlib.redirect_stderr(io.StringIO()):
         yield run
+
+
+def _shape_prop_node(message: str, gm: fx.GraphModule | None) -> str:
+    """" in layer 'x'" (or node) from ShapeProp's "ShapeProp error for: node=%x : ..." wrapper;
+    a functionalized layer is named by the module it came from."""
+    found = re.match(r"ShapeProp error for: node=%(\S+) : .*?= (\w+)\[target=([^\]]+)\]", message)
+    if found is None:
+        return ""
+    name, op, target = found.groups()
+    node = next((n for n in gm.graph.nodes if n.name == name), None) if gm is not None else None
+    source = (node.meta.get("fxgrow") or {}).get("source") if node is not None else None
+    if op == "call_module" or source:
+        return f" in layer {source or target!r}"
+    return f" at node {name!r} ({target})"
 
 
 @contextlib.contextmanager

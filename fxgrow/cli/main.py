@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import FxgrowError
+from .options import TRUST_CODE_HELP, output_file, write_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="fxgrow: declarative graph rewriting over torch.fx "
@@ -57,19 +58,26 @@ def apply(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<time>, "
                                                                  "or the resumed run's)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Clear the run already in --out first "
+                                                             "(without it, a non-empty --out is refused)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override train.seed (e.g. a second source net)."),
 ) -> None:
     """Rewrite MODEL as SPEC says, train it, fold it and save everything under --out."""
     from .. import api
     from ..specs.root import load_spec
 
+    from ..specs.root import with_overrides
+
     s = load_spec(spec)
     if seed is not None:
-        s = s.model_copy(update={"train": s.train.model_copy(update={"seed": seed})})
-    report = api.run(s, model, out_dir=out_dir, resume=resume)
-    acc = report.get("accuracy")
-    out.print(f"done: test accuracy {acc:.4f}" if isinstance(acc, float) else "done",
-              f"-> {report.get('out_dir', out_dir or '')}")
+        s = with_overrides(s, {"train.seed": seed}, "--seed")
+    report = api.run(s, model, out_dir=out_dir, resume=resume, overwrite=overwrite)
+    acc, ppl = report.get("accuracy"), report.get("perplexity")
+    if isinstance(ppl, float):  # causal_lm: accuracy is next-token accuracy
+        summary = f"done: test perplexity {ppl:.2f}, token accuracy {acc:.4f}"
+    else:
+        summary = f"done: test accuracy {acc:.4f}" if isinstance(acc, float) else "done"
+    out.print(summary, f"-> {report.get('out_dir', out_dir or '')}", markup=False)
 
 
 def _parse_shape(text: str | None) -> list[int] | None:
@@ -94,26 +102,31 @@ def inspect(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what each pass would match; rewrite nothing."),
     nodes: bool = typer.Option(False, "--nodes", help="List every graph node."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,32,32."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Show the (rewritten) graph: weight chains, parameters and FLOPs, channel groups."""
     from .. import api
     from ..analysis import measure, propagate_shapes
     from ..inspection import chain_rows, node_rows, to_dot
-    from ..specs.root import load_spec, parse_spec
+    from ..specs.root import load_spec, parse_spec, with_overrides
 
     if fmt not in ("text", "dot", "svg"):
         raise FxgrowError(f"--format: expected text, dot or svg (got {fmt!r})")
+    output_file(output, "--output")
     run_dir = Path(model)
     if run_dir.is_dir():
         if spec is not None or dry_run:
             raise FxgrowError("inspect RUN shows a trained run as it is: give no SPEC and no --dry-run")
-        s, gm = api.restore(run_dir)
+        s, gm = api.restore(run_dir, trust_code=trust_code)
         user_model = api.build_model(s)
     else:
         s = load_spec(spec) if spec else parse_spec({})
     shape = _parse_shape(input_shape)
     if shape:
-        s = s.model_copy(update={"model": s.model.model_copy(update={"example_input": shape})})
+        example = s.model.with_example_shape(shape).example_input  # dtype and id range kept
+        s = with_overrides(s, {"model.example_input": example if isinstance(example, list)
+                               else example.model_dump(mode="json", exclude_unset=True) | {"shape": shape}},
+                           "--input-shape")
     x = api.example_input(s)
     if not run_dir.is_dir():
         user_model = api.build_model(s, model).eval()
@@ -172,15 +185,15 @@ def _table(title: str, rows: list[dict]) -> Table:
     for col in (rows[0] if rows else {"(none)": ""}):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(*(str(v) for v in r.values()))
+        table.add_row(*(escape(str(v)) for v in r.values()))
     return table
 
 
 def _write_graph(dot: str, fmt: str, output: Path | None) -> None:
     if fmt == "dot":
         if output:
-            output.write_text(dot)
-            out.print(f"wrote {output}")
+            write_text(output, dot)
+            out.print(f"wrote {output}", markup=False)
         else:
             sys.stdout.write(dot)
         return
@@ -191,8 +204,8 @@ def _write_graph(dot: str, fmt: str, output: Path | None) -> None:
                           "or use --format dot")
     svg = subprocess.run([exe, "-Tsvg"], input=dot.encode(), capture_output=True, check=True).stdout
     target = output or Path("graph.svg")
-    target.write_bytes(svg)
-    out.print(f"wrote {target}")
+    write_text(target, svg.decode())
+    out.print(f"wrote {target}", markup=False)
 
 
 @command()
@@ -202,24 +215,25 @@ def fold(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: RUN/folded.pt"),
     shrink: bool = typer.Option(False, "--shrink", help="Also remove the channels filter pruning "
                                                         "(prune_regrow granularity: filter) zeroed."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Fold a run's rewritten model into a plain one (no fxgrow nodes) and save it,
     with its state_dict beside it (`<name>_state_dict.pt`)."""
-    import torch
-
     from .. import api
     from ..fold import fold as fold_model
+    from ..train.checkpoint import save_file
 
-    spec, gm = api.restore(run, model)
+    output_file(output, "--output")
+    spec, gm = api.restore(run, model, trust_code=trust_code)
     if shrink:
         from ..passes.prune_regrow_filters import export_pruned
         plain = export_pruned(gm, api.example_input(spec))
     else:
         plain = fold_model(gm)
     target = output or (run if run.is_dir() else run.parent) / "folded.pt"
-    torch.save(plain, target)
-    torch.save(plain.state_dict(), target.with_name(f"{target.stem}_state_dict.pt"))
-    out.print(f"wrote {target} and {target.with_name(f'{target.stem}_state_dict.pt')}")
+    save_file(plain, target)
+    save_file(plain.state_dict(), target.with_name(f"{target.stem}_state_dict.pt"))
+    out.print(f"wrote {target} and {target.with_name(f'{target.stem}_state_dict.pt')}", markup=False)
 
 
 @command()
@@ -227,9 +241,9 @@ def schema(output: Optional[Path] = typer.Option(None, "--output", "-o", help="W
     """Print the spec's JSON Schema (for editor completion and validation)."""
     from ..specs.root import spec_json_schema
     text = spec_json_schema()
-    if output:
-        output.write_text(text + "\n")
-        out.print(f"wrote {output}")
+    if output_file(output, "--output"):
+        write_text(output, text + "\n")
+        out.print(f"wrote {output}", markup=False)
     else:
         sys.stdout.write(text + "\n")
 

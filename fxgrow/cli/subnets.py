@@ -10,29 +10,29 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import FxgrowError
+from .options import TRUST_CODE_HELP, output_file
 
 console = Console()
 
 
-def _load(target: Path, model: Optional[str]):
+def _load(target: Path, model: Optional[str], trust_code: bool):
     """(spec, rewritten model) of a run folder (trained weights) or a spec file (fresh ones)."""
     from .. import api
     from ..specs.root import load_spec
 
     if target.is_dir() or target.suffix == ".pt":
-        return api.restore(target, model)
+        return api.restore(target, model, trust_code=trust_code, uses_data=True)
     spec = load_spec(target)
     return spec, api.compile_spec(spec, api.build_model(spec, model)).graph_module.eval()
 
 
 def _device(name: str):
-    import torch
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    from ..train.loop import device_for
+    return device_for(name, "--device")
 
 
 def _slicing(spec) -> Any:
@@ -51,21 +51,30 @@ def eval(  # noqa: A001  (the command's name)
     plot: Optional[Path] = typer.Option(None, "--plot", help="Heatmap PNG of accuracy (width x depth); "
                                         "default with --grid on a run: RUN/grid.png (needs matplotlib)."),
     recalibrate: bool = typer.Option(True, help="Recalibrate BatchNorm per sub-model when the spec says bn: recalibrate."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Evaluation batch size."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Evaluation batch size."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:N]"),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Test accuracy of a model, or with --grid of every sub-model (params, FLOPs, share of the largest)."""
     from ..subnets import (calibration_inputs, data_evaluator, evaluate_grid, find_state, grid_table_rows,
                            has_batch_norm)
 
-    spec, gm = _load(target, model)
+    output_file(plot, "--plot")
     dev = _device(device)
+    spec, gm = _load(target, model, trust_code)
     gm = gm.to(dev)
+    from ..train.objectives import build_objective
+
     data = _data(spec, dev)
-    evaluate = data_evaluator(data, batch_size, dev)
+    from ..train.preflight import check_model_fits
+    objective = build_objective(spec.train.objective_name, data.num_classes)
+    check_model_fits(gm, data.example(), data.num_classes, str(model or spec.model.entry),
+                     f"train.data: {spec.train.data.name}", objective)
+    evaluate = data_evaluator(data, batch_size, dev, objective)
     if not grid:
         metrics = evaluate(gm)
-        console.print(f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}")
+        ppl = f", perplexity {metrics['perplexity']:.2f}" if "perplexity" in metrics else ""
+        console.print(f"test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}{ppl}")
         return
     slicing = _slicing(spec)
     if slicing is None or find_state(gm) is None:
@@ -74,7 +83,7 @@ def eval(  # noqa: A001  (the command's name)
     if recalibrate and slicing.bn == "recalibrate" and has_batch_norm(gm):
         calibration = calibration_inputs(data, slicing.recalibrate_batches, spec.train.batch_size, dev, spec.train.seed)
     rows = evaluate_grid(gm, evaluate, data.example(), calibration=calibration)
-    table = Table(title=f"sub-models of {target}" + (" (BN recalibrated)" if calibration else ""))
+    table = Table(title=escape(f"sub-models of {target}") + (" (BN recalibrated)" if calibration else ""))
     for column in ("width", "blocks", "accuracy", "share", "params", "FLOPs"):
         table.add_column(column, justify="right")
     for row in grid_table_rows(rows):
@@ -88,7 +97,7 @@ def eval(  # noqa: A001  (the command's name)
             console.print("(install matplotlib, the `plot` extra, for a heatmap PNG)")
     if plot is not None:
         write_heatmap(rows, plot)
-        console.print(f"wrote {plot}")
+        console.print(f"wrote {plot}", markup=False)
 
 
 def write_heatmap(rows: list[dict[str, Any]], path: Path) -> None:
@@ -112,6 +121,7 @@ def extract(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: RUN/subnet_w<W>_d<D>.pt"),
     recalibrate: bool = typer.Option(True, help="Recalibrate BatchNorm on training batches when the spec says "
                                                 "bn: recalibrate."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Write one sub-model as a standalone plain model (smaller tensors) and its state_dict."""
     import torch
@@ -119,8 +129,10 @@ def extract(
     from ..analysis import measure
     from ..subnets import calibration_inputs, find_state, has_batch_norm, resolve_point, subnet
     from ..subnets import extract as extract_subnet, recalibrate as recalibrate_bn
+    from ..train.checkpoint import save_file
 
-    spec, gm = _load(run, model)
+    output_file(output, "--output")
+    spec, gm = _load(run, model, trust_code)
     state = find_state(gm)
     if state is None:
         raise FxgrowError(f"{run}: the run has no sorted_slicing sub-models")
@@ -136,13 +148,13 @@ def extract(
     small = extract_subnet(gm, *point).eval()
     base = run if run.is_dir() else run.parent
     target = output or base / f"subnet_w{point[0]:g}_d{point[1]}.pt"
-    torch.save(small, target)
+    save_file(small, target)
     state_path = target.with_name(f"{target.stem}_state_dict.pt")
-    torch.save(small.state_dict(), state_path)
+    save_file(small.state_dict(), state_path)
     from .. import api
     cost = measure(small, api.example_input(spec))
     console.print(f"sub-model width {point[0]:g}, depth {point[1]}: {cost.params:,} parameters, "
-                  f"{cost.flops:,} FLOPs{note}\nwrote {target} and {state_path}")
+                  f"{cost.flops:,} FLOPs{note}\nwrote {target} and {state_path}", markup=False)
 
 
 COMMANDS = [eval, extract]

@@ -54,15 +54,15 @@ def load_source(path: str | Path, reference: dict[str, torch.Tensor], where: str
     """The model state of another run (a run folder or a checkpoint file), checked tensor
     by tensor against `reference` (this run's ungrown state); the error names the first
     tensor that differs."""
-    from ..train.checkpoint import CHECKPOINT, load_checkpoint
+    from ..train.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
 
     file = Path(path) / CHECKPOINT if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise FxgrowError(f"{where}: no checkpoint at {file} (train the run to fuse first)")
     try:
-        state = load_checkpoint(file)
-    except Exception as e:  # torch.load raises pickle, zip and runtime errors alike
-        raise FxgrowError(f"{where}: cannot read {file}: {e}") from None
+        state = load_checkpoint(file, require=("model",))
+    except CheckpointError as e:
+        raise FxgrowError(f"{where}: cannot read {e}") from None
     model = state.get("model")
     if not isinstance(model, dict):
         raise FxgrowError(f"{where}: {path} holds no model state")

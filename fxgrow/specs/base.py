@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import re
+import re._constants as _sre  # the parsed-regex vocabulary (stable since 3.11)
+import re._parser as _sre_parse
 from typing import Annotated, Any, Iterable, Union
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, field_validator,
                       model_validator)
 
 from ..errors import SpecError
+from .document import short_repr
 
 # Layer types a pass can target by default: the ones functionalization understands.
 WEIGHT_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
@@ -16,7 +19,55 @@ WEIGHT_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 class StrictModel(BaseModel):
     """Frozen, no unknown fields: a typo in YAML is an error, never silently ignored."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+MAX_REGEX_LENGTH = 500
+MAX_REGEX_REPEATS = 4  # k free repeats in a row match an n-character path in O(n^(k+1)) steps
+_REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT)
+
+
+def check_regex(pattern: str) -> None:
+    """Compile a target regex, refusing the ones Python's backtracking matcher can take
+    exponential time on: a repetition inside a repetition (`(a+)+`, `(.*)*`) or an
+    alternation inside a repetition (`(a|a)*`), and more than MAX_REGEX_REPEATS repeats of
+    variable count (`.*.*.*.*.*x` takes seconds on one 40-character path). What is left
+    matches a module path in well under a millisecond. Raises ValueError with the reason."""
+    if len(pattern) > MAX_REGEX_LENGTH:
+        raise ValueError(f"regex longer than {MAX_REGEX_LENGTH} characters")
+    try:
+        re.compile(pattern)
+        parsed = _sre_parse.parse(pattern)
+    except (re.error, OverflowError, RecursionError, ValueError) as e:
+        raise ValueError(f"bad regex: {e or type(e).__name__}") from None
+    stack = [(parsed, False)]  # (sub-pattern, inside a repetition)
+    free = 0
+    while stack:
+        sub, repeated = stack.pop()
+        for op, av in sub:
+            if op in _REPEATS:
+                lo, hi, body = av
+                free += lo != hi
+                if free > MAX_REGEX_REPEATS:
+                    raise ValueError(f"more than {MAX_REGEX_REPEATS} repeats of variable count (*, +, ?, {{m,n}}) "
+                                     "can take seconds to match; split it into several `re:` entries")
+                if hi > 1 and repeated:
+                    raise ValueError("nested repetition (like `(a+)+`) can take exponential time to match; "
+                                     "write it without a repeat inside a repeat")
+                stack.append((body, repeated or hi > 1))
+            elif op is _sre.BRANCH:
+                if repeated:
+                    raise ValueError("alternation inside a repetition (like `(a|b)*`) can take exponential "
+                                     "time to match; use a character class or several `re:` entries")
+                stack.extend((branch, repeated) for branch in av[1])
+            elif op is _sre.SUBPATTERN:
+                stack.append((av[3], repeated))
+            elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+                stack.append((av[1], repeated))
+            elif op is _sre.ATOMIC_GROUP:
+                stack.append((av, repeated))
+            elif op is _sre.GROUPREF_EXISTS:
+                stack.extend((branch, repeated) for branch in av[1:] if branch is not None)
 
 
 # --- one vocabulary for time in training --------------------------------------------------
@@ -102,9 +153,9 @@ class Targets(StrictModel):
         for p in patterns:
             if p.startswith("re:"):
                 try:
-                    re.compile(p[3:])
-                except re.error as e:
-                    raise ValueError(f"bad regex {p!r}: {e}") from None
+                    check_regex(p[3:])
+                except ValueError as e:
+                    raise ValueError(f"{short_repr(p)}: {e}") from None
             elif not p:
                 raise ValueError("empty name")
         return patterns

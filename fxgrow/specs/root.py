@@ -2,16 +2,59 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import SpecError
 from ..passes import PASS_REGISTRY
 from .base import StrictModel
+from .document import MAX_BYTES, check_tree, load_yaml, short_repr
 from .train import TrainSpec
+
+
+MAX_EXAMPLE_VALUES = 1 << 26  # 256 MiB of float32
+INTEGER_DTYPES = ("int64", "int32")
+
+
+class ExampleInput(StrictModel):
+    """One example input tensor: its shape and dtype; integer ids (tokens) are drawn
+    uniformly from [low, high), e.g. `{shape: [1, 64], dtype: int64, high: 512}` for a
+    model over a 512-token vocabulary. Floats are standard normal."""
+
+    shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    dtype: Literal["float32", "float64", "float16", "bfloat16", "int64", "int32"] = "float32"
+    low: int = 0
+    high: int | None = Field(None, validate_default=True,
+                             description="integer dtypes: one past the largest id (the vocabulary size)")
+
+    @field_validator("low")
+    @classmethod
+    def _low_for_ids(cls, low: int, info: ValidationInfo) -> int:
+        if info.data.get("dtype", "int64") not in INTEGER_DTYPES:
+            raise ValueError(f"a range applies to integer dtypes, not {info.data['dtype']}")
+        return low
+
+    @field_validator("high")
+    @classmethod
+    def _high_for_ids(cls, high: int | None, info: ValidationInfo) -> int | None:
+        dtype = info.data.get("dtype")
+        if dtype is None:  # dtype failed: its error says why
+            return high
+        if dtype not in INTEGER_DTYPES:
+            if high is not None:
+                raise ValueError(f"a range applies to integer dtypes, not {dtype}")
+        elif high is None:
+            raise ValueError(f"{dtype} ids need a range: high = the vocabulary size")
+        elif "low" in info.data and high <= info.data["low"]:
+            raise ValueError(f"must be more than low ({info.data['low']})")
+        return high
+
+
+def _example_kind(value: Any) -> str:
+    return "tensor" if isinstance(value, (dict, ExampleInput)) else "shape"
 
 
 class ModelRef(StrictModel):
@@ -19,11 +62,35 @@ class ModelRef(StrictModel):
 
     entry: str | None = None   # "path/to/file.py[:callable]" or "package.module:callable"
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the callable
-    example_input: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 3, 32, 32],
-                                                             min_length=1)
+    # A shape (a float tensor) or one `ExampleInput` (dtype, id range).
+    example_input: Annotated[
+        Union[Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1), Tag("shape")],
+              Annotated[ExampleInput, Tag("tensor")]],
+        Discriminator(_example_kind)] = Field(default_factory=lambda: [1, 3, 32, 32])
     leaf_modules: list[str] = Field(default_factory=list)  # type names or module paths kept opaque
     # Forward arguments fixed while tracing (e.g. a flag that drives Python control flow).
     concrete_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("example_input")
+    @classmethod
+    def _not_huge(cls, value: "list[int] | ExampleInput") -> "list[int] | ExampleInput":
+        shape = value.shape if isinstance(value, ExampleInput) else value
+        if math.prod(shape) > MAX_EXAMPLE_VALUES:
+            raise ValueError(f"{math.prod(shape):,} values is more than {MAX_EXAMPLE_VALUES:,} "
+                             "(one example's input shape, batch 1 is enough)")
+        return value
+
+    @property
+    def example(self) -> ExampleInput:
+        """`example_input` in its full form (a shape alone is a float32 tensor)."""
+        ex = self.example_input
+        return ex if isinstance(ex, ExampleInput) else ExampleInput(shape=ex)
+
+    def with_example_shape(self, shape: list[int]) -> "ModelRef":
+        """This reference with another example shape, dtype and range kept."""
+        ex = self.example_input
+        new = shape if isinstance(ex, list) else ex.model_copy(update={"shape": list(shape)})
+        return self.model_copy(update={"example_input": new})
 
 
 def _pass_union() -> Any:
@@ -79,13 +146,15 @@ def spec_error(e: ValidationError, source: str | None = None, prefix: str | None
             del loc[2]
         if len(loc) >= 3 and loc[0] == "train" and loc[1] in _TAGGED_TRAIN_FIELDS:
             del loc[2]
+        if len(loc) >= 3 and loc[:2] == ["model", "example_input"]:  # the shape/tensor tag
+            del loc[2]
         path = ".".join(([prefix] if prefix else []) + loc)
         msg = err["msg"].removeprefix("Value error, ")
         if msg.startswith("passes."):
             path, _, msg = msg.partition(": ")
         got = err.get("input")
         if err["type"] not in ("missing",) and not isinstance(got, (dict, list)):
-            msg += f" (got {got!r})"
+            msg += f" (got {short_repr(got)})"
         lines.append((path, msg))
     return SpecError(lines, source)
 
@@ -95,6 +164,7 @@ def parse_spec(data: Any, source: str | None = None) -> Spec:
         data = {}
     if not isinstance(data, dict):
         raise SpecError(f"the spec must be a mapping, not {type(data).__name__}", source)
+    check_tree(data, source)
     try:
         return Spec.model_validate(data)
     except ValidationError as e:
@@ -103,27 +173,35 @@ def parse_spec(data: Any, source: str | None = None) -> Spec:
         raise SpecError(e.errors, source) from None
 
 
+def with_overrides(spec: Spec, updates: dict[str, Any], source: str) -> Spec:
+    """`spec` with dotted fields replaced (e.g. {"train.seed": 3}), validated again like
+    the spec itself; errors name `source` (e.g. the command-line option)."""
+    data = spec.model_dump(mode="json", exclude_unset=True)
+    for dotted, value in updates.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return parse_spec(data, source)
+
+
 def load_spec(path: str | Path) -> Spec:
     """Read a YAML spec file. Every problem is a SpecError naming the file and the field."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            text = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"spec file not found: {path}", str(path)) from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise SpecError(f"cannot read spec file: {e}", str(path)) from None
     return parse_spec_text(text, str(path))
 
 
-def parse_spec_text(text: str, source: str | None = None) -> Spec:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"malformed YAML: {where}{problem}", source) from None
-    return parse_spec(data, source)
+def parse_spec_text(text: str | bytes, source: str | None = None) -> Spec:
+    """Parse a YAML document (str, or bytes that must be UTF-8) into a Spec."""
+    return parse_spec(load_yaml(text, source), source)
 
 
 def spec_json_schema() -> str:

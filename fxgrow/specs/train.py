@@ -6,11 +6,17 @@ or a mapping with `name` and that dataset's options.
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from .base import StrictModel
+
+# Seeds go to torch, numpy (below 2**32, plus the DDP rank) and scikit-learn.
+Seed = Annotated[int, Field(ge=0, le=2 ** 31 - 1)]
+MAX_IMAGE_SIZE = 4096
+MAX_SYNTHETIC_VALUES = 1 << 30  # float32 values of both splits and the prototypes: 4 GiB
 
 
 # --- data -------------------------------------------------------------------------
@@ -18,13 +24,13 @@ from .base import StrictModel
 class _DataBase(StrictModel):
     # Random crop (zero padding) + horizontal flip, done on the device per batch.
     augment: Literal["none", "crop_flip"] = "none"
-    crop_padding: int = Field(4, ge=0)
+    crop_padding: int = Field(4, ge=0, le=256)
 
 
 class _Resizable(_DataBase):
-    image_size: int | None = Field(None, ge=1, description="resize images to this square size")
+    image_size: int | None = Field(None, ge=1, le=MAX_IMAGE_SIZE, description="resize images to this square size")
     channels: Literal[1, 3] | None = Field(None, description="repeat grayscale to 3 channels")
-    pad_to: int | None = Field(None, ge=1, description="zero-pad images (after any resize) to this "
+    pad_to: int | None = Field(None, ge=1, le=MAX_IMAGE_SIZE, description="zero-pad images (after any resize) to this "
                                                          "square size, e.g. 28x28 Fashion-MNIST to 32x32")
 
 
@@ -33,19 +39,27 @@ class DigitsData(_Resizable):
 
     name: Literal["digits"] = "digits"
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int = 0
+    split_seed: Seed = 0
 
 
 class SyntheticData(_DataBase):
     """Gaussian clusters around random class prototypes: learnable, any shape."""
 
     name: Literal["synthetic"] = "synthetic"
-    shape: list[int] = Field(default_factory=lambda: [3, 32, 32], min_length=1)
+    shape: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [3, 32, 32], min_length=1)
     num_classes: int = Field(10, ge=2)
     train_size: int = Field(1024, ge=1)
     test_size: int = Field(256, ge=1)
     noise: float = Field(1.0, ge=0)
-    data_seed: int = 0
+    data_seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _fits(self):
+        values = (self.train_size + self.test_size + self.num_classes) * math.prod(self.shape)
+        if values > MAX_SYNTHETIC_VALUES:
+            raise ValueError(f"{values:,} values ((train_size + test_size + num_classes) x shape) is more than "
+                             f"{MAX_SYNTHETIC_VALUES:,}: make the data smaller")
+        return self
 
 
 class FashionMNISTData(_Resizable):
@@ -75,7 +89,7 @@ class ImageFolderData(_DataBase):
     root: str
     train: str = "train"
     test: str = "val"
-    image_size: int = Field(32, ge=1)
+    image_size: int = Field(32, ge=1, le=MAX_IMAGE_SIZE)
     in_memory: bool | None = Field(None, description="decode all images once; default: when under 2 GiB")
     workers: int = Field(2, ge=0)
 
@@ -90,8 +104,79 @@ class PythonData(_DataBase):
     workers: int = Field(2, ge=0)
 
 
+BYTE_VOCAB = 257  # 256 byte values + <|endoftext|>
+
+
+class TextData(StrictModel):
+    """Local text files for language modelling, tokenized offline and packed into blocks.
+
+    `files` are globs (`**` recursive, `~` expanded, relative to the working directory);
+    each file is one document, or several when `separator` lines split it (fortunes: `%`).
+    Documents are joined with an end-of-text token (one after every document) and cut into
+    `block_size`-token blocks; the last partial block of each split is dropped. The
+    held-out split is by document: a document is held out when a hash of (`split_seed`,
+    its text) falls below `test_fraction` (so duplicates share a split and a document's
+    split never depends on the other files). `tokenizer: byte` uses the UTF-8 bytes (ids
+    0-255, end-of-text 256); `bpe` trains a byte-level BPE with the `tokenizers` library
+    on the training documents, cached under $FXGROW_CACHE (nothing is downloaded)."""
+
+    name: Literal["text"] = "text"
+    files: list[str] = Field(min_length=1, description="glob patterns of the text files")
+    exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of paths to leave out, "
+                               "e.g. '*.dat'")
+    separator: str | None = Field(None, min_length=1, description="a line that separates documents inside "
+                                  "a file (the line itself is dropped)")
+    decode_errors: Literal["strict", "replace"] = Field("strict", description="bytes that are not UTF-8: "
+                                                        "an error naming the file, or U+FFFD")
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    vocab_size: int | None = Field(None, le=1 << 20, description="the model's vocabulary; default 257 for "
+                                   "byte (may be larger), the BPE's target size (default 1024) for bpe")
+    min_frequency: int = Field(2, ge=1, description="bpe: a pair merges when seen at least this often")
+    block_size: int = Field(128, ge=2, description="tokens per training example")
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = 0
+    max_tokens: int | None = Field(None, ge=2, description="keep the first max_tokens of the training "
+                                   "stream (small CPU runs)")
+    max_test_tokens: int | None = Field(None, ge=2, description="the same for the held-out stream")
+
+    @field_validator("files", "exclude", mode="before")
+    @classmethod
+    def _one_pattern(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("files", "exclude")
+    @classmethod
+    def _no_empty_pattern(cls, patterns: list[str]) -> list[str]:
+        if any(not p.strip() for p in patterns):
+            raise ValueError("empty pattern")
+        return patterns
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _vocab_fits_bytes(cls, value: int | None) -> int | None:
+        if value is not None and value < BYTE_VOCAB:
+            raise ValueError(f"too small: a byte-level vocabulary needs at least {BYTE_VOCAB} "
+                             "(256 byte values + <|endoftext|>)")
+        return value
+
+    @field_validator("max_tokens", "max_test_tokens")
+    @classmethod
+    def _holds_a_block(cls, value: int | None, info: ValidationInfo) -> int | None:
+        block = info.data.get("block_size")
+        if value is not None and block is not None and value < block:
+            raise ValueError(f"less than block_size {block}: no block would remain")
+        return value
+
+    @property
+    def vocab(self) -> int:
+        """The vocabulary the model predicts over (token ids are below it)."""
+        if self.vocab_size is not None:
+            return self.vocab_size
+        return BYTE_VOCAB if self.tokenizer == "byte" else 1024
+
+
 DataSpec = Annotated[
-    Union[DigitsData, SyntheticData, FashionMNISTData, CIFARData, ImageFolderData, PythonData],
+    Union[DigitsData, SyntheticData, FashionMNISTData, CIFARData, ImageFolderData, PythonData, TextData],
     Field(discriminator="name"),
 ]
 
@@ -154,10 +239,12 @@ class TrainSpec(StrictModel):
     steps: int | None = Field(None, ge=1, description="total optimizer steps; replaces epochs")
     batch_size: int = Field(128, ge=1, description="global batch (split across DDP ranks)")
     eval_batch_size: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     optimizer: OptimizerSpec = Field(default_factory=SGDSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    objective: Literal["auto", "classification", "causal_lm"] = Field(
+        "auto", description="auto: causal_lm for text data, classification otherwise")
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
 
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -189,6 +276,26 @@ class TrainSpec(StrictModel):
         if isinstance(value, dict) and "name" not in value:
             return {**value, "name": "sgd"}
         return value
+
+    @field_validator("objective")
+    @classmethod
+    def _objective_fits_data(cls, value: str, info: ValidationInfo) -> str:
+        data = info.data.get("data")
+        if data is None:  # the data field failed: its own error says why
+            return value
+        if value == "classification" and isinstance(data, TextData):
+            raise ValueError("text data has no class labels: its objective is causal_lm")
+        if value == "causal_lm" and not isinstance(data, (TextData, PythonData)):
+            raise ValueError(f"causal_lm needs token data (text, or python data yielding token ids), "
+                             f"not {data.name}")
+        return value
+
+    @property
+    def objective_name(self) -> str:
+        """The objective this run trains with (`auto` resolved from the data)."""
+        if self.objective != "auto":
+            return self.objective
+        return "causal_lm" if isinstance(self.data, TextData) else "classification"
 
     @model_validator(mode="after")
     def _epochs_or_steps(self):

@@ -16,15 +16,15 @@ A resumed run first lets every callback, in order, rebuild the structure its sav
 says the model had (`replay_structure(model, state) -> model`, pure: growth grows an
 equal empty model again), then calls on_train_start (ctx.resumed is True) on that model,
 then every callback's load_state_dict, then loads the model, optimizer, scheduler and RNG
-states, and goes on with the step after the checkpoint's. `fxgrow.api.restore` replays
-the structure the same way. Any driver that implements `TrainContext` and these calls
+states, and goes on with the step after the checkpoint's (`checkpoint.replay_structures`
+calls every callback's hook; `fxgrow.api.restore` replays the structure the same way). Any driver that implements `TrainContext` and these calls
 (another training loop, Lightning, HF Trainer) runs the passes' callbacks alike.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -130,12 +130,5 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any], ctx: TrainContext | None = None) -> None:
         """Restore this callback's state on resume (the model's structure is replayed
-        before, by `replay_structure`)."""
-
-
-def replay_structure(model: nn.Module, callbacks: Sequence[Callback], states: dict[str, Any]) -> nn.Module:
-    """`model` with every callback's structure changes replayed from a checkpoint's callback
-    `states` (by name), in callback order: what a resumed run and `api.restore` train on."""
-    for cb in callbacks:
-        model = cb.replay_structure(model, states.get(cb.name, {}))
-    return model
+        before, by `replay_structure`; `fxgrow.train.checkpoint.replay_structures` calls
+        every callback's)."""

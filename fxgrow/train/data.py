@@ -6,6 +6,7 @@ costs a gather, not a DataLoader. Larger ones (an image folder, a user's dataset
 through a DataLoader. Both draw batches from the same per-epoch permutation, seeded by
 (seed, epoch), so a run resumed mid-epoch sees exactly the batches it would have seen.
 Normalization and augmentation happen on the device, per batch, seeded by the step.
+Integer inputs other than uint8 are token ids: they reach the model as int64, untouched.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..errors import FxgrowError
 from ..specs.train import (CIFARData, DataSpec, DigitsData, FashionMNISTData, ImageFolderData,
-                           PythonData, SyntheticData)
+                           PythonData, SyntheticData, TextData)
 
 FASHION_MNIST_INSTALL = "apt-get update && apt-get install -y dataset-fashion-mnist"
 IN_MEMORY_LIMIT = 2 << 30  # bytes
@@ -49,9 +50,14 @@ class Data:
     crop_padding: int = 4
     workers: int = 0
     channels: int | None = None  # grayscale stored once, repeated to this many channels per batch
+    info: dict | None = None  # what a source read (text: files, documents, tokens), for report.json
 
     def to(self, device: torch.device) -> "Data":
-        move = lambda s: tuple(t.to(device) for t in s) if isinstance(s, tuple) else s  # noqa: E731
+        def move(split):  # token blocks are their own targets: one copy on the device
+            if not isinstance(split, tuple):
+                return split
+            moved = {id(t): t.to(device) for t in split}
+            return tuple(moved[id(t)] for t in split)
         self.train, self.test = move(self.train), move(self.test)
         if self.mean is not None:
             self.mean, self.std = self.mean.to(device), self.std.to(device)
@@ -64,8 +70,14 @@ class Data:
 
     def prepare(self, x: torch.Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
                 ) -> torch.Tensor:
-        """Raw batch -> float model input: scale uint8 to [0, 1], normalize, augment.
-        `shard` (rank, world): x is that part of the global batch (see `crop_flip`)."""
+        """Raw batch -> model input: token ids as int64; images scaled (uint8 to [0, 1]),
+        normalized and augmented. `shard` (rank, world): x is that part of the global batch
+        (see `crop_flip`)."""
+        if is_token_ids(x):
+            if generator is not None and self.augment != "none":
+                raise DataError(f"train.data.augment: {self.augment} works on images; these inputs are "
+                                f"integer token ids ({x.dtype})")
+            return x.long()
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
         if self.channels is not None and x.shape[1] != self.channels:
@@ -76,6 +88,11 @@ class Data:
         if generator is not None and self.augment == "crop_flip":
             x = crop_flip(x, self.crop_padding, generator, shard)
         return x
+
+
+def is_token_ids(x: torch.Tensor) -> bool:
+    """Integer inputs are token ids, except uint8 (images)."""
+    return not x.is_floating_point() and not x.is_complex() and x.dtype not in (torch.uint8, torch.bool)
 
 
 def crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
@@ -167,9 +184,9 @@ class Batches:
 def load_data(spec: DataSpec) -> Data:
     """Read the dataset a spec names (on CPU; `Data.to(device)` moves in-memory splits)."""
     loader = {DigitsData: _digits, SyntheticData: _synthetic, FashionMNISTData: _fashion_mnist,
-              CIFARData: _cifar, ImageFolderData: _imagefolder, PythonData: _python}[type(spec)]
+              CIFARData: _cifar, ImageFolderData: _imagefolder, PythonData: _python, TextData: _text}[type(spec)]
     data = loader(spec)
-    data.augment, data.crop_padding = spec.augment, spec.crop_padding
+    data.augment, data.crop_padding = getattr(spec, "augment", "none"), getattr(spec, "crop_padding", 0)
     return data
 
 
@@ -217,10 +234,29 @@ def _pad(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.pad(x, (left, size - w - left, top, size - h - top))
 
 
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(spec: DigitsData | FashionMNISTData, images: int, side: int, bytes_per_value: int) -> None:
+    """Refuse, before allocating, a resized/padded dataset larger than this machine's memory."""
+    size = max(spec.image_size or side, spec.pad_to or 0)
+    need = images * size * size * bytes_per_value
+    have = _physical_memory()
+    if have is not None and need > have:
+        field = "pad_to" if spec.pad_to and spec.pad_to >= (spec.image_size or side) else "image_size"
+        raise DataError(f"train.data.{field}: {images:,} {spec.name} images at {size}x{size} take "
+                        f"{need / 1e9:.1f} GB in memory; this machine has {have / 1e9:.1f} GB")
+
+
 def _digits(spec: DigitsData) -> Data:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    check_fits_in_memory(spec, 1797, 8, 4)
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target, dtype=torch.int64)
@@ -244,6 +280,7 @@ def _synthetic(spec: SyntheticData) -> Data:
 def _fashion_mnist(spec: FashionMNISTData) -> Data:
     from torchvision.datasets import FashionMNIST
 
+    check_fits_in_memory(spec, (spec.train_size or 60000) + 10000, 28, 1)
     root = _fashion_mnist_root(Path(spec.root))
     splits = []
     for train in (True, False):
@@ -380,3 +417,10 @@ def _python(spec: PythonData) -> Data:
     else:
         num_classes = len(getattr(train, "classes", ())) or 0
     return Data(train, test, num_classes, workers=spec.workers)
+
+
+def _text(spec: TextData) -> Data:
+    from .text import text_splits
+
+    train, test, info = text_splits(spec)
+    return Data((train, train), (test, test), spec.vocab, info=info)

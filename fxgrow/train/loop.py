@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import time
 import warnings
 from datetime import datetime
@@ -23,7 +24,6 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -32,17 +32,39 @@ from ..analysis.cost import forward_flops
 from ..errors import FxgrowError
 from ..specs.train import TrainSpec
 from . import checkpoint as ckpt
-from .callbacks import Callback, ModelChange, replay_structure
+from .callbacks import Callback, ModelChange
 from .data import Batches, Data, load_data, step_generator
 from .meter import Meter
+from .objectives import Classification, Objective, build_objective
 from .optim import build_optimizer, build_scheduler, lr_factor, merge_overrides, transfer_state
+from .preflight import check_model_fits
 from .progress import Progress
+from .run_folder import RunFolder, metrics_up_to, unused_folder
 
-REPORT_KEYS = ("accuracy", "loss", "parameters", "flops", "wall_time_s", "steps", "epochs", "samples_per_s",
-               "device", "world_size", "out_dir")
+REPORT_KEYS = ("accuracy", "loss", "perplexity", "objective", "parameters", "flops", "wall_time_s", "steps",
+               "epochs", "samples_per_s", "device", "world_size", "out_dir", "data")
 # Fields a resumed run may change: they do not change what is computed.
 FREE_ON_RESUME = {"device", "compile", "progress", "log_every_steps", "checkpoint_every_steps"}
 _NEVER = 2 ** 62  # "no bad step" when ranks agree on the first one
+
+
+def device_for(name: str, where: str = "train.device") -> torch.device:
+    """The device `name` (auto, cpu, cuda[:N], mps) means on this machine, or an error
+    naming `where` when it is not one or not here."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
+        raise FxgrowError(f"{where}: expected auto, cpu, cuda, cuda:N or mps (got {name!r})")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FxgrowError(f"{where}: {name}, but there is no CUDA device here (no GPU or driver, or a torch "
+                              "built without CUDA); use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FxgrowError(f"{where}: {name}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise FxgrowError(f"{where}: mps, but there is no MPS device here; use cpu or auto")
+    return device
 
 
 def _changed(old: dict, new: dict, ignore: set[str], prefix: str = "") -> list[str]:
@@ -53,22 +75,28 @@ class NonFiniteLoss(FxgrowError):
     """The loss became NaN or infinite; the run stopped."""
 
 
+class NonFiniteState(FxgrowError):
+    """A parameter, buffer or optimizer state became NaN or infinite (found when a
+    checkpoint was due, or at the end); the run stopped without writing it."""
+
+
 @torch.no_grad()
 def test_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
               prepare: Callable[[torch.Tensor], torch.Tensor], autocast: Callable[[], Any],
-              device: torch.device) -> torch.Tensor:
-    """(summed loss, correct, count) of `model` in eval mode over `batches`, kept on the
-    device: one sync when the caller reads them, none per batch."""
+              device: torch.device, objective: Objective | None = None) -> torch.Tensor:
+    """(summed loss, correct, counted) of `model` in eval mode over `batches` (the
+    objective's sums; classification by default), kept on the device: one sync when the
+    caller reads them, none per batch."""
+    objective = objective or Classification()
     was_training = model.training
     model.eval()
-    sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in batches:
         with autocast():
-            logits = model(prepare(x))
-        sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum"), (logits.argmax(-1) == y).sum()])
-        count += len(y)
+            output = model(prepare(x))
+        sums += objective.eval_sums(output, y)
     model.train(was_training)
-    return torch.cat([sums, sums.new_tensor([count])])
+    return sums
 
 
 class Trainer:
@@ -78,13 +106,17 @@ class Trainer:
     (name from `spec_dump["name"]`). `resume` is a run folder or a checkpoint file.
     `data` replaces the spec's dataset (Python use). `on_finish(model, out_dir, report)`
     runs on rank 0 after training, before report.json is written (it may add to it).
+    `signature` goes into every checkpoint (see `fxgrow.trust`). A new run needs an empty
+    `out_dir` unless `overwrite` (see `run_folder.py`).
     """
 
     def __init__(self, model: nn.Module, spec: TrainSpec, callbacks: Sequence[Callback] = (),
                  out_dir: Path | str | None = None, spec_dump: dict[str, Any] | None = None,
                  resume: Path | str | None = None, data: Data | None = None,
-                 on_finish: Callable[[nn.Module, Path, dict[str, Any]], None] | None = None):
+                 on_finish: Callable[[nn.Module, Path, dict[str, Any]], None] | None = None,
+                 signature: dict[str, str] | None = None, overwrite: bool = False):
         self.spec = spec
+        self.signature, self.overwrite = signature, overwrite
         self.callbacks = list(callbacks)
         names = [cb.name for cb in self.callbacks]
         for name in names:
@@ -95,6 +127,7 @@ class Trainer:
         self.resume_from = ckpt.find_checkpoint(Path(resume)) if resume is not None else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.data = data
+        self.objective: Objective | None = None  # from the spec and the data, at setup
         self.on_finish = on_finish
         self.model = model
         # TrainContext members
@@ -107,7 +140,7 @@ class Trainer:
         self.resumed = False
         self.rank, self.world = 0, 1
         self.device = torch.device("cpu")
-        self._metrics = self._progress = self._ddp = None
+        self._metrics = self._progress = self._ddp = self._folder = None
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._last_checkpoint: int | None = None
 
@@ -132,9 +165,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         model = model if model is not None else self.model
-        sums = test_sums(model, self._test.sequential(), self._prepare, self._autocast, self.device)
-        loss, correct, count = self._reduce(sums).tolist()
-        return {"loss": loss / count, "accuracy": correct / count}
+        sums = test_sums(model, self._test.sequential(), self._prepare, self._autocast, self.device, self.objective)
+        return self.objective.metrics(self._reduce(sums).tolist())
 
     # --- the run ---------------------------------------------------------------------
 
@@ -175,6 +207,7 @@ class Trainer:
             changed += _changed(state["spec"], self.spec_dump, {"train"})
             if changed:
                 raise FxgrowError(f"resume: the spec differs from the checkpoint's in {', '.join(changed)}")
+        self._claim_folder()
         self.device = self._pick_device()
         self._bf16 = spec.precision == "bf16" or (spec.precision == "auto" and self.device.type == "cuda")
         self._channels_last = spec.channels_last if spec.channels_last != "auto" else (
@@ -182,6 +215,7 @@ class Trainer:
 
         data = self.data if self.data is not None else load_data(spec.data)
         self.data = data.to(self.device)
+        self.objective = build_objective(spec.objective_name, data.num_classes)
         self._train_batches = Batches(data, "train", spec.batch_size, self.device, self.rank, self.world, spec.seed)
         self._test = Batches(data, "test", spec.eval_batch_size or spec.batch_size, self.device, self.rank, self.world)
         self.steps_per_epoch = self._train_batches.steps_per_epoch
@@ -193,40 +227,48 @@ class Trainer:
             random.seed(spec.seed + self.rank)
             np.random.seed(spec.seed + self.rank)
         else:  # the structure the checkpoint's model had (growth), before anything sees the model
-            self.model = replay_structure(self.model, self.callbacks, state["callbacks"])
+            self.model = ckpt.replay_structures(self.model, self.callbacks, state, self.resume_from)
         self._install(self.model)
+        model_name = (self.spec_dump.get("model") or {}).get("entry") or type(self.model).__name__
+        check_model_fits(self.model, self.data.example(), self.data.num_classes, model_name,
+                         f"train.data: {spec.data.name}", self.objective)
+        # Tensors non-finite from the start (e.g. -inf attention masks) are meant to be.
+        named = self._state_tensors()
+        flags = ckpt.finite_flags([t for _, t in named]).tolist() if named else []
+        self._non_finite_at_start = {name for (name, _), finite in zip(named, flags) if not finite}
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, self._lr_factor, 0)
         self._meter = Meter(self.device)
         self._interval_samples = self._samples = 0
         self._check_every_step = self.device.type == "cpu"  # a sync costs nothing there
 
+        if self.rank == 0:
+            ckpt.atomic_write(self.out_dir / "spec.yaml",
+                              lambda f: f.write(yaml.safe_dump(self.spec_dump, sort_keys=False).encode()))
+            metrics = self.out_dir / "metrics.jsonl"
+            if state is not None and metrics.exists():  # drop what the interrupted run logged after its checkpoint
+                kept = metrics_up_to(metrics, state["step"])
+                ckpt.atomic_write(metrics, lambda f: f.write(kept.encode()))
+            self._metrics = open(metrics, "a" if state is not None else "w", buffering=1)
+            self._progress = Progress(spec.progress, self.total_steps, state["step"] if state else 0)
+
+    def _claim_folder(self) -> None:
+        """Pick the run folder (all ranks use rank 0's) and lock it for this run."""
         if self.out_dir is None:
-            self.out_dir = self.resume_from.parent if self.resume_from else Path("runs") / (
-                f"{self.spec_dump.get('name', 'run')}-{datetime.now():%Y%m%d-%H%M%S}")
+            self.out_dir = self.resume_from.parent if self.resume_from else unused_folder(Path("runs") / (
+                f"{self.spec_dump.get('name', 'run')}-{datetime.now():%Y%m%d-%H%M%S}"))
         if self.world > 1:  # one folder for all ranks: rank 0's
             shared = [str(self.out_dir)]
             dist.broadcast_object_list(shared, src=0)
             self.out_dir = Path(shared[0])
         if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write(self.out_dir / "spec.yaml",
-                              lambda f: f.write(yaml.safe_dump(self.spec_dump, sort_keys=False).encode()))
-            metrics = self.out_dir / "metrics.jsonl"
-            if state is not None and metrics.exists():  # drop what the interrupted run logged after its checkpoint
-                kept = [line for line in metrics.read_text().splitlines(keepends=True)
-                        if line.strip() and json.loads(line)["step"] <= state["step"]]
-                ckpt.atomic_write(metrics, lambda f: f.write("".join(kept).encode()))
-            self._metrics = open(metrics, "a" if state is not None else "w", buffering=1)
-            self._progress = Progress(spec.progress, self.total_steps, state["step"] if state else 0)
+            resuming_here = self.resume_from is not None and self.resume_from.parent.resolve() == self.out_dir.resolve()
+            self._folder = RunFolder(self.out_dir, resume=resuming_here, overwrite=self.overwrite)
 
     def _pick_device(self) -> torch.device:
-        name = self.spec.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cuda":
-            name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        device = torch.device(name)
+        device = device_for(self.spec.device)
+        if device.type == "cuda" and device.index is None:
+            device = device_for(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}", f"train.device {self.spec.device}")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         return device
@@ -256,11 +298,15 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.epoch = self.step // self.steps_per_epoch
-        for cb in self.callbacks:
-            cb.load_state_dict(state["callbacks"].get(cb.name, {}), self)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for cb in self.callbacks:  # (the structure was replayed in _setup)
+            ckpt.restore_callback(cb, state, self, self.resume_from)
+        ckpt.load_model_state(self.model, state["model"], self.resume_from, "the model being trained")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"{self.resume_from}: its optimizer or scheduler state does not fit this "
+                                       f"run's ({type(e).__name__}: {e})") from e
         self._restore_rng(state)
         if self.rank == 0:  # the interval's sums over all ranks, as saved
             self._meter.carry = list(state["interval_sums"])
@@ -273,7 +319,7 @@ class Trainer:
 
     def _prepare(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = self.data.prepare(x, generator, (self.rank, self.world))
-        if self._channels_last and x.dim() == 4:
+        if self._channels_last and x.dim() == 4 and x.is_floating_point():  # never on token ids
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -305,11 +351,11 @@ class Trainer:
             # DDP all-reduces gradients in the last micro-step's backward only
             with (self._ddp.no_sync() if self._ddp is not None and i < n - 1 else contextlib.nullcontext()):
                 with self._autocast():
-                    logits = self._forward(inputs)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.spec.label_smoothing)
+                    output = self._forward_checked(inputs)
+                loss, sums = self.objective.train_terms(output, targets, self.spec.label_smoothing)
                 (loss / n).backward()
             self.loss = loss.detach()
-            self._meter.add(self.step + 1, self.loss, logits.detach(), targets)
+            self._meter.add(self.step + 1, sums)
         for cb in self.callbacks:
             cb.after_backward(self)
         if self.spec.grad_clip is not None:
@@ -322,6 +368,16 @@ class Trainer:
             self._check_finite()
         for cb in self.callbacks:
             cb.after_step(self)
+
+    def _forward_checked(self, inputs: torch.Tensor) -> Any:
+        try:
+            return self._forward(inputs)
+        except IndexError as e:  # an embedding lookup past its table: say which ids
+            if inputs.is_floating_point():  # prepared token ids are int64
+                raise
+            raise FxgrowError(f"the model failed on token ids up to {int(inputs.max())} ({type(e).__name__}: {e}); "
+                              f"the data's vocabulary has {self.data.num_classes} ids (train.data.vocab_size): is "
+                              "the model's embedding smaller?") from e
 
     def _after_step_events(self, end_of_epoch: bool, last: bool) -> None:
         spec = self.spec
@@ -347,10 +403,41 @@ class Trainer:
                                    dist.ReduceOp.MIN))
             bad = None if bad == _NEVER else bad
         if bad is not None:
-            where = (f"the last good checkpoint is {self.out_dir / ckpt.CHECKPOINT} (step {self._last_checkpoint})"
-                     if self._last_checkpoint is not None else "no checkpoint was written")
             raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {(bad - 1) // self.steps_per_epoch}); "
-                                f"training stopped, {where}")
+                                f"training stopped, {self._last_good()}")
+
+    def _last_good(self) -> str:
+        return (f"the last good checkpoint is {self.out_dir / ckpt.CHECKPOINT} (step {self._last_checkpoint})"
+                if self._last_checkpoint is not None else "no checkpoint was written")
+
+    def _state_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(description, tensor) of every floating parameter, buffer and optimizer state."""
+        tensors = [(f"model parameter {n!r}", t) for n, t in self.model.named_parameters()]
+        tensors += [(f"model buffer {n!r}", t) for n, t in self.model.named_buffers()]
+        if self.optimizer is not None:
+            names = {p: n for n, p in self.model.named_parameters()}
+            tensors += [(f"optimizer state {k!r} of {names.get(p, '?')!r}", v)
+                        for p, state in self.optimizer.state.items() for k, v in state.items()
+                        if isinstance(v, torch.Tensor)]
+        return [(n, t) for n, t in tensors if t.is_floating_point() or t.is_complex()]
+
+    def _check_state_finite(self) -> None:
+        """Stop, writing nothing, when any state is NaN or inf that was not from the start.
+        One flag per tensor and a single device sync: run when a checkpoint is due, never
+        per step."""
+        tensors = [(n, t) for n, t in self._state_tensors() if n not in self._non_finite_at_start]
+        bad = None
+        if tensors:
+            finite = ckpt.finite_flags([t for _, t in tensors])
+            if self.world > 1:
+                finite = self._reduce(finite.to(torch.int32), dist.ReduceOp.MIN).bool()  # a bad tensor on any rank
+            if not bool(finite.all()):
+                index = int((~finite).nonzero()[0])
+                bad = tensors[index][0] + ("" if not torch.isfinite(tensors[index][1]).all() else " (on another rank)")
+        if bad is not None:
+            raise NonFiniteState(f"non-finite state at step {self.step} (epoch {(self.step - 1) // self.steps_per_epoch}): "
+                                 f"{bad} holds NaN or inf; training stopped without saving it, {self._last_good()}. "
+                                 "A lower lr or a grad_clip may help")
 
     def _reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world > 1:
@@ -366,10 +453,12 @@ class Trainer:
         return sums
 
     def _log_train(self) -> None:
-        loss, correct, count = self._interval_sums()
+        metrics = self.objective.metrics(self._interval_sums())
+        if self.spec.label_smoothing:  # the smoothed loss is no likelihood: no perplexity of it
+            metrics.pop("perplexity", None)
         now = time.perf_counter()
-        record = {"step": self.step, "epoch": self.epoch, "split": "train", "loss": loss / count,
-                  "accuracy": correct / count, "lr": self.optimizer.param_groups[0]["lr"],
+        record = {"step": self.step, "epoch": self.epoch, "split": "train", **metrics,
+                  "lr": self.optimizer.param_groups[0]["lr"],
                   "samples_per_s": self._interval_samples / max(now - self._interval_start, 1e-9)}
         self._samples += self._interval_samples
         self._interval_start, self._interval_samples = now, 0
@@ -392,6 +481,7 @@ class Trainer:
         # Fold the interval so far into one carried sum, here and in the resumed run alike,
         # so both log the same figures.
         carry = self._interval_sums()
+        self._check_state_finite()
         self._meter.carry = carry if self.rank == 0 else [0.0, 0.0, 0.0]
         state = {
             "step": self.step,
@@ -405,6 +495,8 @@ class Trainer:
             "interval_sums": carry,
             "wall_time_s": self._wall_time(),
         }
+        if self.signature:
+            state["signature"] = self.signature
         if self.rank == 0:
             ckpt.save_checkpoint(self.out_dir / ckpt.CHECKPOINT, state)
         self._last_checkpoint = self.step
@@ -437,11 +529,15 @@ class Trainer:
             self._eval()
         for cb in self.callbacks:
             cb.on_train_end(self)
+        if self._last_checkpoint != self.step:  # a checkpoint at this step was checked already
+            self._check_state_finite()  # nothing non-finite is folded and reported as done
         _, metrics = self._last_eval
         wall = self._wall_time()
         report = {
-            "accuracy": metrics["accuracy"],
+            "accuracy": metrics["accuracy"],  # causal_lm: next-token accuracy
             "loss": metrics["loss"],
+            **({"perplexity": metrics["perplexity"]} if "perplexity" in metrics else {}),
+            "objective": self.objective.name,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "flops": self.forward_flops(),
             "wall_time_s": wall,
@@ -452,6 +548,8 @@ class Trainer:
             "world_size": self.world,
             "out_dir": str(self.out_dir),
         }
+        if self.data.info:
+            report["data"] = self.data.info
         for cb in self.callbacks:
             report[cb.name] = cb.report()
         if self.rank == 0:
@@ -471,3 +569,6 @@ class Trainer:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self._folder is not None:
+            self._folder.release()
+            self._folder = None

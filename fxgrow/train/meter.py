@@ -1,9 +1,10 @@
 """Training loss and accuracy of the current logging interval, without a device
 synchronization per step.
 
-Each micro-step writes its loss and correct count into preallocated device buffers (two
-small kernels); they are read back at sync points (logging, evaluation, checkpoints),
-where a non-finite loss is also found and attributed to its exact step.
+Each micro-step writes the objective's sums (summed loss, correct, counted) into a
+preallocated device buffer (one small copy); they are read back at sync points
+(logging, evaluation, checkpoints), where a non-finite loss is also found and
+attributed to its exact step.
 """
 from __future__ import annotations
 
@@ -14,26 +15,22 @@ import torch
 
 class Meter:
     def __init__(self, device: torch.device, capacity: int = 64):
-        self.losses = torch.zeros(capacity, device=device)
-        self.correct = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.sums = torch.zeros(capacity, 3, dtype=torch.float64, device=device)
         self.steps: list[int] = []   # the step (as logged: steps done after it) of each entry
-        self.counts: list[int] = []  # examples behind each entry
         self.carry = [0.0, 0.0, 0.0]  # sums folded in at a checkpoint: loss x count, correct, count
         self._checked = 0
 
-    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def add(self, step: int, sums: torch.Tensor) -> None:
+        """One micro-step's [summed loss, correct, counted] (see `objectives.py`)."""
         i = len(self.steps)
-        if i == len(self.losses):
-            self.losses = torch.cat([self.losses, torch.zeros_like(self.losses)])
-            self.correct = torch.cat([self.correct, torch.zeros_like(self.correct)])
-        self.losses[i] = loss
-        self.correct[i] = (logits.argmax(-1) == targets).sum()
+        if i == len(self.sums):
+            self.sums = torch.cat([self.sums, torch.zeros_like(self.sums)])
+        self.sums[i] = sums
         self.steps.append(step)
-        self.counts.append(len(targets))
 
     def first_bad_step(self) -> int | None:
         """The first step since the last look whose loss is NaN or infinite."""
-        new = self.losses[self._checked:len(self.steps)].tolist()
+        new = self.sums[self._checked:len(self.steps), 0].tolist()
         for offset, value in enumerate(new):
             if not math.isfinite(value):
                 return self.steps[self._checked + offset]
@@ -42,9 +39,7 @@ class Meter:
 
     def take(self) -> list[float]:
         """[sum of loss x count, correct, count] over the interval; starts a new one."""
-        n = len(self.steps)
-        losses, correct = self.losses[:n].tolist(), self.correct[:n].tolist()
-        sums = [self.carry[0] + sum(l * c for l, c in zip(losses, self.counts)),
-                self.carry[1] + sum(correct), self.carry[2] + sum(self.counts)]
-        self.steps, self.counts, self.carry, self._checked = [], [], [0.0, 0.0, 0.0], 0
+        rows = self.sums[:len(self.steps)].tolist()
+        sums = [self.carry[j] + sum(row[j] for row in rows) for j in range(3)]
+        self.steps, self.carry, self._checked = [], [0.0, 0.0, 0.0], 0
         return sums

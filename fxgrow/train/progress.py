@@ -15,8 +15,8 @@ def resolve_mode(mode: str) -> str:
 
 def _fmt(record: dict[str, Any]) -> str:
     parts = []
-    for key, fmt in (("loss", "loss {:.4f}"), ("accuracy", "acc {:.4f}"), ("lr", "lr {:.3g}"),
-                     ("samples_per_s", "{:.0f} samples/s")):
+    for key, fmt in (("loss", "loss {:.4f}"), ("accuracy", "acc {:.4f}"), ("perplexity", "ppl {:.2f}"),
+                     ("lr", "lr {:.3g}"), ("samples_per_s", "{:.0f} samples/s")):
         if record.get(key) is not None:
             parts.append(fmt.format(record[key]))
     return "  ".join(parts)
