@@ -34,8 +34,7 @@ def grid_pass(model: torch.nn.Module, x: torch.Tensor) -> tuple[SortedSlicingPas
     """A sorted_slicing pass with widths (0.5, 1) and depths (half the skippable blocks, all of
     them) for `model`, and those two depths."""
     probe = SortedSlicingPass(depth={"blocks": "all"})
-    Pipeline([probe])(model, example_input=x[:2].cpu())
-    blocks = len(probe.blocks)
+    blocks = len(Pipeline([probe])(model, example_input=x[:2].cpu()).records["passes.0"].blocks)
     half = blocks // 2
     return SortedSlicingPass(width={"fractions": [0.5, 1.0]}, depth={"blocks": sorted({half, blocks})}), blocks, half
 

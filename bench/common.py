@@ -180,8 +180,8 @@ def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float 
                   amp: bool = True, *, callbacks: Iterable = (), compile: bool = False,
                   weight_decay: float = 0.0) -> Callable[[], None]:
     """One SGD step (momentum 0.9) on a fixed batch, bf16 autocast on CUDA. `callbacks`
-    (the passes' training callbacks) get their parameter-group overrides and their
-    after_backward/after_step hooks as the loop runs them; `compile` compiles the forward."""
+    (the passes' training callbacks) get their parameter-group overrides, on_train_start and
+    their after_backward/after_step hooks as the loop runs them; `compile` compiles the forward."""
     from fxgrow.specs.train import SGDSpec
     from fxgrow.train.optim import build_optimizer, merge_overrides
 
@@ -189,6 +189,8 @@ def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float 
     overrides = merge_overrides(model, ((cb.name, cb.param_group_overrides(model)) for cb in callbacks))
     opt = build_optimizer(model, SGDSpec(lr=lr, momentum=0.9, weight_decay=weight_decay), overrides)
     ctx = SimpleNamespace(model=model, optimizer=opt, step=0, log=lambda record: None)
+    for cb in callbacks:  # the compander hooks the optimizer's steps here
+        cb.on_train_start(ctx)
     forward = torch.compile(model) if compile else model
     loss_fn = nn.CrossEntropyLoss()
     use_amp = amp and x.device.type == "cuda"

@@ -94,21 +94,6 @@ def spec_dump(spec: Spec) -> dict[str, Any]:
     return spec.model_dump(mode="json", exclude_unset=True)
 
 
-class _RestoreContext:
-    """The part of the loop's context that callbacks use while restoring state."""
-
-    def __init__(self, model: nn.Module, spec: Spec):
-        self.model, self.spec, self.step = model, spec, 0
-        self.device = torch.device("cpu")
-        self.seed = spec.train.seed
-
-    def replace_model(self, model: nn.Module, param_map: dict[str, str] | None = None) -> None:
-        self.model = model
-
-    def log(self, record: dict[str, Any]) -> None:
-        pass
-
-
 def restore(run: str | Path, model_ref: str | None = None, trust_code: bool = False,
             uses_data: bool = False) -> tuple[Spec, fx.GraphModule]:
     """The rewritten model as a run's checkpoint left it (growth and all), on the CPU.
@@ -117,7 +102,8 @@ def restore(run: str | Path, model_ref: str | None = None, trust_code: bool = Fa
     set, or this user's fxgrow signed the run (see `fxgrow.trust`); `uses_data`: the
     caller will load the run's dataset, so its `python:` data function counts too."""
     from .specs.root import parse_spec
-    from .train.checkpoint import find_checkpoint, load_checkpoint, load_model_state, restore_callback
+    from .train.checkpoint import (find_checkpoint, load_checkpoint, load_model_state, replay_structures,
+                                   restore_callback)
     from .trust import check_run_code
 
     path = find_checkpoint(Path(run))
@@ -126,12 +112,11 @@ def restore(run: str | Path, model_ref: str | None = None, trust_code: bool = Fa
     check_run_code(spec, state.get("signature"), path, model_given=model_ref is not None, uses_data=uses_data,
                    trust_code=trust_code)
     result = compile_spec(spec, build_model(spec, model_ref))
-    ctx = _RestoreContext(result.graph_module, spec)
-    ctx.step = state["step"]
+    model = replay_structures(result.graph_module, result.callbacks, state, path)  # growth, as the run had it
     for cb in result.callbacks:
-        restore_callback(cb, state, ctx, path)
-    load_model_state(ctx.model, state["model"], path, f"the model {model_ref or spec.model.entry} builds")
-    return spec, ctx.model.eval()
+        restore_callback(cb, state, None, path)
+    load_model_state(model, state["model"], path, f"the model {model_ref or spec.model.entry} builds")
+    return spec, model.eval()
 
 
 def save_folded(model: nn.Module, out_dir: Path, report: dict[str, Any]) -> None:

@@ -2,21 +2,18 @@
 
 The result has no fxgrow node and no producer overhead, and its module paths are the
 original ones, so when shapes are unchanged its state_dict loads (strict) into the
-user's original model class.
+user's original model class. Passes that changed more than weight chains (sorted
+slicing) are reversed first, at their current setting (`Pass.reverse`).
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 from torch import fx, nn
 
-from .ir import _KIND_BY_FN, META, evaluate_chain, is_layer, layer_operands, meta, weight_chains
-
-# Passes whose graph nodes are not weight chains (sorted slicing's depth gates and sliced
-# norms) register here how to turn them into plain graph code before chains are folded.
-FOLD_PREPARERS: list[Callable[[fx.GraphModule], None]] = []
+from .ir import META, evaluate_chain, is_layer, layer_operands, meta, replace_submodule, weight_chains
+from .layers import layer_call
 
 
 @torch.no_grad()
@@ -24,8 +21,7 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     """Return a GraphModule whose layers are plain modules holding the chains' values."""
     if not inplace:
         gm = copy.deepcopy(gm)
-    for prepare in FOLD_PREPARERS:
-        prepare(gm)
+    reverse_passes(gm)
     chains = weight_chains(gm)
     rebuilt: dict[str, nn.Module] = {}
     graph = gm.graph
@@ -33,16 +29,13 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         if not is_layer(node):
             continue
         layer = meta(node)["source"]
-        kind = _KIND_BY_FN[node.target]
         if layer not in rebuilt:
-            tensors = {name: (evaluate_chain(gm, chains[f"{layer}.{name}"]).detach().clone()
+            call = layer_call(node, gm)
+            tensors = {name: (evaluate_chain(gm, chains[f"{layer}.{name}"], folding=True).detach().clone()
                               if tail is not None else None)
                        for name, tail in layer_operands(node).items()}
-            extra = tuple(node.args[1 + len(kind.operands):])
-            module = kind.rebuild(tensors, extra)
-            old = gm.get_submodule(layer)
-            module.train(old.training)
-            _set_submodule(gm, layer, module)
+            module = call.kind.rebuild(tensors, call.options)
+            replace_submodule(gm, layer, module)
             rebuilt[layer] = module
         with graph.inserting_before(node):
             call = graph.call_module(layer, (node.args[0],))
@@ -58,7 +51,16 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     return gm
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)
+def reverse_passes(gm: fx.GraphModule, full: bool = False) -> list[str]:
+    """Call the `reverse` of every reversible pass that rewrote `gm`, in the reverse of the
+    order they apply in (their producers' ranks), at their current setting (with `full`,
+    their largest). Returns their kinds."""
+    from .passes import PASS_REGISTRY
+
+    done = []
+    for cls in sorted((c for c in PASS_REGISTRY.values() if c.reversible), key=lambda c: -(c.rank or 0)):
+        if cls.applied_to(gm):
+            cls.reverse(gm, full=full)
+            done.append(cls.kind)
+    return done
+

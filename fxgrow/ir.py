@@ -9,66 +9,16 @@ live under `gm.fxgrow.<layer path>.<param>_<role>`. Every node fxgrow adds carri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import FxgrowError
+from .layers import argument, kind_of, kind_of_function, require_functional
 from .nn.base import Producer
 
 META = "fxgrow"
-
-
-@dataclass(frozen=True)
-class LayerKind:
-    """How one module type becomes a function call and back."""
-
-    module_type: type[nn.Module]
-    fn: Callable
-    operands: tuple[str, ...]                       # parameter names passed as chains, in order
-    extra_args: Callable[[nn.Module], tuple]        # constant args after the operands
-    rebuild: Callable[[dict[str, torch.Tensor], tuple], nn.Module]  # (operands, extra_args) -> module
-
-
-def _rebuild_linear(t: dict[str, torch.Tensor], extra: tuple) -> nn.Module:
-    w, b = t["weight"], t.get("bias")
-    m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-    return _load(m, t)
-
-
-def _rebuild_conv(cls: type[nn.Module]) -> Callable:
-    def rebuild(t: dict[str, torch.Tensor], extra: tuple) -> nn.Module:
-        stride, padding, dilation, groups = extra
-        w, b = t["weight"], t.get("bias")
-        m = cls(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride, padding=padding,
-                dilation=dilation, groups=groups, bias=b is not None, device=w.device, dtype=w.dtype)
-        return _load(m, t)
-    return rebuild
-
-
-def _load(m: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if value is not None:
-                getattr(m, name).copy_(value)
-    return m
-
-
-def _conv_args(m: nn.Module) -> tuple:
-    if m.padding_mode != "zeros":
-        raise FxgrowError(f"padding_mode={m.padding_mode!r} is not supported by functionalization; "
-                          "exclude this layer from the pass targets")
-    return (m.stride, m.padding, m.dilation, m.groups)
-
-
-LAYER_KINDS: dict[type[nn.Module], LayerKind] = {
-    nn.Linear: LayerKind(nn.Linear, F.linear, ("weight", "bias"), lambda m: (), _rebuild_linear),
-    **{cls: LayerKind(cls, fn, ("weight", "bias"), _conv_args, _rebuild_conv(cls))
-       for cls, fn in ((nn.Conv1d, F.conv1d), (nn.Conv2d, F.conv2d), (nn.Conv3d, F.conv3d))},
-}
-_KIND_BY_FN = {k.fn: k for k in LAYER_KINDS.values()}
 
 
 def meta(node: fx.Node) -> dict[str, Any]:
@@ -79,24 +29,26 @@ def is_layer(node: fx.Node) -> bool:
     return node.op == "call_function" and meta(node).get("role") == "layer"
 
 
-def _kind_of(module: nn.Module) -> LayerKind | None:
-    return LAYER_KINDS.get(type(module))
-
-
 def layer_types(gm: fx.GraphModule) -> dict[str, str]:
     """Targetable layers in graph order: {module path: type name}, plain or functionalized."""
     out: dict[str, str] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and _kind_of(gm.get_submodule(node.target)) is not None:
+        if node.op == "call_module" and _targetable(gm.get_submodule(node.target)):
             out.setdefault(node.target, type(gm.get_submodule(node.target)).__name__)
         elif is_layer(node):
             out.setdefault(meta(node)["source"], meta(node)["module_type"])
     return out
 
 
-def functionalize(gm: fx.GraphModule, layers: list[str]) -> None:
+def _targetable(module: nn.Module) -> bool:
+    kind = kind_of(module, exact=True)
+    return kind is not None and kind.targetable
+
+
+def functionalize(gm: fx.GraphModule, layers: list[str], recompile: bool = True) -> None:
     """Rewrite each `call_module` of `layers` into its functional form with chain operands.
-    Already functional layers are left alone. Outputs are unchanged bit for bit."""
+    Already functional layers are left alone. Outputs are unchanged bit for bit. Without
+    `recompile` the caller recompiles (a pipeline does once, at its end)."""
     wanted = set(layers)
     chains: dict[str, fx.Node] = {}  # "path.param" -> get_attr node, shared by repeat calls
     graph = gm.graph
@@ -104,15 +56,13 @@ def functionalize(gm: fx.GraphModule, layers: list[str]) -> None:
         if node.op != "call_module" or node.target not in wanted:
             continue
         module = gm.get_submodule(node.target)
-        kind = _kind_of(module)
-        if kind is None:
-            raise FxgrowError(f"layer '{node.target}' ({type(module).__name__}) cannot be functionalized")
+        kind = require_functional(node.target, module)
         if len(node.args) != 1 or node.kwargs:
             raise FxgrowError(f"layer '{node.target}' is called with more than one input")
-        extra = kind.extra_args(module)
+        options = kind.options(module)
         with graph.inserting_before(node):
             operands = []
-            for pname in kind.operands:
+            for pname in kind.params:
                 if getattr(module, pname, None) is None:
                     operands.append(None)
                     continue
@@ -122,13 +72,15 @@ def functionalize(gm: fx.GraphModule, layers: list[str]) -> None:
                     chains[key].meta[META] = {"role": "param", "source": key, "layer": node.target,
                                               "param": pname}
                 operands.append(chains[key])
-            call = graph.call_function(kind.fn, (node.args[0], *operands, *extra))
+            call = graph.call_function(kind.function, (node.args[0], *operands,
+                                                       *(options[name] for name in kind.signature[len(kind.params):])))
         call.meta.update(node.meta)
         call.meta[META] = {"role": "layer", "source": node.target,
                            "module_type": type(module).__name__}
         node.replace_all_uses_with(call)
         graph.erase_node(node)
-    gm.recompile()
+    if recompile:
+        gm.recompile()
 
 
 @dataclass
@@ -153,9 +105,9 @@ class WeightChain:
 
 
 def layer_operands(node: fx.Node) -> dict[str, fx.Node | None]:
-    """{operand name: tail node} of a functional layer node."""
-    kind = _KIND_BY_FN[node.target]
-    return dict(zip(kind.operands, node.args[1:1 + len(kind.operands)]))
+    """{operand name: tail node} of a functional layer node (None for an absent bias)."""
+    kind = kind_of_function(node.target)
+    return {name: argument(node, kind.position(name), name) for name in kind.params}
 
 
 def weight_chains(gm: fx.GraphModule) -> dict[str, WeightChain]:
@@ -212,6 +164,26 @@ def _order(gm: fx.GraphModule, head: fx.Node, node: fx.Node) -> int:
     return depth
 
 
+def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put `module` at `path` in place of the module there, in that module's training mode."""
+    module.train(root.get_submodule(path).training)
+    root.set_submodule(path, module)
+    return module
+
+
+def replace_tensor(root: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Put `value` in place of the parameter or buffer `key` ("path.name"): a parameter stays
+    a parameter (with its requires_grad), a buffer a buffer."""
+    owner_path, _, name = key.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    if owner._parameters.get(name) is not None:
+        owner._parameters[name] = nn.Parameter(value, requires_grad=owner._parameters[name].requires_grad)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        raise FxgrowError(f"'{key}' is neither a parameter nor a buffer")
+
+
 def _has_submodule(gm: nn.Module, path: str) -> bool:
     try:
         gm.get_submodule(path)
@@ -227,9 +199,35 @@ def fetch_attr(gm: nn.Module, target: str) -> torch.Tensor:
     return obj
 
 
-def evaluate_chain(gm: fx.GraphModule, chain: WeightChain) -> torch.Tensor:
-    """The tensor a chain produces now (e.g. the effective weight)."""
-    value = fetch_attr(gm, chain.head.target)
-    for module in chain.modules(gm):
-        value = module(value)
+def chain_shape(gm: fx.GraphModule, chain: WeightChain, upto: int | None = None) -> tuple[int, ...]:
+    """The shape of the tensor a chain produces (or what reaches producer `upto`), from
+    the producers' `output_shape`: no tensor math."""
+    shape = tuple(fetch_attr(gm, chain.head.target).shape)
+    for module in chain.modules(gm)[:upto]:
+        shape = module.output_shape(shape)
+    return shape
+
+
+def producer_sites(gm: fx.GraphModule, cls: type[Producer]) -> list[tuple[WeightChain, Producer, list[Producer], torch.Tensor]]:
+    """Every producer of class `cls` in `gm`'s chains, in graph order of their layers:
+    (chain, producer, the producers before it, the chain's head tensor)."""
+    sites = []
+    for chain in weight_chains(gm).values():
+        modules = chain.modules(gm)
+        for i, module in enumerate(modules):
+            if isinstance(module, cls):
+                sites.append((chain, module, modules[:i], fetch_attr(gm, chain.head.target)))
+    return sites
+
+
+def run_producers(value: torch.Tensor, producers: list[Producer], folding: bool = False) -> torch.Tensor:
+    """`value` through `producers` in order (with `folding`, each one's `fold`)."""
+    for module in producers:
+        value = module.fold(value) if folding else module(value)
     return value
+
+
+def evaluate_chain(gm: fx.GraphModule, chain: WeightChain, folding: bool = False) -> torch.Tensor:
+    """The tensor a chain produces now (e.g. the effective weight); with `folding`, the one
+    each producer's `fold` bakes into a plain layer."""
+    return run_producers(fetch_attr(gm, chain.head.target), chain.modules(gm), folding)

@@ -18,8 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .analysis import measure
 from .errors import FxgrowError
-from .fold import FOLD_PREPARERS, fold
-from .nn.slicing import ConvGroups, DepthGate, SlicedBatchNorm, SlicedLayerNorm, SubnetState
+from .fold import fold
+from .nn.slicing import SubnetState
 
 Point = tuple[float, int]
 
@@ -153,85 +153,7 @@ def extract(gm: fx.GraphModule, width: float | None = None, depth: int | None = 
     point = resolve_point(state, width, depth)
     sub = copy.deepcopy(gm)
     _require_state(sub).activate(*point)
-    return fold(sub, inplace=True)  # runs `materialize` first (a FOLD_PREPARERS entry)
-
-
-def materialize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Turn the slicing machinery at the active sub-model into plain graph code, in place:
-    depth gates become the kept block or a bypass, sliced norms plain norms holding the cut
-    tensors, depthwise `groups` constants. Weight chains are left for `fold`."""
-    if find_state(gm) is None:
-        return gm
-    graph = gm.graph
-    gates = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), DepthGate)]
-    for node in gates:  # exits first: a dropped block's body then has no user outside it
-        if len(node.args) == 2:
-            kept = gm.get_submodule(node.target).kept
-            node.replace_all_uses_with(node.args[1] if kept else node.args[0])
-            graph.erase_node(node)
-    for node in gates:
-        if len(node.args) == 1:
-            if not gm.get_submodule(node.target).kept:
-                _erase_descendants(graph, node)
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-    for node in list(graph.nodes):
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ConvGroups):
-            groups = gm.get_submodule(node.target)()
-            for user in list(node.users):  # an int argument again
-                user.update_arg(user.args.index(node), groups)
-            graph.erase_node(node)
-    for path, module in list(gm.named_modules()):
-        if isinstance(module, (SlicedBatchNorm, SlicedLayerNorm)):
-            parent, _, name = path.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, name, _plain_norm(module))
-    graph.lint()
-    gm.recompile()
-    return gm
-
-
-FOLD_PREPARERS.append(materialize)
-
-
-def _erase_descendants(graph: fx.Graph, enter: fx.Node) -> None:
-    """Remove a dropped block's body: every node computed from its entry gate."""
-    body, stack = set(), [enter]
-    while stack:
-        for user in stack.pop().users:
-            if user not in body:
-                body.add(user)
-                stack.append(user)
-    for node in reversed(graph.nodes):
-        if node in body:
-            graph.erase_node(node)
-
-
-@torch.no_grad()
-def _plain_norm(m: SlicedBatchNorm | SlicedLayerNorm) -> nn.Module:
-    cut = lambda t: None if t is None else m._cut(t).detach().clone()  # noqa: E731
-    if isinstance(m, SlicedLayerNorm):
-        weight, bias = cut(m.weight), cut(m.bias)
-        size = (weight if weight is not None else m._cut(torch.empty(m.normalized_shape))).shape[0]
-        plain = nn.LayerNorm(size, m.eps, m.elementwise_affine, bias=m.bias is not None)
-        tensors = {"weight": weight, "bias": bias}
-    else:
-        mean, var, tracked, shared = m.statistics()
-        if shared and mean is not None:
-            mean, var = cut(mean), cut(var)
-        weight, bias = cut(m.weight), cut(m.bias)
-        size = next(t.shape[0] for t in (weight, mean) if t is not None)
-        base = next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn") and c is not _BatchNorm
-                    and issubclass(c, _BatchNorm))
-        plain = base(size, m.eps, m.momentum, m.affine, m.track_running_stats)
-        tensors = {"weight": weight, "bias": bias, "running_mean": mean, "running_var": var,
-                   "num_batches_tracked": tracked}
-    device = next((t.device for t in tensors.values() if t is not None), None)
-    plain.to(device)
-    for name, value in tensors.items():
-        if value is not None:
-            getattr(plain, name).copy_(value)
-    plain.train(m.training)
-    return plain
+    return fold(sub, inplace=True)  # fold takes the slicing off at the active point first
 
 
 # --- on a spec's data (the CLI's `eval` and `extract`) ---------------------------------------
@@ -279,5 +201,5 @@ def grid_table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
 
 
 __all__ = ["Point", "calibration_inputs", "data_evaluator", "evaluate_grid", "extract", "find_state",
-           "grid_table_rows", "has_batch_norm", "materialize", "preserved_norm_stats", "recalibrate",
+           "grid_table_rows", "has_batch_norm", "preserved_norm_stats", "recalibrate",
            "resolve_point", "subnet"]

@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
+from .layers import kind_of
 
 
 class _Tracer(fx.Tracer):
@@ -22,7 +23,8 @@ class _Tracer(fx.Tracer):
         self.failed_at: list[str] | None = None  # the module stack when tracing broke
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.leaf or type(m).__name__ in self.leaf:
+        # A module of a registered layer kind stays one call, as torch.nn's do.
+        if qualname in self.leaf or type(m).__name__ in self.leaf or kind_of(m, exact=True) is not None:
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -12,7 +12,7 @@ from fxgrow.nn.compander import FUNCTIONS, psi, psi_prime
 from fxgrow.passes import PASS_REGISTRY, compose
 from fxgrow.passes.compander import CompanderPass
 from fxgrow.passes.compander_callback import PERCENTILES, compand_sites, percentiles
-from fxgrow.train.callbacks import Callback
+from fxgrow.train.callbacks import Callback, ModelChange
 from tests.test_train_loop import one_thread  # noqa: F401  (fixture)
 from tests.zoo import MLP, ResNetTiny
 
@@ -295,6 +295,7 @@ def test_the_callback_follows_a_replaced_model():
     loop.model = replacement
     loop.optimizer = torch.optim.SGD([{"params": list(replacement.parameters()), "weight_decay": 0.0}],
                                      lr=0.0, weight_decay=LAM)
+    cb.on_model_replaced(loop, gm, replacement, ModelChange())  # what the loop tells every callback
     reference = copy.deepcopy(replacement)
     plain = torch.autograd.grad(mlp_loss(reference), vs(reference))
     loop.train_step(mlp_loss)

@@ -12,6 +12,7 @@ from fxgrow.passes.prune_regrow_masks import masked_weights
 from fxgrow.passes.sorted_slicing import SortedSlicingPass
 from fxgrow.passes.template_mixing import TemplateMixingPass
 from fxgrow.subnets import extract, find_state, subnet
+from fxgrow.train.callbacks import ModelChange
 from tests.test_grow import trained_like
 from tests.zoo import ConvBN, ResNetTiny
 
@@ -42,10 +43,11 @@ def test_fused_masks_stay_on_the_diagonal():
     x = torch.randn(4, 1, 8, 8)
     nets = [stacked(ConvBN, x, seed, slicing=False) for seed in range(2)]
     assert not torch.equal(*(masked_weights(n)[1].mask for n in nets))  # different layouts
-    new, _ = grow_model(nets[0], [n.state_dict() for n in nets], 2, x, new_coefficients="zero")
+    grown = grow_model(nets[0], [n.state_dict() for n in nets], 2, x, new_coefficients="zero")
+    new = grown.model
     torch.testing.assert_close(new.eval()(x), nets[0](x) + nets[1](x), rtol=1e-5, atol=1e-5)
     for w in masked_weights(new):
-        assert w.mask_module.fresh is not None and w.mask[w.mask_module.fresh].eq(1).all()
+        assert grown.fresh(w.key) is not None and w.mask[grown.fresh(w.key)].eq(1).all()
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
@@ -60,14 +62,15 @@ def test_relayout_keeps_the_source_masks_and_the_sparsity_invariant(scope):
     callback.on_micro_step(ctx, 0)
     assert not ctx.records  # same model: nothing to lay out
     before = {w.key: w.mask.clone() for w in masked_weights(net)}
-    ctx.model, _ = grow_model(net, [net.state_dict()], 2, x)
-    callback.on_micro_step(ctx, 0)
+    grown = grow_model(net, [net.state_dict()], 2, x)
+    ctx.model = grown.model
+    callback.on_model_replaced(ctx, net, grown.model, ModelChange(cause="grow", fresh=grown.fresh))
     target = callback.schedule.sparsity_at(4)  # the event at step 4 set the sparsity in force
     (record,) = ctx.records
     assert record["prune_regrow/relayout_target_sparsity"] == target
     assert record["prune_regrow/actual_sparsity"] == pytest.approx(target, abs=1e-3)
     for w in masked_weights(ctx.model):
-        assert w.mask_module.fresh is None
+        assert not hasattr(w.mask_module, "fresh")  # growth's marks travel in the ModelChange, not on masks
         old = before[w.key]
         corner = w.mask[:old.shape[0], :old.shape[1]]  # band 0 of every dim: the source block
         if scope == "global" or w.nnz() >= int(old.count_nonzero()):
@@ -80,14 +83,16 @@ def test_sliced_growth_keeps_sub_models_exact():
     x = torch.randn(4, 3, 8, 8)
     net = stacked(ResNetTiny, x, 0)
     state = find_state(net)
-    new, info = grow_model(net, [net.state_dict()], 2, x)
+    slicing = SortedSlicingPass(width={"fractions": [0.5, 1.0]}, depth={"blocks": "all"})  # as in stacked()
+    grown = grow_model(net, [net.state_dict()], 2, x, carried=[slicing])
+    new = grown.model
     callback = PruneRegrowCallback(PruneRegrowPass(**{
         "initial_sparsity": 0.5, "final_sparsity": 0.8, "init_distribution": "uniform",
         "schedule": {"start": 0, "end": 10, "every": 2}}).spec)
     ctx = Ctx(net, step=0)
     callback.on_train_start(ctx)
     ctx.model = new
-    callback.on_micro_step(ctx, 0)
+    callback.on_model_replaced(ctx, net, new, ModelChange(cause="grow", fresh=grown.fresh))
     new.eval()
     grown = find_state(new)
     assert grown.points == state.points and grown.num_blocks == state.num_blocks

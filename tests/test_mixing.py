@@ -9,7 +9,7 @@ from fxgrow.ir import weight_chains
 from fxgrow.nn.mixing import MixProducer, TemplateBank
 from fxgrow.passes import Pipeline
 from fxgrow.passes.compander import CompanderPass
-from fxgrow.passes.template_mixing import (TemplateMixingCallback, TemplateMixingPass, describe,
+from fxgrow.passes.template_mixing import (TemplateMixingCallback, TemplateMixingPass,
                                            mix_producers, retarget, share_groups)
 from tests.zoo import SMALL_ZOO, ZOO
 
@@ -97,7 +97,7 @@ def test_share_groups_follow_the_rules():
 ])
 def test_banks_on_a_hand_built_net(share, expected):
     gm = mixed(Chain(), torch.randn(2, 16), share=share, templates=8 if share == "shape" else 2)
-    rows = describe(gm)
+    rows = TemplateMixingPass().describe(gm)
     banks: dict[str, set] = {}
     for row in rows:
         banks.setdefault(row["bank"], set()).add(row["weight"].removesuffix(".weight"))

@@ -77,7 +77,7 @@ def masks(gm):
 # --- the schedule ------------------------------------------------------------------------
 
 def make_schedule(**kw):
-    base = dict(initial=0.0, final=0.9, start=0, end=10, every=3, shape="cubic", total_steps=20,
+    base = dict(initial_sparsity=0.0, final_sparsity=0.9, start=0, end=10, every=3, shape="cubic", total_steps=20,
                 regrow="gradient", regrow_initial=0.5, regrow_final=0.005, regrow_until=20)
     return Schedule(**{**base, **kw})
 
@@ -91,7 +91,7 @@ def test_schedule_formula_at_every_event_and_exact_landing():
         assert s.sparsity_at(t) == pytest.approx(expected, abs=1e-15)
     assert s.sparsity_at(10) == 0.9                  # exactly s_f
     assert s.sparsity_at(0) == 0.0 and s.sparsity_at(15) == 0.9
-    lin = make_schedule(shape="linear", initial=0.2)
+    lin = make_schedule(shape="linear", initial_sparsity=0.2)
     assert lin.sparsity_at(4) == pytest.approx(0.9 + (0.2 - 0.9) * 0.6)
 
 

@@ -311,8 +311,8 @@ def test_index_sliced_batch_norm_updates_only_kept_statistics():
 def test_skippable_blocks_are_found(build, shape, expected):
     torch.manual_seed(0)
     p = SortedSlicingPass(depth={"blocks": "all"})
-    Pipeline([p])(build(), example_input=torch.randn(2, *shape))
-    assert p.blocks == expected
+    record = Pipeline([p])(build(), example_input=torch.randn(2, *shape)).records["passes.0"]
+    assert record.blocks == expected
 
 
 def test_a_dropped_block_does_no_work_and_gets_no_gradient():
@@ -474,9 +474,8 @@ def test_list_grid_pairs_widths_with_depths():
 
 
 def test_describe_lists_groups_and_blocks():
-    from fxgrow.passes.sorted_slicing import describe
     model, x, fields = case("resnet_tiny")
-    rows = describe(sliced(model, x, width={"fractions": [0.5, 1.0]}, **fields))
+    rows = SortedSlicingPass(depth={"blocks": "all"}).describe(sliced(model, x, width={"fractions": [0.5, 1.0]}, **fields))
     widths = [r for r in rows if r["dimension"] == "width"]
     assert {(r["full"], r["kept"]) for r in widths} == {(8, "4 / 8 at 0.5 / 1"), (16, "8 / 16 at 0.5 / 1")}
     assert [r["item"] for r in rows if r["dimension"] == "depth"] == [

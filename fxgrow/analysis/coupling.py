@@ -17,6 +17,10 @@ block it indexes. A connected component holding parameter slices is a `ChannelGr
 Anything the analysis cannot follow exactly marks the touched blocks fixed with a reason
 (unknown op, grouped conv, a reshape that splits channels, ...): a fixed group is never
 grown, pruned or sliced, which is always safe, where a wrong coupling would not be.
+
+Layers (ops with parameters) follow their kind's rule in `fxgrow.layers`; every other op
+follows the rule registered for its function, method name or module class
+(`register_coupling_rule`); an op with no rule is unknown.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import TensorMetadata
+
+from ..layers import LayerCall, argument, layer_call
 
 
 @dataclass(frozen=True, order=True)
@@ -73,86 +79,7 @@ class _Segment:
 Layout = tuple[_Segment, ...]  # what one tensor dim holds, block after block
 
 
-# ---------------------------------------------------------------------------------------
-# "What layer is this node": one answer for call_module layers and functionalized calls.
-
-@dataclass(frozen=True)
-class _Layer:
-    kind: str  # "conv" | "linear" | "embedding" | "channel_norm" | "group_norm" | "layer_norm"
-    path: str  # module path, names the layer as a producer
-    x: Node  # the activation input
-    params: dict[str, tuple[str, str]]  # role ("weight", ...) -> (owner path, param name)
-    operands: tuple[Node, ...] = ()  # graph nodes computing the parameters (functional form)
-    groups: int = 1  # conv groups, or GroupNorm's num_groups
-    norm_dims: int = 1  # LayerNorm: how many trailing dims it normalizes
-
-
-_MODULE_KINDS: tuple[tuple[tuple[type, ...], str], ...] = (
-    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"),
-    ((nn.Linear,), "linear"),
-    ((nn.Embedding,), "embedding"),
-    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-      nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), "channel_norm"),
-    ((nn.GroupNorm,), "group_norm"),
-    ((nn.LayerNorm,), "layer_norm"),
-)
-_NORM_ROLES = ("weight", "bias", "running_mean", "running_var")
-
-# target -> (kind, {role: arg position}, (option name, arg position) or None); the roles are
-# also the keyword names in torch.nn.functional's signatures.
-_WEIGHT_BIAS = {"weight": 1, "bias": 2}
-_NORM_ARGS = {"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4}
-_FUNCTIONAL_LAYERS: dict[Callable, tuple[str, dict[str, int], tuple[str, int] | None]] = {
-    F.linear: ("linear", _WEIGHT_BIAS, None),
-    F.conv1d: ("conv", _WEIGHT_BIAS, ("groups", 6)),
-    F.conv2d: ("conv", _WEIGHT_BIAS, ("groups", 6)),
-    F.conv3d: ("conv", _WEIGHT_BIAS, ("groups", 6)),
-    F.embedding: ("embedding", {"weight": 1}, None),
-    F.batch_norm: ("channel_norm", _NORM_ARGS, None),
-    F.instance_norm: ("channel_norm", _NORM_ARGS, None),
-    F.group_norm: ("group_norm", {"weight": 2, "bias": 3}, ("num_groups", 1)),
-    F.layer_norm: ("layer_norm", {"weight": 2, "bias": 3}, ("normalized_shape", 1)),
-}
-
-
-def _arg(node: Node, position: int, name: str, default=None):
-    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
-
-
-def _layer_of(node: Node, gm: GraphModule) -> _Layer | None:
-    """The layer `node` computes, or None. Both graph forms give the same `_Layer`."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        kind = next((k for types, k in _MODULE_KINDS if isinstance(module, types)), None)
-        if kind is None:
-            return None
-        roles = ("weight", "bias") if kind in ("conv", "linear") else ("weight",) if kind == "embedding" else _NORM_ROLES
-        params = {r: (node.target, r) for r in roles if getattr(module, r, None) is not None}
-        groups = module.groups if kind == "conv" else module.num_groups if kind == "group_norm" else 1
-        norm_dims = len(module.normalized_shape) if kind == "layer_norm" else 1
-        return _Layer(kind, node.target, _arg(node, 0, "input"), params, (), groups, norm_dims)
-    if node.op != "call_function" or node.target not in _FUNCTIONAL_LAYERS:
-        return None
-    kind, positions, option = _FUNCTIONAL_LAYERS[node.target]
-    operands = {r: _arg(node, p, r) for r, p in positions.items()}
-    operands = {r: op for r, op in operands.items() if isinstance(op, Node)}
-    tag = node.meta.get("fxgrow") or {}
-    if tag.get("role") == "layer":
-        path = tag["source"]
-        params = {r: (path, r) for r in operands}
-    elif operands and all(op.op == "get_attr" for op in operands.values()):
-        # a functional layer the user wrote: its parameters are named by their attributes
-        params = {r: tuple(op.target.rpartition(".")[::2]) for r, op in operands.items()}
-        path = params["weight"][0] if "weight" in params else next(iter(params.values()))[0]
-    else:
-        return None
-    value = _arg(node, option[1], option[0], 1) if option else 1
-    groups = value if kind in ("conv", "group_norm") else 1
-    norm_dims = (1 if isinstance(value, int) else len(value)) if kind == "layer_norm" else 1
-    return _Layer(kind, path, _arg(node, 0, "input"), params, tuple(operands.values()), groups, norm_dims)
-
-
-def _weight_chains(nodes: list[Node], layers: dict[Node, _Layer]) -> set[Node]:
+def _weight_chains(nodes: list[Node], layers: dict[Node, LayerCall]) -> set[Node]:
     """Nodes that only compute layer parameters (get_attr -> producers -> operand): the
     layer's own uses already stand for them, so the analysis skips them."""
     static: set[Node] = set()
@@ -167,7 +94,7 @@ def _weight_chains(nodes: list[Node], layers: dict[Node, _Layer]) -> set[Node]:
     chain: set[Node] = set()
     for n in reversed(nodes):
         if n in static and n.users and all(
-            u in chain or (u in layers and n in layers[u].operands) for u in n.users
+            u in chain or (u in layers and n in layers[u].operands.values()) for u in n.users
         ):
             chain.add(n)
     return chain
@@ -278,7 +205,12 @@ def _reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[i
 
 # ---------------------------------------------------------------------------------------
 
-class _Builder:
+class Coupling:
+    """Builds the coupling graph in one walk over the nodes. The layer kinds' rules
+    (`fxgrow.layers`) use its public part: `layouts[node]` (one layout per dim of a node's
+    output), `shape(node)`, `output(node, {dim: [input layouts it equals]})`, `use(layout,
+    (owner, param), dim, node)`, `produces(layout, path)` and `fix(layouts, reason)`."""
+
     def __init__(self, gm: GraphModule):
         self.gm = gm
         self.graph = nx.Graph()
@@ -301,7 +233,7 @@ class _Builder:
             if reason not in reasons:
                 reasons.append(reason)
 
-    def _fix(self, layouts: Iterable[Layout], reason: str) -> None:
+    def fix(self, layouts: Iterable[Layout], reason: str) -> None:
         self._fix_atoms((seg.atom for layout in layouts for seg in layout), reason)
 
     def _unify(self, a: Layout, b: Layout, node: Node) -> None:
@@ -312,9 +244,9 @@ class _Builder:
             for sa, sb in zip(a, b):
                 self.graph.add_edge(sa.atom, sb.atom, op=node.name)
         else:
-            self._fix((a, b), f"cannot align channel blocks at {node.name}")
+            self.fix((a, b), f"cannot align channel blocks at {node.name}")
 
-    def _use(self, layout: Layout, param: tuple[str, str] | None, dim: int, op: Node) -> None:
+    def use(self, layout: Layout, param: tuple[str, str] | None, dim: int, op: Node) -> None:
         """Tie the slices of parameter `param` = (owner path, name) along `dim` to the blocks
         of `layout`, block after block."""
         if param is None:
@@ -328,7 +260,7 @@ class _Builder:
             self.graph.add_edge(key, seg.atom, op=op.name)
             offset += seg.size * seg.repeat
 
-    def _set(self, node: Node, coupled: dict[int, list[Layout]], reason: str | None = None) -> tuple[Layout, ...]:
+    def output(self, node: Node, coupled: dict[int, list[Layout]], reason: str | None = None) -> tuple[Layout, ...]:
         """Give each dim of `node`'s output a layout: its own atom tied to the input layouts
         it equals, or the composite layout it passes on; dims not in `coupled` are new."""
         shape = _tensor_meta(node).shape
@@ -345,20 +277,27 @@ class _Builder:
             out.append(layout)
         self.layouts[node] = tuple(out)
         if reason:
-            self._fix(out, reason)
+            self.fix(out, reason)
         return self.layouts[node]
+
+    def shape(self, node: Node) -> tuple[int, ...]:
+        return tuple(_tensor_meta(node).shape)
+
+    def produces(self, layout: Layout, path: str) -> None:
+        """Layer `path`'s outputs define these channels (the group names it as a producer)."""
+        self.graph.nodes[layout[0].atom]["producer"] = path
 
     def _inputs(self, node: Node) -> list[Node]:
         return [n for n in node.all_input_nodes if n in self.layouts]
 
     # --- rules ---
-    def visit(self, node: Node, layer: _Layer | None) -> None:
+    def visit(self, node: Node, layer: LayerCall | None) -> None:
         if node.op == "placeholder":
             if _tensor_meta(node) is not None:
-                self._set(node, {}, "model input")
+                self.output(node, {}, "model input")
         elif node.op == "output":
             for source in self._inputs(node):
-                self._fix(self.layouts[source], "model output")
+                self.fix(self.layouts[source], "model output")
         elif node.op == "get_attr":
             self._get_attr(node)
         elif layer is not None:
@@ -367,118 +306,41 @@ class _Builder:
             pass  # x.size(), x.dim(), asserts: no tensor, so no channels flow through
         else:
             rule = self._rule(node)
-            if rule is None or _tensor_meta(node) is None or rule(node) is False:
+            if rule is None or _tensor_meta(node) is None or rule(self, node) is False:
                 self._unknown(node, f"unknown op {_describe(node, self.gm)}")
 
-    def _rule(self, node: Node) -> Callable[[Node], bool | None] | None:
-        target = node.target
+    def _rule(self, node: Node) -> Rule | None:
         if node.op == "call_module":
-            module = self.gm.get_submodule(target)
+            module = self.gm.get_submodule(node.target)
             # A module may declare itself channel-wise identity (e.g. sorted slicing's depth
             # gates): its output carries its inputs' channels unchanged.
-            if isinstance(module, _POINTWISE_MODULES) or getattr(module, "channel_pointwise", False):
-                return self._pointwise
-            if isinstance(module, (nn.Flatten, nn.Unflatten)):
-                return self._reshape
-            if isinstance(module, nn.PReLU):
-                return self._prelu
-            if isinstance(module, (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)):
-                return lambda n: self._spatial(n, len(_tensor_meta(n).shape) - 2)
-            for types, k in _SPATIAL_MODULES:
-                if isinstance(module, types):
-                    return lambda n: self._spatial(n, k)
-            return None
+            if getattr(module, "channel_pointwise", False):
+                return Coupling._pointwise
+            return next((rule for cls, rule in _MODULE_RULES if isinstance(module, cls)), None)
         if node.op == "call_method":
-            if target in _POINTWISE_METHODS_ALL_ARGS:
-                return self._pointwise
-            if target in _POINTWISE_METHODS_SELF:
-                return lambda n: self._pointwise(n, first_only=True)
-            if target in _RESHAPE_METHODS:
-                return self._reshape
-            if target in ("permute", "transpose", "swapaxes", "t"):
-                return self._permute
-            if target in _REDUCE_METHODS:
-                return self._reduce
-            if target in ("matmul", "bmm", "mm"):
-                return self._matmul
-            return None
-        if target in _POINTWISE_FUNCTIONS or _qualified_name(target) in _POINTWISE_BY_NAME:
-            return self._pointwise
-        if target in _SPATIAL_FUNCTIONS:
-            return lambda n: self._spatial(n, _SPATIAL_FUNCTIONS[target])
-        if target is F.interpolate:
-            return lambda n: self._spatial(n, len(_tensor_meta(n).shape) - 2)
-        if target is F.pad:
-            return self._pad
-        if target in _RESHAPE_FUNCTIONS:
-            return self._reshape
-        if target in (torch.permute, torch.transpose, torch.swapaxes, torch.t):
-            return self._permute
-        if target in _REDUCE_FUNCTIONS:
-            return self._reduce
-        if target in _JOIN_FUNCTIONS:
-            return self._join
-        if target in _MATMUL_FUNCTIONS:
-            return self._matmul
-        if target is operator.getitem:
-            return self._getitem
-        return None
+            return _METHOD_RULES.get(node.target)
+        rule = _FUNCTION_RULES.get(node.target)
+        if rule is None and _qualified_name(node.target) in _POINTWISE_BY_NAME:
+            return Coupling._pointwise
+        return rule
 
     def _unknown(self, node: Node, reason: str) -> None:
         for source in self._inputs(node):
-            self._fix(self.layouts[source], reason)
+            self.fix(self.layouts[source], reason)
         if _tensor_meta(node) is not None:
-            self._set(node, {}, reason)
+            self.output(node, {}, reason)
 
     def _get_attr(self, node: Node) -> None:
         if _tensor_meta(node) is None:
             return
         owner, _, name = node.target.rpartition(".")
-        for d, layout in enumerate(self._set(node, {})):
-            self._use(layout, (owner, name), d, node)
+        for d, layout in enumerate(self.output(node, {})):
+            self.use(layout, (owner, name), d, node)
 
-    def _layer(self, node: Node, layer: _Layer) -> None:
-        x = layer.x
-        if x not in self.layouts or _tensor_meta(node) is None:
+    def _layer(self, node: Node, call: LayerCall) -> None:
+        if call.x not in self.layouts or _tensor_meta(node) is None:
             return self._unknown(node, f"unknown op {_describe(node, self.gm)}")
-        xin = self.layouts[x]
-        ndim = len(xin)
-        if layer.kind == "conv":
-            channels_in, channels_out = _tensor_meta(x).shape[1], _tensor_meta(node).shape[1]
-            depthwise = 1 < layer.groups == channels_in == channels_out
-            if depthwise:  # channel c -> c: a use of the input's channels, not a producer
-                out = self._set(node, {0: [xin[0]], 1: [xin[1]]})
-            else:
-                out = self._set(node, {0: [xin[0]]})
-                self.graph.nodes[out[1][0].atom]["producer"] = layer.path
-                if layer.groups == 1:
-                    self._use(xin[1], layer.params.get("weight"), 1, node)
-                else:  # input channel c meets weight column c % (C / groups): not a slice
-                    reason = f"grouped conv {layer.path} (groups={layer.groups})"
-                    self._fix([xin[1], out[1]], reason)
-            self._use(out[1], layer.params.get("weight"), 0, node)
-            self._use(out[1], layer.params.get("bias"), 0, node)
-        elif layer.kind in ("linear", "embedding"):
-            if layer.kind == "linear":
-                out = self._set(node, {d: [xin[d]] for d in range(ndim - 1)})
-                self._use(xin[-1], layer.params.get("weight"), 1, node)
-            else:  # indices in, one new last dim of features out
-                out = self._set(node, {d: [xin[d]] for d in range(ndim)})
-            self.graph.nodes[out[-1][0].atom]["producer"] = layer.path
-            self._use(out[-1], layer.params.get("weight"), 0 if layer.kind == "linear" else 1, node)
-            self._use(out[-1], layer.params.get("bias"), 0, node)
-        else:  # norms: shape unchanged, per-channel parameters on dim 1 or the trailing dims
-            out = self._set(node, {d: [xin[d]] for d in range(ndim)})
-            if layer.kind == "layer_norm":
-                param_dims = {ndim - layer.norm_dims + i: i for i in range(layer.norm_dims)}
-            else:
-                param_dims = {1 if ndim > 1 else 0: 0}
-                channels = _tensor_meta(node).shape[next(iter(param_dims))]
-                if layer.kind == "group_norm" and layer.groups not in (1, channels):
-                    self._fix([out[1]], f"group norm {layer.path} ({layer.groups} groups of channels)")
-            for d, param_dim in param_dims.items():
-                for role in _NORM_ROLES:
-                    self._use(out[d], layer.params.get(role), param_dim, node)
+        call.kind.couple(self, call)
 
     def _pointwise(self, node: Node, first_only: bool = False) -> bool | None:
         """Elementwise with broadcasting: output dims equal the right-aligned input dims of
@@ -494,33 +356,33 @@ class _Builder:
                 d = len(shape) - len(in_shape) + k
                 if d >= 0 and size == shape[d]:
                     coupled.setdefault(d, []).append(self.layouts[n][k])
-        self._set(node, coupled)
+        self.output(node, coupled)
 
     def _prelu(self, node: Node) -> bool | None:
         xin = self.layouts.get(node.args[0])
         if xin is None:
             return False
-        out = self._set(node, {d: [layout] for d, layout in enumerate(xin)})
+        out = self.output(node, {d: [layout] for d, layout in enumerate(xin)})
         if self.gm.get_submodule(node.target).num_parameters > 1:  # one slope per channel
-            self._use(out[1 if len(out) > 1 else 0], (node.target, "weight"), 0, node)
+            self.use(out[1 if len(out) > 1 else 0], (node.target, "weight"), 0, node)
 
     def _spatial(self, node: Node, k: int) -> bool | None:
         xin = self.layouts.get(node.args[0])
         if xin is None:
             return False
-        self._set(node, {d: [xin[d]] for d in range(len(xin) - k)})
+        self.output(node, {d: [xin[d]] for d in range(len(xin) - k)})
 
     def _pad(self, node: Node) -> bool | None:
-        xin, pad, padded = self.layouts.get(node.args[0]), _arg(node, 1, "pad"), set()
+        xin, pad, padded = self.layouts.get(node.args[0]), argument(node, 1, "pad"), set()
         if xin is None or not isinstance(pad, (list, tuple)):
             return False
         for i in range(len(pad) // 2):
             if pad[2 * i] != 0 or pad[2 * i + 1] != 0:
                 padded.add(len(xin) - 1 - i)
         reason = f"pad {node.name} changes the size of a dim"
-        self._fix([xin[d] for d in padded], reason)
-        out = self._set(node, {d: [xin[d]] for d in range(len(xin)) if d not in padded})
-        self._fix([out[d] for d in padded], reason)
+        self.fix([xin[d] for d in padded], reason)
+        out = self.output(node, {d: [xin[d]] for d in range(len(xin)) if d not in padded})
+        self.fix([out[d] for d in padded], reason)
 
     def _reshape(self, node: Node) -> bool | None:
         x = node.args[0]
@@ -537,7 +399,7 @@ class _Builder:
                 # the first dim of the run carries the channels, each repeated over the rest;
                 # channels of the inner dims land at a stride we do not follow
                 inner = math.prod(a[d] for d in ins[1:])
-                self._fix([xin[d] for d in ins[1:]], f"flattened into an inner position by {node.name}")
+                self.fix([xin[d] for d in ins[1:]], f"flattened into an inner position by {node.name}")
                 coupled[outs[0]] = [tuple(_Segment(s.atom, s.size, s.repeat * inner) for s in xin[ins[0]])]
             else:
                 inner = math.prod(b[d] for d in outs[1:])
@@ -545,10 +407,10 @@ class _Builder:
                     # undoing a flatten: the repeated channels become the leading dim again
                     coupled[outs[0]] = [tuple(_Segment(s.atom, s.size, s.repeat // inner) for s in xin[ins[0]])]
                 else:
-                    self._fix([xin[d] for d in ins], f"reshape {node.name} splits channels")
+                    self.fix([xin[d] for d in ins], f"reshape {node.name} splits channels")
                     fixed_out += outs
-        out = self._set(node, coupled)
-        self._fix([out[d] for d in fixed_out], f"reshape {node.name} splits channels")
+        out = self.output(node, coupled)
+        self.fix([out[d] for d in fixed_out], f"reshape {node.name} splits channels")
 
     def _permute(self, node: Node) -> bool | None:
         xin = self.layouts.get(node.args[0])
@@ -557,40 +419,40 @@ class _Builder:
         ndim = len(xin)
         perm = list(range(ndim))
         if node.target in ("permute", torch.permute):
-            dims = node.args[1:] if node.op == "call_method" else [_arg(node, 1, "dims")]
+            dims = node.args[1:] if node.op == "call_method" else [argument(node, 1, "dims")]
             perm = _dims(dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else list(dims), ndim)
         elif node.target in ("transpose", "swapaxes", torch.transpose, torch.swapaxes):
-            d0, d1 = _dims([_arg(node, 1, "dim0"), _arg(node, 2, "dim1")], ndim)
+            d0, d1 = _dims([argument(node, 1, "dim0"), argument(node, 2, "dim1")], ndim)
             perm[d0], perm[d1] = perm[d1], perm[d0]
         elif ndim == 2:  # t()
             perm = [1, 0]
-        self._set(node, {d: [xin[p]] for d, p in enumerate(perm)})
+        self.output(node, {d: [xin[p]] for d, p in enumerate(perm)})
 
     def _reduce(self, node: Node) -> bool | None:
         xin = self.layouts.get(node.args[0])
-        dim, keepdim = _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False)
+        dim, keepdim = argument(node, 1, "dim"), argument(node, 2, "keepdim", False)
         if xin is None or not isinstance(dim, (int, list, tuple, type(None))):
             return False
         if dim is None:
-            self._set(node, {})  # a full reduction keeps no dim
+            self.output(node, {})  # a full reduction keeps no dim
             return None
         reduced = set(_dims(dim, len(xin)))
         kept = [d for d in range(len(xin)) if keepdim or d not in reduced]
-        self._set(node, {o: [xin[d]] for o, d in enumerate(kept) if d not in reduced})
+        self.output(node, {o: [xin[d]] for o, d in enumerate(kept) if d not in reduced})
 
     def _join(self, node: Node) -> bool | None:
         """`cat` puts the inputs' blocks side by side along `dim`; `stack` adds a new dim."""
-        tensors = _arg(node, 0, "tensors")
+        tensors = argument(node, 0, "tensors")
         if not isinstance(tensors, (list, tuple)) or not all(t in self.layouts for t in tensors):
             return False
         ndim = len(_tensor_meta(node).shape)
-        dim = _dims(_arg(node, 1, "dim", 0), ndim)[0]
+        dim = _dims(argument(node, 1, "dim", 0), ndim)[0]
         if node.target is torch.stack:
-            self._set(node, {d: [self.layouts[t][d - (d > dim)] for t in tensors] for d in range(ndim) if d != dim})
+            self.output(node, {d: [self.layouts[t][d - (d > dim)] for t in tensors] for d in range(ndim) if d != dim})
             return None
         coupled = {d: [self.layouts[t][d] for t in tensors] for d in range(ndim) if d != dim}
         coupled[dim] = [tuple(seg for t in tensors for seg in self.layouts[t][dim])]
-        self._set(node, coupled)
+        self.output(node, coupled)
 
     def _matmul(self, node: Node) -> bool | None:
         operands = [n for n in node.args[:2] if isinstance(n, Node) and n in self.layouts]
@@ -607,7 +469,7 @@ class _Builder:
                 d = ndim - 2 - len(batch) + k
                 if size == shape[d]:
                     coupled.setdefault(d, []).append(layout[k])
-        self._set(node, coupled)
+        self.output(node, coupled)
 
     def _getitem(self, node: Node) -> bool | None:
         x, index = node.args
@@ -632,17 +494,17 @@ class _Builder:
             elif i is None:
                 d_out += 1
             elif isinstance(i, int):
-                self._fix([xin[d_in]], reason)
+                self.fix([xin[d_in]], reason)
                 d_in += 1
             else:
                 if i.step in (None, 1) and shape[d_out] == _tensor_meta(x).shape[d_in]:  # whole dim
                     coupled[d_out] = [xin[d_in]]
                 else:
-                    self._fix([xin[d_in]], reason)
+                    self.fix([xin[d_in]], reason)
                     fixed_out.append(d_out)
                 d_in, d_out = d_in + 1, d_out + 1
-        out = self._set(node, coupled)
-        self._fix([out[d] for d in fixed_out], reason)
+        out = self.output(node, coupled)
+        self.fix([out[d] for d in fixed_out], reason)
 
     # --- after the walk ---
     def check(self) -> None:
@@ -677,6 +539,59 @@ class _Builder:
         return value.shape[dim] if isinstance(value, torch.Tensor) and value.dim() > dim else None
 
 
+# --- which rule follows which op -------------------------------------------------------------
+
+Rule = Callable[[Coupling, Node], "bool | None"]  # returns False when it cannot follow the node
+_FUNCTION_RULES: dict[Callable, Rule] = {}
+_METHOD_RULES: dict[str, Rule] = {}
+_MODULE_RULES: list[tuple[type, Rule]] = []  # newest first, matched with isinstance
+
+
+def register_coupling_rule(target: Callable | str | type, rule: Rule) -> None:
+    """Say how channels flow through an op that has no parameters: `target` is a function
+    (call_function), a Tensor method name (call_method) or a module class (call_module).
+    Layers with parameters are layer kinds instead (`fxgrow.layers.register_layer_kind`)."""
+    if isinstance(target, str):
+        _METHOD_RULES[target] = rule
+    elif isinstance(target, type) and issubclass(target, nn.Module):
+        _MODULE_RULES.insert(0, (target, rule))
+    else:
+        _FUNCTION_RULES[target] = rule
+
+
+def _spatial(k: int) -> Rule:
+    return lambda c, node: c._spatial(node, k)
+
+
+def _resample(c: Coupling, node: Node) -> bool | None:  # interpolate/upsample: every dim after the first two
+    return c._spatial(node, len(_tensor_meta(node).shape) - 2)
+
+
+def _pointwise_self(c: Coupling, node: Node) -> bool | None:
+    return c._pointwise(node, first_only=True)
+
+
+for _targets, _rule_fn in (
+    (_POINTWISE_FUNCTIONS | _POINTWISE_METHODS_ALL_ARGS | set(_POINTWISE_MODULES), Coupling._pointwise),
+    (_POINTWISE_METHODS_SELF, _pointwise_self),
+    ({nn.Flatten, nn.Unflatten} | _RESHAPE_FUNCTIONS | _RESHAPE_METHODS, Coupling._reshape),
+    ({nn.PReLU}, Coupling._prelu),
+    ({nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate}, _resample),
+    ({F.pad}, Coupling._pad),
+    ({"permute", "transpose", "swapaxes", "t", torch.permute, torch.transpose, torch.swapaxes, torch.t},
+     Coupling._permute),
+    (_REDUCE_FUNCTIONS | _REDUCE_METHODS, Coupling._reduce),
+    (_JOIN_FUNCTIONS, Coupling._join),
+    (_MATMUL_FUNCTIONS | {"matmul", "bmm", "mm"}, Coupling._matmul),
+    ({operator.getitem}, Coupling._getitem),
+):
+    for _target in _targets:
+        register_coupling_rule(_target, _rule_fn)
+for _fn, _k in _SPATIAL_FUNCTIONS.items():
+    register_coupling_rule(_fn, _spatial(_k))
+for _cls, _k in _SPATIAL_MODULES:
+    register_coupling_rule(_cls, _spatial(_k))
+
 _MAX_REASONS = 3
 
 
@@ -688,9 +603,9 @@ def coupling_graph(gm: GraphModule) -> nx.Graph:
     if not any(_tensor_meta(n) is not None for n in nodes):
         raise ValueError("coupling analysis needs shapes: run "
                          "torch.fx.passes.shape_prop.ShapeProp(gm).propagate(example) first")
-    layers = {n: layer for n in nodes if (layer := _layer_of(n, gm)) is not None}
+    layers = {n: call for n in nodes if (call := layer_call(n, gm)) is not None}
     chains = _weight_chains(nodes, layers)
-    builder = _Builder(gm)
+    builder = Coupling(gm)
     for node in nodes:
         if node not in chains:
             builder.visit(node, layers.get(node))

@@ -10,48 +10,113 @@ import contextlib
 import io
 import itertools
 import re
-from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import FxgrowError
+from ..nn.base import Producer
 
 
-class _Propagate(nn.Module):
-    def __init__(self, gm: fx.GraphModule):
+class _ProducersByShape:
+    """Interpreter mixin for shape-only runs: a weight-chain producer hands on an empty
+    tensor of its `output_shape` instead of computing (pure tensor math on weights, whose
+    elementwise meta kernels cost more than the rest of the model)."""
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if isinstance(module, Producer) and isinstance(args[0], torch.Tensor):
+            return args[0].new_empty(module.output_shape(tuple(args[0].shape)))
+        return super().call_module(target, args, kwargs)
+
+
+class _NormsByShape(TorchFunctionMode):
+    """Shape-only runs: a batch or instance norm hands on its input's shape. Their meta
+    kernels are python decompositions of ten elementwise ops each (the bulk of a ResNet's
+    meta run), so the channel count is checked by one broadcast with a per-channel tensor
+    instead."""
+
+    _NORMS = {F.batch_norm: (1, 2, 3, 4), F.instance_norm: (1, 2, 3, 4)}  # positions of per-channel tensors
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._NORMS:
+            x = args[0]
+            per_channel = next((args[i] for i in self._NORMS[func] if i < len(args) and args[i] is not None), None)
+            per_channel = next((v for k, v in kwargs.items() if k in ("running_mean", "weight") and v is not None),
+                               per_channel)
+            if per_channel is None or x.dim() < 2:
+                return x.clone()
+            return x * per_channel.reshape([1, -1] + [1] * (x.dim() - 2))
+        return func(*args, **kwargs)
+
+
+class _ShapeProp(_ProducersByShape, ShapeProp):
+    pass
+
+
+class _Run(_ProducersByShape, fx.Interpreter):
+    pass
+
+
+class _Interpret(nn.Module):
+    """Runs a GraphModule's graph node by node (no generated code needed: the graph may have
+    changed since its last recompile): with `shapes` through ShapeProp, with `by_shape`
+    producers answering by shape only, else exactly (FLOPs count the producers)."""
+
+    def __init__(self, gm: fx.GraphModule, shapes: bool, by_shape: bool = True):
         super().__init__()
-        self.gm = gm
+        self.gm, self.shapes, self.by_shape = gm, shapes, by_shape
+        runner = {(True, True): _ShapeProp, (True, False): ShapeProp,
+                  (False, True): _Run, (False, False): fx.Interpreter}[shapes, by_shape]
+        self._runner = runner(gm)  # made once: it indexes every submodule
 
     def forward(self, x: torch.Tensor):
-        return ShapeProp(self.gm).propagate(x)
+        with _NormsByShape() if self.by_shape else contextlib.nullcontext():
+            return self._runner.run(x)
 
 
-def run_abstract(module: nn.Module, example: torch.Tensor, fn: Callable | None = None) -> int:
-    """Call `module(example)` (or `fn(example)` with `module`'s state swapped) on meta
-    tensors, falling back to fake tensors; returns the forward FLOPs counted."""
+def run_abstract(module: nn.Module, example: torch.Tensor, count_flops: bool = True,
+                 raw_errors: bool = False) -> int:
+    """Call `module(example)` on meta tensors, falling back to fake tensors; returns the
+    forward FLOPs counted (0 without `count_flops`: FlopCounterMode decomposes ops, which
+    costs more than the run itself). A failure is an FxgrowError about the example input,
+    or with `raw_errors` the error itself."""
+    with abstract_runs(module, count_flops) as run:
+        return run(example, raw_errors)
+
+
+@contextlib.contextmanager
+def abstract_runs(module: nn.Module, count_flops: bool = False):
+    """For several abstract calls of one module (sub-models): the meta state and eval mode
+    are set up once; yields `run(example, raw_errors=False) -> FLOPs` (see `run_abstract`)."""
     from .cost import no_fused_attention
     # One meta tensor per distinct tensor; functional_call re-ties shared ones.
     state = {k: torch.empty_like(v, device="meta") for k, v in itertools.chain(
         module.named_parameters(), module.named_buffers())}
     modes = {m: m.training for m in module.modules()}
+    attention = _has_attention(module)
     module.eval()  # batch statistics of a batch-1 example over 1x1 maps are undefined
-    # ShapeProp prints a traceback before re-raising: keep it off the terminal.
-    with torch.no_grad(), no_fused_attention(), _restore_modes(modes), contextlib.redirect_stderr(io.StringIO()):
+    counting = (lambda: FlopCounterMode(display=False)) if count_flops else contextlib.nullcontext
+
+    def run(example: torch.Tensor, raw_errors: bool = False) -> int:
         try:
-            if _has_attention(module):
+            if attention:
                 raise NotImplementedError("meta tensors pick another attention kernel than the CPU")
-            with FlopCounterMode(display=False) as counter:
+            with counting() as counter:
                 torch.func.functional_call(module, state, (example.to("meta"),))
         except (RuntimeError, NotImplementedError, TypeError):
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True) as mode, \
-                        FlopCounterMode(display=False) as counter:
+                with FakeTensorMode(allow_non_fake_inputs=True) as mode, counting() as counter:
                     module(mode.from_tensor(example))
             except Exception as e:
+                if raw_errors:
+                    raise
                 root, where = e, ""
                 while root.__cause__ is not None:
                     where = where or _shape_prop_node(str(root), getattr(module, "gm", None))
@@ -61,7 +126,11 @@ def run_abstract(module: nn.Module, example: torch.Tensor, fn: Callable | None =
                     f"the example input of shape {list(example.shape)} does not fit the model{where}: {first}\n"
                     "  set model.example_input in the spec (or --input-shape) to the model's input shape"
                 ) from e
-    return int(counter.get_total_flops())
+        return int(counter.get_total_flops()) if count_flops else 0
+
+    # ShapeProp prints a traceback before re-raising: keep it off the terminal.
+    with torch.no_grad(), no_fused_attention(), _restore_modes(modes), contextlib.redirect_stderr(io.StringIO()):
+        yield run
 
 
 def _shape_prop_node(message: str, gm: fx.GraphModule | None) -> str:
@@ -101,13 +170,22 @@ def _has_attention(module: nn.Module) -> bool:
 
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
     """Fill `node.meta["tensor_meta"]` for every node."""
-    propagate_shapes_and_flops(gm, example)
+    run_abstract(_Interpret(gm, shapes=True), example, count_flops=False)
     return gm
 
 
 def propagate_shapes_and_flops(gm: fx.GraphModule, example: torch.Tensor) -> int:
     """Shapes into node meta, and the forward FLOPs FlopCounterMode counts, in one run."""
-    return run_abstract(_Propagate(gm), example)
+    return run_abstract(_Interpret(gm, shapes=True, by_shape=False), example)
+
+
+@contextlib.contextmanager
+def graph_checks(gm: fx.GraphModule):
+    """Yields `check(example)`: run `gm`'s graph as it is now on meta (or fake) tensors,
+    raising what the run raises. A cheap "does it run" for a rewritten graph that may not be
+    recompiled yet, set up once for several settings of it (sub-models)."""
+    with abstract_runs(_Interpret(gm, shapes=False)) as run:
+        yield lambda example: run(example, raw_errors=True)
 
 
 def output_shape(node: fx.Node) -> tuple[int, ...] | None:

@@ -132,7 +132,7 @@ def inspect(
         user_model = api.build_model(s, model).eval()
         plain = api.trace_model(s, user_model)
         if dry_run:
-            _print_matches(api.pipeline(s).dry_run(plain))
+            _print_matches(api.pipeline(s).dry_run(plain, example_input=x))
             return
         gm = api.compile_spec(s, plain).graph_module.eval() if s.passes else plain
     propagate_shapes(gm, x)
@@ -149,7 +149,7 @@ def inspect(
         {"": "original", "params": f"{before.params:,}", "forward FLOPs": f"{before.flops:,}"},
         {"": "rewritten", "params": f"{after.params:,}", "forward FLOPs": f"{after.flops:,}"}]))
     _print_groups(gm)
-    for section in _describers(gm, {p.kind for p in s.passes}):
+    for section in _describers(gm, api.passes_from_spec(s)):
         out.print(section)
 
 
@@ -170,18 +170,13 @@ def _print_groups(gm) -> None:
     out.print(_table("channel groups", rows))
 
 
-def _describers(gm, kinds: set[str]) -> list[Table]:
-    """Sections the spec's passes contribute (e.g. template banks): a `describe(gm)` in
-    their module."""
-    from ..passes import PASS_REGISTRY
+def _describers(gm, passes) -> list[Table]:
+    """Sections the spec's passes contribute (e.g. template banks): their `describe(gm)`."""
     tables = []
-    for kind in sorted(kinds):
-        cls = PASS_REGISTRY[kind]
-        describe = getattr(sys.modules[cls.__module__], "describe", None)
-        if describe is not None:
-            rows = describe(gm)
-            if rows:
-                tables.append(_table(kind, rows))
+    for p in sorted({p.kind: p for p in passes}.values(), key=lambda p: p.kind):
+        rows = p.describe(gm)
+        if rows:
+            tables.append(_table(p.kind, rows))
     return tables
 
 

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import FxgrowError
 from .base import Producer
 
 FUNCTIONS = ("atan", "asinh", "erf")
@@ -42,20 +43,25 @@ def psi_prime(v: torch.Tensor, a: Scalar, b: Scalar, function: str) -> torch.Ten
 INVERSE_LIMIT = {"atan": math.pi / 2 - 1e-3, "asinh": math.inf, "erf": 1 - 1e-6}
 
 
-def psi_inverse(w: torch.Tensor, a: float, b: float, function: str) -> tuple[torch.Tensor, int]:
-    """v with psi(v) == w (computed in float64, returned in w's dtype), and how many
-    entries of w lay outside psi's range and were clamped to its edge."""
-    x = w.to(torch.float64) / a
+def psi_inverse(w: torch.Tensor, a: float, b: float, function: str,
+                overwrite: bool = False) -> tuple[torch.Tensor, int]:
+    """v with psi(v) == w, in w's dtype, and how many entries of w lay outside psi's range
+    and were clamped to its edge. Computed in float64 on a copy; with `overwrite`, in w's
+    own dtype in place of w (a fresh tensor the caller gives up: the weights of a large
+    model are hundreds of MB, and each float64 pass over them costs)."""
+    inplace = not (torch.is_grad_enabled() and w.requires_grad)
+    x = w if overwrite and inplace else w.to(torch.float64, copy=True)
+    x = x.div_(a) if inplace else x / a
     limit = INVERSE_LIMIT[function]
-    clamped = int((x.abs() > limit).sum())
-    x = x.clamp(-limit, limit)
-    if function == "atan":
-        v = b * torch.tan(x)
-    elif function == "asinh":
-        v = b * torch.sinh(x)
-    else:
-        v = b * torch.erfinv(x)
-    return v.to(w.dtype), clamped
+    clamped = 0
+    lo, hi = torch.aminmax(x.detach()) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
+    if float(hi) > limit or float(lo) < -limit:  # one pass; counting takes two more
+        clamped = int(torch.count_nonzero(x.gt(limit))) + int(torch.count_nonzero(x.lt(-limit)))
+        x = x.clamp_(-limit, limit) if inplace else x.clamp(-limit, limit)
+    name = {"atan": "tan", "asinh": "sinh", "erf": "erfinv"}[function]
+    x = getattr(x, f"{name}_")() if inplace else getattr(x, name)()
+    x = x.mul_(b) if inplace else x * b
+    return x.to(w.dtype), clamped
 
 
 def inverse_needs_a(w: torch.Tensor, function: str) -> float:
@@ -116,6 +122,7 @@ class CompandProducer(Producer):
 
     rank = 10
     role = "compand"
+    keeps_zeros = True  # psi is odd: psi(0) = 0
 
     def __init__(self, scale: CompanderScale, function: str = "atan"):
         super().__init__()
@@ -132,3 +139,12 @@ class CompandProducer(Producer):
 
     def extra_repr(self) -> str:
         return f"function={self.function}"
+
+    def grow(self, growth, path: str) -> nn.Module:
+        """One (a, b) serves every block of a grown weight: the source nets must agree on it."""
+        for name in self.state_dict():
+            key = f"{path}.{name}"
+            if any(not torch.equal(s[key], growth.sources[0][key]) for s in growth.sources[1:]):
+                raise FxgrowError(f"cannot fuse: compander '{key}' differs between the source "
+                                  "nets, and one value serves every block of the grown weight")
+        return self

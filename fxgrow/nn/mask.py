@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FxgrowError
 from .base import Producer
 
 
@@ -20,20 +21,17 @@ class MaskProducer(Producer):
 
     rank = 20
     role = "mask"
+    keeps_zeros = True
 
     def __init__(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None, source: str = ""):
+                 device: torch.device | str | None = None, source: str = "", granularity: str = "element"):
         super().__init__()
         self.register_buffer("mask", torch.ones(shape, dtype=dtype, device=device))
         self.source = source          # "layer.param" this mask belongs to (for reports)
-        # Filter granularity: (group id, group size, dim, offset, repeat) per channel group
-        # this weight indexes (see fxgrow/passes/prune_regrow_filters.py).
-        self.channel_uses: list[tuple[int, int, int, int, int]] = []
+        # "filter": the mask removes whole channels of coupled groups (see prune_regrow_filters)
+        self.granularity = granularity
         self.capture = False
         self.dense_grad: torch.Tensor | None = None
-        # Set by growth: True where the mask belongs to a new block (all ones until the
-        # prune_regrow callback lays it out at the sparsity in force, then None).
-        self.fresh: torch.Tensor | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         out = w * self.mask
@@ -53,6 +51,25 @@ class MaskProducer(Producer):
 
     def nnz(self) -> int:
         return int(torch.count_nonzero(self.mask))
+
+    def growth_refusal(self) -> str:
+        if self.granularity == "filter":
+            return ("prune_regrow with granularity: filter prunes channel groups, and growth changes them "
+                    "(use granularity: element)")
+        return ""
+
+    def grow(self, growth, path: str) -> "MaskProducer":
+        """Source block i keeps source net i's mask; new blocks start dense (the prune_regrow
+        callback lays them out at the sparsity in force)."""
+        if self.growth_refusal():
+            raise FxgrowError(f"grow cannot widen '{self.source}': {self.growth_refusal()}")
+        weight = growth.weight(path)
+        if not any(weight.grows(d) for d in range(self.mask.dim())):
+            return self
+        grown = weight.place([s[f"{path}.mask"] for s in growth.sources], fill=1.0)
+        new = MaskProducer(grown.shape, grown.dtype, grown.device, self.source, self.granularity)
+        new.mask.copy_(grown)
+        return new
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.mask.shape)}, density={self.nnz() / self.mask.numel():.4f}"

@@ -18,13 +18,26 @@ whose outputs did not grow, e.g. the classifier). The band-major grid is then pe
 along dims 0 and 1 (`perm_out`, `perm_in`) to the channel order of the grown graph, which
 differs from band-major only where a dim holds several channel groups (concat) or
 repeats each channel (flatten into a linear).
+
+Growth (`grow`): the source blocks (the diagonal; stacked rows for a layer whose inputs
+stay, e.g. the first; side by side columns for one whose outputs stay, e.g. the
+classifier) keep source net i's alphas over its own template set, every other block gets
+new alphas (`new_coefficients`) over the set the layout picks; a bank of n source nets
+holds their n template sets.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ..errors import FxgrowError
 from .base import Producer
+
+if TYPE_CHECKING:
+    from ..growth import Growth
 
 
 class TemplateBank(nn.Module):
@@ -43,6 +56,13 @@ class TemplateBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sets={self.sets}, K={self.per_set}, shape={tuple(self.templates.shape[1:])}"
+
+    def grow(self, growth: "Growth", path: str) -> nn.Module:
+        """Source net i's templates become template set i."""
+        if growth.sources_count == 1:
+            return self
+        key = f"{path}.templates"
+        return TemplateBank(torch.cat([s[key] for s in growth.sources]), sets=growth.sources_count)
 
 
 class MixProducer(Producer):
@@ -130,3 +150,229 @@ class MixProducer(Producer):
         rows, cols, k = self.alpha.shape
         return (f"bank={self.bank!r}, K={k}, grid={rows}x{cols}, sets={self.sets}, "
                 f"set_axis={self.set_axis}")
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return self.weight_shape
+
+    @classmethod
+    def solve_for(cls, gm: nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+        return retarget(gm, targets, measure=False)
+
+    def growth_refusal(self) -> str:
+        if self.grid != (1, 1) or self.sets != 1:
+            return "it has grown already; growing twice is not supported"
+        return ""
+
+    def grow(self, growth: "Growth", path: str) -> nn.Module:
+        if self.growth_refusal():
+            raise FxgrowError(f"'{self.source}': {self.growth_refusal()}")
+        # Orthogonal new alphas must see every source alpha of their template set, so the
+        # first producer to grow notes those of all mixed weights.
+        coefficients = growth.shared(_Coefficients, lambda: _Coefficients.noting_sources(growth))
+        return _grown_producer(_plan_grid(path, self, growth), growth, coefficients)
+
+
+def preserving_templates(alphas: torch.Tensor, weights: list[torch.Tensor],
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """T with alphas @ T == the stacked weights: T = pinv(alphas) @ W (exact when the
+    L x K alphas have full row rank, i.e. L <= K; = alphas^T W for orthonormal rows), in
+    float64, or written into `out` in its dtype."""
+    pinv = torch.linalg.pinv(alphas)  # K x L, small
+    if out is None:
+        out = torch.empty((alphas.shape[1], *weights[0].shape), dtype=torch.float64, device=weights[0].device)
+    for k in range(alphas.shape[1]):  # T_k = sum_l pinv[k, l] W_l, without stacking the Ws
+        torch.mul(weights[0].detach(), float(pinv[k, 0]), out=out[k])
+        for l in range(1, len(weights)):
+            out[k].add_(weights[l].detach(), alpha=float(pinv[k, l]))
+    return out
+
+
+# Below this condition number of a bank's alphas the mix of re-solved templates is within
+# (K + L + 1) * eps * cond * max|W| of its target (the rounding of the L-term solve, of T
+# and of the K-term mix, in the templates' dtype), small enough not to measure; above it
+# `retarget` measures the residual.
+_WELL_CONDITIONED = 10.0
+
+
+def retarget(gm: nn.Module, targets: dict[str, torch.Tensor], measure: bool = True) -> dict[str, float]:
+    """Re-solve bank templates so each mixed weight in `targets` ({"layer.weight": value})
+    comes out as that value; layers of an affected bank not in `targets` keep their
+    current mix. For a pass stacked after mixing that re-initialises its input (the
+    compander's v = psi^-1(W)). Returns the max abs residual per key: 0 up to rounding
+    when the bank has at most K layers (ungrown), a least-squares fit otherwise. Without
+    `measure`, a well-conditioned bank (full row rank, the default orthonormal alphas)
+    reports the rounding bound instead of evaluating every mix again: the templates are
+    solved once."""
+    producers = mix_producers(gm)
+    by_source = {p.source: (path, p) for path, p in producers.items()}
+    missing = [k for k in targets if k not in by_source]
+    if missing:
+        raise FxgrowError(f"not template-mixed: {', '.join(missing)}")
+    banks = {by_source[k][1].bank for k in targets}
+    residual: dict[str, float] = {}
+    with torch.no_grad():
+        for bank_path in banks:
+            bank: TemplateBank = gm.get_submodule(bank_path)
+            users = [p for p in producers.values() if p.bank == bank_path]
+            if bank.sets != 1 or any(p.grid != (1, 1) for p in users):
+                raise FxgrowError(f"cannot re-solve the templates of grown bank '{bank_path}'")
+            alphas = torch.stack([p.alpha.detach().view(-1) for p in users]).to(torch.float64)
+            values = [targets[p.source] if p.source in targets else p(bank.templates) for p in users]
+            preserving_templates(alphas, values, out=bank.templates.data)
+            cond = _row_condition(alphas)
+            for p, v in zip(users, values):
+                if measure or cond > _WELL_CONDITIONED:
+                    residual[p.source] = float((p(bank.templates) - v).abs().max())
+                else:
+                    lo, hi = torch.aminmax(v)
+                    eps = torch.finfo(bank.templates.dtype).eps
+                    residual[p.source] = (sum(alphas.shape) + 1) * eps * cond * max(-float(lo), float(hi))
+    return {k: residual[k] for k in targets}
+
+
+def _row_condition(alphas: torch.Tensor) -> float:
+    """||A||_inf * ||pinv(A)||_inf, or inf when A (L x K) has no full row rank."""
+    if alphas.shape[0] > alphas.shape[1] or torch.linalg.matrix_rank(alphas) < alphas.shape[0]:
+        return float("inf")
+    norm = lambda m: float(m.abs().sum(1).max())  # noqa: E731  (the inf-norm: max row sum)
+    return norm(alphas) * norm(torch.linalg.pinv(alphas))
+
+
+def mix_producers(model: nn.Module) -> dict[str, MixProducer]:
+    """{module path: producer} of every MixProducer in `model`, in registration order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MixProducer)}
+
+
+# --- growth ----------------------------------------------------------------------------------
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm().clamp_min(1e-12)
+
+
+def _orthogonal_to(existing: list[torch.Tensor], k: int, generator: torch.Generator) -> torch.Tensor:
+    """A random unit vector orthogonal to `existing` (Gram-Schmidt); just a random unit
+    vector when they already span all K dims."""
+    v = torch.randn(k, generator=generator, dtype=torch.float64)
+    basis: list[torch.Tensor] = []
+    for e in existing:
+        r = e.to(torch.float64)
+        for b in basis:
+            r = r - (r @ b) * b
+        if r.norm() > 1e-8:
+            basis.append(_unit(r))
+    if len(basis) >= k:
+        return _unit(v)
+    for b in basis:
+        v = v - (v @ b) * b
+    return _unit(v)
+
+
+class _Coefficients:
+    """Hands out new alphas; remembers, per bank and template set, the alphas using it."""
+
+    def __init__(self, how: str, noise: float, generator: torch.Generator):
+        self.how, self.noise, self.generator = how, noise, generator
+        self.used: dict[tuple[str, int], list[torch.Tensor]] = {}
+
+    @classmethod
+    def noting_sources(cls, growth: "Growth") -> "_Coefficients":
+        out = cls(growth.options.get("new_coefficients", "orthogonal"), growth.options.get("noise", 0.0),
+                  growth.generator)
+        for path, m in growth.model.named_modules():
+            if isinstance(m, MixProducer):
+                grid = _plan_grid(path, m, growth)
+                for (r, c), alpha in grid.sourced.items():
+                    out.note(m.bank, grid.set_of(r, c), alpha)
+        return out
+
+    def note(self, bank: str, template_set: int, alpha: torch.Tensor) -> None:
+        self.used.setdefault((bank, template_set), []).append(alpha.detach().flatten())
+
+    def new(self, bank: str, template_set: int, k: int, copy_of: torch.Tensor) -> torch.Tensor:
+        if self.how == "orthogonal":
+            alpha = _orthogonal_to(self.used.get((bank, template_set), []), k, self.generator)
+        elif self.how == "random":
+            alpha = torch.randn(k, generator=self.generator, dtype=torch.float64)
+        elif self.how == "copy":
+            alpha = copy_of.detach().flatten().to(torch.float64).cpu().clone()
+        elif self.how == "zero":  # test-only: proves where the source blocks land
+            alpha = torch.zeros(k, dtype=torch.float64)
+        else:
+            raise ValueError(f"unknown new_coefficients {self.how!r}")
+        if self.noise:
+            alpha = alpha + self.noise * torch.randn(k, generator=self.generator, dtype=torch.float64)
+        self.note(bank, template_set, alpha)
+        return alpha
+
+
+@dataclass
+class _Grid:
+    """One mixed weight's block grid once grown."""
+
+    producer: MixProducer           # the ungrown one
+    rows: int
+    cols: int
+    set_axis: str                   # the template set is picked by the row or by the column
+    set_index: list[int]            # the set of each row (or column)
+    perms: tuple[torch.Tensor | None, torch.Tensor | None]
+    sourced: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # block -> source alphas
+
+    def set_of(self, r: int, c: int) -> int:
+        return self.set_index[r] if self.set_axis == "row" else self.set_index[c]
+
+    def source_block(self, i: int) -> tuple[int, int]:
+        """Where source net i's own block sits: the diagonal, or down the single column,
+        or along the single row."""
+        if self.rows == self.cols:
+            return i, i
+        return (i, 0) if self.cols == 1 else (0, i)
+
+
+def _plan_grid(path: str, producer: MixProducer, growth: "Growth") -> _Grid:
+    weight, g, n = growth.weight(path), growth.factor, growth.sources_count
+    shape = producer.block_shape
+    rows = g if weight.grows(0) else 1
+    cols = g if len(shape) > 1 and weight.grows(1) else 1
+    perms = []
+    for dim, bands in ((0, rows), (1, cols)):
+        if bands == 1:
+            perms.append(None)
+            continue
+        fixed = weight.fixed_reasons(dim)
+        if fixed:
+            raise FxgrowError(f"'{producer.source}' dim {dim} mixes growing and fixed channel groups "
+                              f"({'; '.join(fixed)})")
+        band, old = weight.positions(dim, shape[dim])
+        perm = band * shape[dim] + old  # index into the band-major block grid
+        perms.append(None if torch.equal(perm, torch.arange(len(perm))) else perm)
+    layout = growth.options.get("layout", "vertical")
+    set_axis = "row" if cols == 1 else "col" if rows == 1 else ("row" if layout == "vertical" else "col")
+    set_index = [b % n for b in range(rows if set_axis == "row" else cols)]
+    grid = _Grid(producer, rows, cols, set_axis, set_index, tuple(perms))
+    k = producer.alpha.shape[-1]
+    for i in range(min(n, max(rows, cols))):
+        grid.sourced[grid.source_block(i)] = growth.sources[i][f"{path}.alpha"].view(k).to(torch.float64).cpu()
+    return grid
+
+
+def _grown_producer(grid: _Grid, growth: "Growth", coefficients: _Coefficients) -> MixProducer:
+    p, n = grid.producer, growth.sources_count
+    device = p.alpha.device
+    k = p.alpha.shape[-1]
+    alpha = torch.zeros(grid.rows, grid.cols, k, dtype=torch.float64)
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            if (r, c) in grid.sourced:
+                alpha[r, c] = grid.sourced[r, c]
+    for r in range(grid.rows):  # `copy` takes the alphas of source net s's own block
+        for c in range(grid.cols):
+            if (r, c) not in grid.sourced:
+                s = grid.set_of(r, c)
+                alpha[r, c] = coefficients.new(p.bank, s, k, alpha[grid.source_block(s)])
+    index = None
+    if n > 1 and grid.set_index != list(range(n)):
+        index = torch.tensor(grid.set_index, dtype=torch.long, device=device)
+    perm_out, perm_in = (None if q is None else q.to(device) for q in grid.perms)
+    return MixProducer(alpha.to(device=device, dtype=p.alpha.dtype), p.block_shape, bank=p.bank,
+                       source=p.source, sets=n, set_axis=grid.set_axis, set_index=index,
+                       perm_out=perm_out, perm_in=perm_in)

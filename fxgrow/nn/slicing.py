@@ -137,6 +137,20 @@ class _Sliced(nn.Module):
             t = t.narrow(dim, 0, length) if index is None else t.index_select(dim, getattr(self, index))
         return t
 
+    @torch.no_grad()
+    def _copy_cut(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else self._cut(t).detach().clone()
+
+    def _plain(self, plain: nn.Module, tensors: dict[str, torch.Tensor | None]) -> nn.Module:
+        """`plain` (a plain norm module) holding `tensors`, on their device, in this one's mode."""
+        plain.to(next((t.device for t in tensors.values() if t is not None), None))
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if value is not None:
+                    getattr(plain, name).copy_(value)
+        plain.train(self.training)
+        return plain
+
 
 class SliceProducer(Producer, _Sliced):
     """Last producer of a weight chain: the tensor cut to the active channels."""
@@ -150,6 +164,12 @@ class SliceProducer(Producer, _Sliced):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self._cut(w)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        out = list(shape)
+        for dim, length, _ in self.cuts[self.state.width_index]:
+            out[dim] = length
+        return tuple(out)
 
     def extra_repr(self) -> str:
         return ", ".join(f"dim {lay.dim}: groups {[s.group for s in lay.segments]}" for lay in self.layouts)
@@ -242,6 +262,19 @@ class SlicedBatchNorm(nn.modules.batchnorm._BatchNorm, _Sliced):
     def extra_repr(self) -> str:
         return super().extra_repr() + (", per_width=True" if self.per_width else "")
 
+    def plain(self) -> nn.Module:
+        """The plain BatchNorm{1,2,3}d of the active width (its statistics, cut)."""
+        mean, var, tracked, shared = self.statistics()
+        if shared and mean is not None:
+            mean, var = self._copy_cut(mean), self._copy_cut(var)
+        weight, bias = self._copy_cut(self.weight), self._copy_cut(self.bias)
+        size = next(t.shape[0] for t in (weight, mean) if t is not None)
+        base = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn")
+                    and c is not nn.modules.batchnorm._BatchNorm and issubclass(c, nn.modules.batchnorm._BatchNorm))
+        return self._plain(base(size, self.eps, self.momentum, self.affine, self.track_running_stats),
+                           {"weight": weight, "bias": bias, "running_mean": mean, "running_var": var,
+                            "num_batches_tracked": tracked})
+
 
 class SlicedBatchNorm1d(SlicedBatchNorm, nn.BatchNorm1d):
     pass
@@ -281,6 +314,13 @@ class SlicedLayerNorm(nn.LayerNorm, _Sliced):
         weight = self._cut(self.weight) if self.weight is not None else None
         bias = self._cut(self.bias) if self.bias is not None else None
         return F.layer_norm(x, x.shape[-1:], weight, bias, self.eps)
+
+    def plain(self) -> nn.Module:
+        """The plain LayerNorm of the active width."""
+        weight, bias = self._copy_cut(self.weight), self._copy_cut(self.bias)
+        size = (weight if weight is not None else self._cut(torch.empty(self.normalized_shape))).shape[0]
+        return self._plain(nn.LayerNorm(size, self.eps, self.elementwise_affine, bias=self.bias is not None),
+                           {"weight": weight, "bias": bias})
 
 
 class DepthGate(nn.Module):

@@ -2,11 +2,11 @@
 import importlib
 import pkgutil
 
-from .base import PASS_REGISTRY, Match, Pass, PassContext, PassResult, Pipeline, compose, register_pass
+from .base import PASS_REGISTRY, Applied, Match, Pass, PassContext, PassResult, Pipeline, Record, compose, register_pass
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["PASS_REGISTRY", "Match", "Pass", "PassContext", "PassResult", "Pipeline", "compose",
-           "register_pass"]
+__all__ = ["PASS_REGISTRY", "Applied", "Match", "Pass", "PassContext", "PassResult", "Pipeline", "Record",
+           "compose", "register_pass"]

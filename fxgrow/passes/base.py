@@ -1,12 +1,23 @@
 """The pass API and the pipeline that applies passes in order.
 
-A pass = a validated spec + a pure `match` + a `rewrite` that inserts producers + optional
-training-time callbacks. `Pipeline`/`compose` apply passes in order on a copy of the graph,
-check the ordering rules between producers, lint and recompile once, and name the pass
-that failed together with the ones that ran before it.
+A pass's life, as torch.fx's passes/infra has it (requires -> call -> ensures):
+
+    requires(gm, ctx)             preconditions; raise with the reason (`inspect --dry-run` runs it too)
+    match(gm, ctx) -> [Match]     pure: the layers it would rewrite
+    rewrite(gm, matches, ctx) -> Record     inserts producers, tags nodes; the record says what it did
+    callbacks(gm, record, ctx) -> [Callback]   training-time behaviour, given the record (may be [])
+    describe(gm) -> [row]         its table for `fxgrow inspect` and report.json (may be [])
+
+A pass that changes more than weight chains (sorted slicing) is `reversible`: its
+classmethod `reverse(gm)` turns what it added into plain graph code at its current
+setting; fold and growth call it (see `Pipeline.reverse`). `Pipeline`/`compose` apply
+passes in order on a copy of the graph, check the ordering rules between producers, lint
+and recompile once, and name the pass that failed together with the ones that ran before
+it. `PassResult.history` keeps every applied pass with its record, in order.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -15,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import FxgrowError, PassError, SpecError
+from ..analysis import channel_groups, propagate_shapes
 from ..ir import functionalize, layer_types
 from ..specs.base import PassSpec
 from ..trace import trace
@@ -41,17 +53,73 @@ class Match:
 
 
 @dataclass
+class Record:
+    """What one rewrite did, handed to the pass's callbacks (passes subclass it).
+    `builds_on`: runs whose trained models this one takes in (growth's fused runs): their
+    training cost counts toward this run's."""
+
+    layers: tuple[str, ...] = ()
+    builds_on: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Applied:
+    """One pass of a pipeline, applied: the pass, its record, its position."""
+
+    pass_: "Pass"
+    record: Record
+    index: int
+
+
+class Analysis:
+    """Shapes and channel groups of the graph a pipeline rewrites, computed once, on first
+    use, and shared by its passes. Weight-chain rewrites keep them valid (activations keep
+    their shapes; the coupling analysis skips chains; a chain's own shape comes from its
+    producers' `output_shape`); the pipeline forgets them after a reversible pass, which
+    changes the graph's structure."""
+
+    def __init__(self, gm: fx.GraphModule, example: torch.Tensor | None):
+        self.gm, self.example = gm, example
+        self._shaped = False
+        self._groups: list | None = None
+
+    def shapes(self) -> fx.GraphModule:
+        """`gm` with `tensor_meta` on its nodes."""
+        if not self._shaped:
+            if self.example is None:
+                raise FxgrowError("the analysis needs an example input (model.example_input)")
+            propagate_shapes(self.gm, self.example)
+            self._shaped = True
+        return self.gm
+
+    def channel_groups(self) -> list:
+        if self._groups is None:
+            self._groups = channel_groups(self.shapes())
+        return self._groups
+
+    def invalidate(self) -> None:
+        self._shaped, self._groups = False, None
+
+
+@dataclass
 class PassContext:
     """What a pass may know beyond the graph."""
 
     example_input: torch.Tensor | None = None
     seed: int = 0
     index: int = 0              # position in the spec's pass list, for error paths
-    applied: list["Pass"] = field(default_factory=list)  # passes already applied
+    applied: list["Pass"] = field(default_factory=list)  # the passes before this one
+    history: list[Applied] = field(default_factory=list)  # at `callbacks`: every pass of the pipeline
+    analysis: Analysis | None = None  # the pipeline's shared analysis (`analyzed` makes one when missing)
 
     @property
     def where(self) -> str:
         return f"passes.{self.index}"
+
+    def analyzed(self, gm: fx.GraphModule) -> Analysis:
+        if self.analysis is None or self.analysis.gm is not gm:
+            self.analysis = Analysis(gm, self.example_input)
+        return self.analysis
 
 
 @dataclass
@@ -59,6 +127,12 @@ class PassResult:
     graph_module: fx.GraphModule
     callbacks: list[Callback]
     matches: dict[str, list[Match]]  # "passes.i" -> matches
+    history: list[Applied] = field(default_factory=list)
+
+    @property
+    def records(self) -> dict[str, Record]:
+        """"passes.i" -> what pass i did."""
+        return {f"passes.{a.index}": a.record for a in self.history}
 
 
 class Pass:
@@ -70,6 +144,7 @@ class Pass:
     preserves_computation: ClassVar[bool] = False
     rank: ClassVar[int | None] = None
     functionalizes: ClassVar[bool] = True  # matched layers are functionalized before rewrite
+    reversible: ClassVar[bool] = False     # it changes more than weight chains: it has `reverse`
 
     def __init__(self, spec: PassSpec | None = None, **fields: Any):
         if spec is None:
@@ -82,17 +157,37 @@ class Pass:
             raise TypeError("give either a spec or fields, not both")
         self.spec = spec
 
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        """Preconditions on the graph and the pipeline; raise FxgrowError/SpecError naming
+        what is missing. Runs before `match`, and in `Pipeline.dry_run`."""
+
     def match(self, gm: fx.GraphModule, ctx: PassContext) -> list[Match]:
         """Pure: which layers this pass would rewrite."""
         layers = layer_types(gm)
         chosen = self.spec.targets.select(layers, where=f"{ctx.where}.targets")
         return [Match(name, layers[name]) for name in chosen]
 
-    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
+    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> Record | None:
         raise NotImplementedError
 
-    def callbacks(self, gm: fx.GraphModule) -> list[Callback]:
+    def callbacks(self, gm: fx.GraphModule, record: Record, ctx: PassContext) -> list[Callback]:
         return []
+
+    def describe(self, gm: nn.Module) -> list[dict[str, Any]]:
+        """Rows of this pass's table for `fxgrow inspect` (e.g. the template banks)."""
+        return []
+
+    @classmethod
+    def applied_to(cls, gm: nn.Module) -> bool:
+        """Whether `gm` holds nodes this pass added."""
+        return isinstance(gm, fx.GraphModule) and any(
+            (n.meta.get("fxgrow") or {}).get("pass") == cls.kind for n in gm.graph.nodes)
+
+    @classmethod
+    def reverse(cls, gm: fx.GraphModule) -> None:
+        """Reversible passes: turn what this pass added into plain graph code, in place, at
+        its current setting (weight chains are left for fold)."""
+        raise NotImplementedError(f"{cls.kind} is not reversible")
 
     def __call__(self, gm: fx.GraphModule | nn.Module, example_input: torch.Tensor | None = None,
                  seed: int = 0) -> PassResult:
@@ -125,45 +220,72 @@ class Pipeline:
         gm = model if isinstance(model, fx.GraphModule) else trace(model)
         if not inplace:
             gm = copy.deepcopy(gm)  # never mutate the user's parameters
-        applied: list[Pass] = []
+        history: list[Applied] = []
         matches: dict[str, list[Match]] = {}
+        analysis = Analysis(gm, example_input)
         for index, p in enumerate(self.passes):
-            ctx = PassContext(example_input=example_input, seed=seed, index=index, applied=list(applied))
-            try:
+            ctx = PassContext(example_input=example_input, seed=seed, index=index,
+                              applied=[a.pass_ for a in history], history=list(history), analysis=analysis)
+            with self._naming(p, index, history):
+                p.requires(gm, ctx)
                 found = p.match(gm, ctx)
                 if p.functionalizes:
-                    functionalize(gm, [m.layer for m in found])
-                p.rewrite(gm, found, ctx)
+                    functionalize(gm, [m.layer for m in found], recompile=False)
+                record = p.rewrite(gm, found, ctx)
                 gm.graph.lint()
-            except SpecError:
-                raise
-            except Exception as e:
-                before = ", ".join(f"{q.kind} (passes.{k})" for k, q in enumerate(applied)) or "none"
-                detail = str(e) if isinstance(e, FxgrowError) else f"{type(e).__name__}: {e}"
-                raise PassError(f"pass {p.kind} (passes.{index}) failed: {detail}\n"
-                                f"  passes applied before it: {before}") from e
+            if p.reversible:
+                analysis.invalidate()
+            record = record if record is not None else Record()
+            if not record.layers:
+                record.layers = tuple(m.layer for m in found)
             matches[ctx.where] = found
-            applied.append(p)
+            history.append(Applied(p, record, index))
         gm.recompile()
-        return PassResult(gm, self._callbacks(gm), matches)
+        return PassResult(gm, self._callbacks(gm, history, example_input, seed), matches, history)
 
-    def _callbacks(self, gm: fx.GraphModule) -> list[Callback]:
+    @staticmethod
+    @contextlib.contextmanager
+    def _naming(p: Pass, index: int, history: list[Applied]):
+        """A failure names the pass and the ones applied before it (spec errors pass as they are)."""
+        try:
+            yield
+        except SpecError:
+            raise
+        except Exception as e:
+            before = ", ".join(f"{a.pass_.kind} (passes.{a.index})" for a in history) or "none"
+            detail = str(e) if isinstance(e, FxgrowError) else f"{type(e).__name__}: {e}"
+            raise PassError(f"pass {p.kind} (passes.{index}) failed: {detail}\n"
+                            f"  passes applied before it: {before}") from e
+
+    def _callbacks(self, gm: fx.GraphModule, history: list[Applied], example_input, seed: int) -> list[Callback]:
         """Callback names key checkpoint state and report sections: when a kind appears
         twice (two companders on different layers), each gets its pass index."""
         kinds = [p.kind for p in self.passes]
         callbacks = []
-        for index, p in enumerate(self.passes):
-            for cb in p.callbacks(gm):
-                if kinds.count(p.kind) > 1:
-                    cb.name = f"{cb.name}.{index}"
+        for a in history:
+            ctx = PassContext(example_input=example_input, seed=seed, index=a.index,
+                              applied=[b.pass_ for b in history[:a.index]], history=list(history))
+            with self._naming(a.pass_, a.index, history[:a.index]):
+                made = a.pass_.callbacks(gm, a.record, ctx)
+            for cb in made:
+                if kinds.count(a.pass_.kind) > 1:
+                    cb.name = f"{cb.name}.{a.index}"
                 callbacks.append(cb)
         return callbacks
 
-    def dry_run(self, model: fx.GraphModule | nn.Module) -> dict[str, list[Match]]:
-        """What each pass would match, without rewriting (passes see the graph as the
-        earlier passes would leave it only in layer names, which rewrites keep)."""
+    def dry_run(self, model: fx.GraphModule | nn.Module,
+                example_input: torch.Tensor | None = None) -> dict[str, list[Match]]:
+        """What each pass would match, after its `requires`, without rewriting (passes see
+        the graph as the earlier passes would leave it only in layer names, which rewrites
+        keep)."""
         gm = model if isinstance(model, fx.GraphModule) else trace(model)
-        return {f"passes.{i}": p.match(gm, PassContext(index=i)) for i, p in enumerate(self.passes)}
+        out = {}
+        for i, p in enumerate(self.passes):
+            ctx = PassContext(example_input=example_input, index=i, applied=self.passes[:i])
+            with self._naming(p, i, []):
+                p.requires(gm, ctx)
+            out[ctx.where] = p.match(gm, ctx)
+        return out
 
 
 def compose(*passes: Pass) -> Pipeline:

@@ -3,13 +3,14 @@ w = psi(v) with v initialised to psi^-1(w), so outputs are unchanged right after
 
 Stacked after template mixing, v is not a parameter but the mixed weight: the inverse
 init then re-solves the bank's templates so that the mix yields psi^-1(W) (template
-mixing's `retarget`), and the function is still preserved. Masks and slicing come after
+mix producer's `solve_for`), and the function is still preserved. Masks and slicing come after
 the compander and see psi(v) as their input. Training-time behaviour (weight decay on
 the effective weight, the Adam correction, metrics, report) is in `compander_callback`.
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -18,10 +19,11 @@ from torch import fx
 
 from ..errors import FxgrowError
 from ..ir import WeightChain, evaluate_chain, fetch_attr, insert_producer, weight_chains
+from ..nn.base import can_solve
 from ..nn.compander import CompanderScale, CompandProducer, inverse_needs_a, psi_inverse
 from ..specs.base import PassSpec
 from ..train.callbacks import Callback
-from .base import Match, Pass, PassContext, register_pass
+from .base import Match, Pass, PassContext, Record, register_pass
 from .compander_callback import CompanderCallback
 
 FIXED_INIT = (0.7, 0.8)      # the most frequent best pair of the paper's grid search
@@ -66,6 +68,11 @@ class CompanderSpec(PassSpec):
         return []
 
 
+@dataclass
+class CompanderRecord(Record):
+    clamped: dict[str, int] = field(default_factory=dict)  # per weight: entries the inverse init clamped
+
+
 @register_pass
 class CompanderPass(Pass):
     kind = "compander"
@@ -73,37 +80,45 @@ class CompanderPass(Pass):
     preserves_computation = True
     rank = CompandProducer.rank
 
-    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
+    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> "CompanderRecord":
         spec: CompanderSpec = self.spec
         a, b = spec.initial_ab
-        self.clamped: dict[str, int] = {}
         all_chains = weight_chains(gm)
         chains = [all_chains[f"{m.layer}.weight"] for m in matches]
-        # Every inverse is computed from the weights as they are before any is written,
-        # so a parameter tied into two chains is inverted once.
-        with torch.no_grad():
-            targets = {c.key: self._inverse(c.key, evaluate_chain(gm, c)) for c in chains}
-        shared = CompanderScale(a, b, learnable=True) if spec.learnable == "global" else None
-        generated: dict[str, torch.Tensor] = {}
+        record = CompanderRecord(tuple(m.layer for m in matches))
         for chain in chains:
             if chain.producers:
                 self._check_upstream(gm, chain)
-                generated[chain.key] = targets[chain.key]
-            else:
-                with torch.no_grad():
-                    fetch_attr(gm, chain.head.target).copy_(targets[chain.key])
+        # Chains computed from one head (a template bank; a parameter tied into two layers)
+        # are initialised together, each from the values before any is written, one head at
+        # a time (its targets then free their memory for the next). A generated weight is a
+        # fresh tensor: its inverse overwrites it.
+        by_head: dict[int, list[WeightChain]] = {}  # by tensor: tied parameters have two names
+        for chain in chains:
+            by_head.setdefault(id(fetch_attr(gm, chain.head.target)), []).append(chain)
+        with torch.no_grad():
+            for members in by_head.values():
+                targets = {c.key: self._inverse(c.key, evaluate_chain(gm, c), record.clamped, bool(c.producers))
+                           for c in members}
+                if members[0].producers:
+                    _solve_upstream(gm, members, targets)
+                else:
+                    for chain in members:
+                        fetch_attr(gm, chain.head.target).copy_(targets[chain.key])
+        shared = CompanderScale(a, b, learnable=True) if spec.learnable == "global" else None
+        for chain in chains:
             scale = shared if shared is not None else CompanderScale(a, b, spec.learnable == "layer")
             insert_producer(gm, chain, CompandProducer(scale, spec.function), self.kind)
-        if generated:
-            _retarget_templates(gm, generated)
+        return record
 
-    def callbacks(self, gm: fx.GraphModule) -> list[Callback]:
-        return [CompanderCallback(self.spec, dict(getattr(self, "clamped", {})))]
+    def callbacks(self, gm: fx.GraphModule, record: "CompanderRecord", ctx: PassContext) -> list[Callback]:
+        return [CompanderCallback(self.spec, dict(record.clamped))]
 
-    def _inverse(self, key: str, w: torch.Tensor) -> torch.Tensor:
+    def _inverse(self, key: str, w: torch.Tensor, clamped_counts: dict[str, int],
+                 overwrite: bool = False) -> torch.Tensor:
         a, b = self.spec.initial_ab
-        v, clamped = psi_inverse(w, a, b, self.spec.function)
-        self.clamped[key] = clamped
+        v, clamped = psi_inverse(w, a, b, self.spec.function, overwrite)
+        clamped_counts[key] = clamped
         if clamped > self.spec.max_clamped_fraction * w.numel():
             raise FxgrowError(f"{clamped} of {w.numel()} weights of '{key}' lie outside the range of "
                               f"{a} * {self.spec.function}(v / b): raise `a` to at least "
@@ -114,25 +129,29 @@ class CompanderPass(Pass):
         return v
 
     def _check_upstream(self, gm: fx.GraphModule, chain: WeightChain) -> None:
-        from ..nn.mixing import MixProducer
-
         modules = chain.modules(gm)
-        if len(modules) != 1 or not isinstance(modules[0], MixProducer):
+        if len(modules) != 1 or not can_solve(modules[0]):
             names = ", ".join(f"{type(m).__name__} ({p.target})" for m, p in zip(modules, chain.producers))
             raise FxgrowError(f"'{chain.key}' already has producers {names}: the compander must come "
-                              "right after the parameter or a template mix")
+                              "right after the parameter or a producer that can be solved for its "
+                              "output (a template mix)")
         if self.spec.adaptive_fix:
             raise FxgrowError(f"adaptive_fix needs v to be a parameter, but '{chain.key}' is generated "
                               "by template mixing; drop adaptive_fix or the mixing of this layer")
 
 
-def _retarget_templates(gm: fx.GraphModule, targets: dict[str, torch.Tensor]) -> None:
-    """Make template mixing produce v = psi^-1(W) for each key of `targets`."""
-    from .template_mixing import retarget
-
-    residual = retarget(gm, targets)
+def _solve_upstream(gm: fx.GraphModule, chains: list[WeightChain], targets: dict[str, torch.Tensor]) -> None:
+    """Make the producer before each compander (a template mix) output v = psi^-1(W)."""
+    by_class: dict[type, dict[str, torch.Tensor]] = {}
+    for chain in chains:  # (no compander is inserted yet: the first producer is the upstream one)
+        if chain.key in targets:
+            by_class.setdefault(type(chain.modules(gm)[0]), {})[chain.key] = targets[chain.key]
+    residual = {k: r for cls, part in by_class.items() for k, r in cls.solve_for(gm, part).items()}
     for key, r in residual.items():
-        scale = max(1.0, float(targets[key].abs().max()))
-        if r > 1e-5 * scale:
+        if r <= 1e-5:  # within tolerance whatever the scale: no pass over the values
+            continue
+        lo, hi = torch.aminmax(targets[key])
+        if r > 1e-5 * max(1.0, -float(lo), float(hi)):
             raise FxgrowError(f"cannot initialise v = psi^-1(W) for '{key}' through its template bank "
-                              f"(residual {r:.3g}): the bank's alphas do not have full row rank")
+                              f"(residual {r:.3g}): the producer before it cannot be solved exactly "
+                              "(a template bank's alphas without full row rank)")

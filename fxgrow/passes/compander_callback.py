@@ -22,14 +22,13 @@ alphas, and `adaptive_fix` is rejected at rewrite time.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from ..ir import fetch_attr, weight_chains
+from ..ir import producer_sites, run_producers
 from ..nn.base import Producer
 from ..nn.compander import CompanderScale, CompandProducer, psi, psi_and_prime_many, psi_prime
 from ..train.callbacks import Callback, TrainContext
@@ -54,10 +53,7 @@ class Site:
 
     def v(self) -> torch.Tensor:
         """The compander's input."""
-        value = self.head
-        for module in self.upstream:
-            value = module(value)
-        return value
+        return run_producers(self.head, self.upstream)
 
     def parameters(self) -> list[nn.Parameter]:
         """What v is computed from."""
@@ -68,13 +64,8 @@ def compand_sites(model: nn.Module) -> list[Site]:
     """Every compander of `model`, in graph order of the layers it feeds."""
     if not isinstance(model, fx.GraphModule):
         return []
-    sites = []
-    for chain in weight_chains(model).values():
-        modules = chain.modules(model)
-        for i, module in enumerate(modules):
-            if isinstance(module, CompandProducer):
-                sites.append(Site(chain.key, fetch_attr(model, chain.head.target), modules[:i], module))
-    return sites
+    return [Site(chain.key, head, upstream, producer)
+            for chain, producer, upstream, head in producer_sites(model, CompandProducer)]
 
 
 def percentiles(t: torch.Tensor, qs: tuple[float, ...] = PERCENTILES) -> list[float]:
@@ -106,23 +97,26 @@ class CompanderCallback(Callback):
         self.initial_ab = spec.initial_ab
         self.clamped = clamped
         self.scales: dict[str, tuple[float, float]] = {}  # last seen (a, b) per layer
-        self._cache: tuple[nn.Module | None, list[Site]] = (None, [])
-        self._armed: tuple[nn.Module, float] | None = None  # (model, lambda) for the next step
-        self._hooked: weakref.ref | None = None  # the optimizer our step hooks are on
+        self._sites: list[Site] = []      # of the trained model: found at the start and when it is replaced
+        self._armed: float | None = None  # lambda for the next optimizer step
+        self._hooks: list[Any] = []       # our step hooks on the current optimizer
         self._pending: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = []
 
-    def sites(self, model: nn.Module) -> list[Site]:
-        # Cached per model object: growth and resume install a new one.
-        if self._cache[0] is not model:
-            self._cache = (model, compand_sites(model))
-        return self._cache[1]
+    def _attach(self, ctx: TrainContext) -> None:
+        """Find the companders of ctx.model and hook ctx.optimizer's steps (at the start and
+        whenever the loop replaces the model, which rebuilds the optimizer)."""
+        self._sites = compand_sites(ctx.model)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = [ctx.optimizer.register_step_pre_hook(self._on_optimizer_step),
+                       ctx.optimizer.register_step_post_hook(self._after_optimizer_step)]
 
     # --- optimizer groups ----------------------------------------------------------------
 
     def param_group_overrides(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         name_of = {id(p): n for n, p in model.named_parameters()}
         no_decay: list[torch.Tensor] = []
-        for site in self.sites(model):
+        for site in compand_sites(model):  # asked while the optimizer for `model` is built
             if self.decay == "effective":
                 no_decay.append(site.head)  # decayed through psi(v) at the optimizer step instead
             if site.producer.scale.learnable:
@@ -135,28 +129,28 @@ class CompanderCallback(Callback):
         if self.adaptive_fix and not _adaptive(ctx.optimizer):
             raise ValueError(f"compander: adaptive_fix applies to Adam/AdamW, not "
                              f"{type(ctx.optimizer).__name__}")
+        self._attach(ctx)
+
+    def on_model_replaced(self, ctx: TrainContext, old: nn.Module, new: nn.Module, change) -> None:
+        self._attach(ctx)
 
     def on_step_start(self, ctx: TrainContext) -> None:
         if ctx.step == 0:  # the initial distribution, for the weight-distribution figure
-            ctx.log({"compander": self.snapshot(ctx.model)})
+            ctx.log({"compander": self.snapshot()})
 
     def after_backward(self, ctx: TrainContext) -> None:
         # The work happens inside optimizer.step(), in the hooks below: after gradient
         # clipping and GradScaler unscaling, and only when the step is really taken.
         lam = float(ctx.optimizer.defaults.get("weight_decay", 0.0)) if self.decay == "effective" else 0.0
-        self._armed = (ctx.model, lam) if lam or self.adaptive_fix else None
-        if self._armed is not None and (self._hooked is None or self._hooked() is not ctx.optimizer):
-            ctx.optimizer.register_step_pre_hook(self._on_optimizer_step)
-            ctx.optimizer.register_step_post_hook(self._after_optimizer_step)
-            self._hooked = weakref.ref(ctx.optimizer)
+        self._armed = lam if lam or self.adaptive_fix else None
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._armed is None:
             return
-        (model, lam), self._armed = self._armed, None
+        lam, self._armed = self._armed, None
         decoupled = _decoupled(optimizer)
         lr = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-        sites = self.sites(model)
+        sites = self._sites
         with torch.no_grad():
             for scale, vs in _leaf_groups(sites):
                 self._correct(vs, scale, lam, decoupled, lr)
@@ -192,10 +186,10 @@ class CompanderCallback(Callback):
 
     # --- metrics and report ----------------------------------------------------------------
 
-    def snapshot(self, model: nn.Module) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         """a and b per layer (when learnable) and the weight percentiles of the first and
         last companded layer: w = psi(v) and v, at PERCENTILES."""
-        sites = self.sites(model)
+        sites = self._sites
         record: dict[str, Any] = {}
         if self.learnable != "none":
             self.scales = {s.key: s.producer.scale.values() for s in sites}
@@ -208,11 +202,11 @@ class CompanderCallback(Callback):
         return record
 
     def on_eval(self, ctx: TrainContext, metrics: dict[str, float]) -> None:
-        ctx.log({"compander": self.snapshot(ctx.model)})
+        ctx.log({"compander": self.snapshot()})
 
     def on_train_end(self, ctx: TrainContext) -> None:
         if self.learnable != "none":
-            self.scales = {s.key: s.producer.scale.values() for s in self.sites(ctx.model)}
+            self.scales = {s.key: s.producer.scale.values() for s in self._sites}
 
     def report(self) -> dict[str, Any]:
         a, b = self.initial_ab

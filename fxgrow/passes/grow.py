@@ -3,52 +3,50 @@
 Growth is an event, not a rewrite at spec time: the pass checks the model and hands the
 loop a `GrowCallback`, which at `at` (an epoch, a step, or a fraction of the FLOPs budget)
 builds the grown GraphModule with `grow_model.grow_model` (fusing other runs' checkpoints
-when `fuse` lists them) and swaps it in through `ctx.replace_model`. On resume it re-grows
-before the checkpoint's model state loads.
+when `fuse` lists them) and swaps it in through `ctx.replace_model` (the loop then tells
+every callback, `on_model_replaced`). On resume, `replay_structure` grows the fresh model
+again before the checkpoint's model state loads.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from pydantic import Field, field_validator, model_validator
-from torch import fx
+from torch import fx, nn
 
 from ..analysis import forward_flops
 from ..errors import FxgrowError
-from ..ir import layer_types
-from ..nn.mask import MaskProducer
-from ..specs.base import PassSpec, StrictModel
-from ..train.callbacks import Callback, TrainContext
-from .base import Match, Pass, PassContext, register_pass
-from .grow_model import check_growable, grow_model, load_source, surviving_params
-from .template_mixing import TemplateMixingPass, mix_producers
-# (under another name: `fxgrow inspect` shows a module-level `describe` of each pass module)
-from .template_mixing import describe as describe_banks
+from ..ir import layer_types, meta, weight_chains
+from ..specs.base import At, PassSpec, resolve_time, time_type
+from ..train.callbacks import Callback, ModelChange, TrainContext
+from ..train.data import stable_seed
+from .base import Match, Pass, PassContext, Record, register_pass
+from .grow_model import Grown, check_growable, grow_model, load_source, surviving_params
+
+MIXING = "template_mixing"  # growth widens template-mixed layers (MixtureGrowth)
 
 
-class GrowAt(StrictModel):
-    """When to grow: exactly one of these."""
+class GrowAt(At):
+    """When to grow: a time as every pass gives it (exactly one of step, epoch, fraction),
+    or `flops_fraction`."""
 
-    epoch: int | None = Field(None, ge=0, description="at the start of this epoch (0-based)")
-    step: int | None = Field(None, ge=0, description="before this optimizer step (0-based)")
     flops_fraction: float | None = Field(
         None, gt=0, lt=1, description="once this run has spent this fraction of the FLOPs of "
                                       "training the grown model for the whole run")
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "GrowAt":
-        given = [k for k in ("epoch", "step", "flops_fraction") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of epoch, step, flops_fraction (got {given or 'none'})")
-        return self
+
+def _flops_fraction(at) -> float | None:
+    return at.flops_fraction if isinstance(at, GrowAt) else None
 
 
 class GrowSpec(PassSpec):
     kind: Literal["grow"] = "grow"
     factor: int = Field(2, ge=2, description="g: every growing channel group becomes g times wider")
-    at: GrowAt
+    at: time_type(GrowAt) = Field(description=(
+        "when to grow: an int counts optimizer steps, a float in [0, 1] is a fraction of training, "
+        "or {step|epoch|fraction|flops_fraction: ...}"))
     fuse: list[str] = Field(default_factory=list, description=(
         "run folders or checkpoint.pt files of other trained small runs of the same spec; "
         "source net 0 is this run's model, the fused ones follow on the diagonal"))
@@ -77,7 +75,8 @@ class GrowSpec(PassSpec):
 
     def check_train(self, train) -> list[tuple[str, str]]:
         epochs = getattr(train, "epochs", None)
-        if self.at.epoch is not None and getattr(train, "steps", None) is None and epochs is not None \
+        if isinstance(self.at, GrowAt) and self.at.epoch is not None and getattr(train, "steps", None) is None \
+                and epochs is not None \
                 and self.at.epoch >= epochs:
             return [("at.epoch", f"growth at epoch {self.at.epoch} never happens: training has "
                                  f"{epochs} epochs (0..{epochs - 1})")]
@@ -88,10 +87,16 @@ class GrowSpec(PassSpec):
 # The event.
 
 class GrowCallback(Callback):
+    """`carried`: the pipeline's reversible passes (taken off and put back around growth);
+    `tables`: the `describe` of the passes whose producers growth widens (the template
+    banks), for the report."""
+
     name = "grow"
 
-    def __init__(self, spec: GrowSpec):
+    def __init__(self, spec: GrowSpec, carried: Sequence[Pass] = (),
+                 tables: Sequence[Callable[[nn.Module], list[dict[str, Any]]]] = ()):
         self.spec = spec
+        self.carried, self.tables = list(carried), list(tables)
         self.growth_step: int | None = None
         self.grown = False
         self.input_shape: list[int] | None = None
@@ -101,10 +106,8 @@ class GrowCallback(Callback):
     # --- when ---
     def on_train_start(self, ctx: TrainContext) -> None:
         at, total = self.spec.at, ctx.total_steps
-        if at.step is not None:
-            self.growth_step = at.step
-        elif at.epoch is not None:
-            self.growth_step = at.epoch * ctx.steps_per_epoch
+        if _flops_fraction(at) is None:
+            self.growth_step = resolve_time(at, total, ctx.steps_per_epoch)
         if self.growth_step is not None and self.growth_step >= total:
             raise FxgrowError(f"grow.at: growth at step {self.growth_step} never happens: training "
                               f"takes {total} steps")
@@ -129,41 +132,42 @@ class GrowCallback(Callback):
         training the grown model for all `total_steps` (same samples per step)."""
         x = ctx.batch[0]
         small = forward_flops(ctx.model, x)
-        grown, _ = self._build(ctx, structure_only=True)
-        big = forward_flops(grown, x)
-        step = math.ceil(self.spec.at.flops_fraction * big * ctx.total_steps / small)
+        big = forward_flops(self._build(ctx.model, ctx.seed, self.input_shape, self.input_dtype).model, x)
+        step = math.ceil(_flops_fraction(self.spec.at) * big * ctx.total_steps / small)
         if step >= ctx.total_steps:
             raise FxgrowError(
-                f"grow.at.flops_fraction={self.spec.at.flops_fraction} is never reached: training the "
+                f"grow.at.flops_fraction={_flops_fraction(self.spec.at)} is never reached: training the "
                 f"small model for the whole run spends {small / big:.3f} of the grown model's budget")
         return step
 
     # --- how ---
-    def _example(self, ctx: TrainContext) -> torch.Tensor:
-        return torch.zeros((2, *self.input_shape), dtype=getattr(torch, self.input_dtype),
-                           device=ctx.device)
-
-    def _build(self, ctx: TrainContext, structure_only: bool) -> tuple[fx.GraphModule, dict]:
-        model = ctx.model
+    def _build(self, model: fx.GraphModule, seed: int, input_shape: list[int], input_dtype: str,
+               growth_step: int | None = None, structure_only: bool = True) -> Grown:
+        """The grown model. `structure_only` (resume, FLOPs): every source is `model` itself,
+        no files are read; the values do not matter (a checkpoint's load next, or none)."""
         n = 1 + len(self.spec.fuse)
         own = model.state_dict()
-        if structure_only:  # the shapes only (resume, FLOPs): no files, no fresh randomness
+        if structure_only:
             sources = [own] * n
         else:
             sources = [own] + [load_source(p, own, f"grow.fuse.{i}") for i, p in enumerate(self.spec.fuse)]
-        generator = torch.Generator().manual_seed(int(ctx.seed) * 1_000_003 + int(self.growth_step or 0))
-        return grow_model(model, sources, self.spec.factor, self._example(ctx), layout=self.spec.layout,
+        step = self.growth_step if growth_step is None else growth_step
+        generator = torch.Generator().manual_seed(stable_seed(int(seed), int(step or 0), self.name))
+        device = next(iter(own.values())).device
+        example = torch.zeros((2, *input_shape), dtype=getattr(torch, input_dtype), device=device)
+        return grow_model(model, sources, self.spec.factor, example, layout=self.spec.layout,
                           new_coefficients=self.spec.new_coefficients, noise=self.spec.noise,
-                          generator=generator)
+                          generator=generator, carried=self.carried)
 
     def _grow(self, ctx: TrainContext) -> None:
         old = ctx.model
-        new, info = self._build(ctx, structure_only=False)
+        grown = self._build(old, ctx.seed, self.input_shape, self.input_dtype, structure_only=False)
+        new, info = grown
         params = surviving_params(old, new)
-        ctx.replace_model(new, params)
+        ctx.replace_model(new, ModelChange(params, cause=self.name, fresh=grown.fresh))
         self.grown = True
         self.info = {"step": ctx.step, "epoch": ctx.epoch, **info, "kept_optimizer_state": sorted(params),
-                     "fused": list(self.spec.fuse), "blocks": describe_banks(new)}
+                     "fused": list(self.spec.fuse), "blocks": [row for table in self.tables for row in table(new)]}
         ctx.log({"split": "grow", "factor": info["factor"], "sources": info["sources"],
                  "params_before": info["params_before"], "params_after": info["params_after"],
                  "widths": [[w["before"], w["after"]] for w in info["widths"]]})
@@ -173,23 +177,22 @@ class GrowCallback(Callback):
         return {"grown": self.grown, "growth_step": self.growth_step, "input_shape": self.input_shape,
                 "input_dtype": self.input_dtype, "info": self.info}
 
+    def replay_structure(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        """The grown structure, when the checkpoint was written after growth."""
+        if not state or not state["grown"]:
+            return model
+        return self._build(model, 0, state["input_shape"], state["input_dtype"], state["growth_step"]).model
+
     def load_state_dict(self, state: dict[str, Any], ctx: TrainContext | None = None) -> None:
         if not state:
             return
         self.growth_step, self.input_shape = state["growth_step"], state["input_shape"]
         self.input_dtype, self.info = state["input_dtype"], state["info"]
-        if state["grown"] and not self.grown:
-            if ctx is None:
-                raise FxgrowError("grow: resuming after growth needs the training context")
-            new, _ = self._build(ctx, structure_only=True)  # the checkpoint's values load next
-            for m in new.modules():  # the checkpoint's masks are laid out already
-                if isinstance(m, MaskProducer):
-                    m.fresh = None
-            ctx.replace_model(new)
-            self.grown = True
+        self.grown = state["grown"]
 
     def report(self) -> dict[str, Any]:
-        return {"at": self.spec.at.model_dump(exclude_none=True), "growth_step": self.growth_step,
+        at = self.spec.at
+        return {"at": at.model_dump(exclude_none=True) if isinstance(at, GrowAt) else at, "growth_step": self.growth_step,
                 "grown": self.grown, **self.info}
 
 
@@ -201,20 +204,24 @@ class GrowPass(Pass):
     rank = None
     functionalizes = False
 
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        if not any(p.kind == MIXING for p in ctx.applied):
+            raise FxgrowError(f"grow needs a {MIXING} pass before it in `passes`")
+
     def match(self, gm: fx.GraphModule, ctx: PassContext) -> list[Match]:
         """The template-mixed layers (their channel groups are known only with shapes)."""
         types = layer_types(gm)
-        return [Match(p.source.rpartition(".")[0], types.get(p.source.rpartition(".")[0], "?"),
-                      {"bank": p.bank}) for p in mix_producers(gm).values()]
+        chains = weight_chains(gm).values()
+        return [Match(c.layer, types.get(c.layer, "?")) for c in chains
+                if any(meta(n).get("pass") == MIXING for n in c.producers)]
 
-    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
-        mixing = [p for p in ctx.applied if isinstance(p, TemplateMixingPass)]
-        if not mixing:
-            raise FxgrowError("grow needs a template_mixing pass before it in `passes`")
-        check_growable(gm)
-        for p in mixing:  # their FLOPs accounting adds the fused runs' cost
-            p.fused_runs = list(self.spec.fuse)
+    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> Record:
+        check_growable(gm, [p.kind for p in ctx.applied if p.reversible])
+        # The fused runs' training counts toward this run's FLOPs (template mixing's accounting).
+        return Record(tuple(m.layer for m in matches), builds_on=tuple(self.spec.fuse))
 
-    def callbacks(self, gm: fx.GraphModule) -> list[Callback]:
-        check_growable(gm)  # passes after grow may have added producers it cannot carry
-        return [GrowCallback(self.spec)]
+    def callbacks(self, gm: fx.GraphModule, record: Record, ctx: PassContext) -> list[Callback]:
+        carried = [a.pass_ for a in ctx.history if a.pass_.reversible]
+        check_growable(gm, [p.kind for p in carried])  # passes after grow may have added producers it cannot carry
+        tables = [a.pass_.describe for a in ctx.history if a.pass_.kind == MIXING]
+        return [GrowCallback(self.spec, carried, tables)]

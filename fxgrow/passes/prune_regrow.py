@@ -11,24 +11,24 @@ Step convention: an event at time `t` happens once `t` optimizer steps are done 
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, StrictFloat, StrictInt, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import fx
 
 from ..analysis.erk import layout_counts
-from ..errors import FxgrowError
-from ..ir import fetch_attr, insert_producer, weight_chains
+from ..errors import FxgrowError, SpecError
+from ..ir import chain_shape, fetch_attr, insert_producer, weight_chains
 from ..nn.mask import MaskProducer
-from ..specs.base import PassSpec, StrictModel
-from ..train.callbacks import Callback, TrainContext
-from .base import Match, Pass, PassContext, register_pass
-from .prune_regrow_filters import (annotate_groups, filter_groups, keep_channels_group, keep_channels_total,
-                                   prune_channels, regrow_channels)
-from .prune_regrow_masks import MaskedWeight, masked_weights, prune_global, prune_layer, regrow
+from ..specs.base import At, PassSpec, StrictModel, Time, resolve_time
+from ..train.callbacks import Callback, ModelChange, TrainContext
+from ..train.data import stable_seed
+from .base import Match, Pass, PassContext, Record, register_pass
+from .prune_regrow_filters import (ChannelUses, filter_groups, keep_channels_group, keep_channels_total,
+                                   prune_channels, prunable_channel_uses, regrow_channels)
+from .prune_regrow_masks import MaskedWeight, masked_weights, prune_global, prune_layer, regrow, top_k_mask
 
 SAME_AS_FINAL = object()  # preset value: initial_sparsity equals final_sparsity
 
@@ -53,31 +53,19 @@ PRESET_FIELDS: dict[str, dict[str, Any]] = {
             "regrow_fraction": {"initial": 0.3, "final": 0.3}},
 }
 
-Time = StrictInt | StrictFloat  # an int counts optimizer steps, a float is a fraction of training
-
-
 class PruneScheduleSpec(StrictModel):
-    """When pruning happens: from `start` to `end` (ints: optimizer steps; floats:
-    fractions of training in [0, 1]), an event every `every` steps."""
+    """When pruning happens: from `start` to `end` (times: an int counts optimizer steps, a
+    float in [0, 1] is a fraction of training, or {step|epoch|fraction: ...}), an event
+    every `every` steps."""
 
     start: Time = 0.0
     end: Time = 0.7
     every: int = Field(1000, ge=1)
     shape: Literal["cubic", "linear"] = "cubic"
 
-    @field_validator("start", "end")
-    @classmethod
-    def _time(cls, value: int | float) -> int | float:
-        if isinstance(value, float) and not 0 <= value <= 1:
-            raise ValueError("a float is a fraction of training and must be in [0, 1]; "
-                             "give an int for a step count")
-        if isinstance(value, int) and value < 0:
-            raise ValueError("a step count must be >= 0")
-        return value
-
     @model_validator(mode="after")
     def _ordered(self) -> "PruneScheduleSpec":
-        if type(self.start) is type(self.end) and self.start >= self.end:
+        if type(self.start) is type(self.end) and not isinstance(self.start, At) and self.start >= self.end:
             raise ValueError(f"start must be < end (got start={self.start}, end={self.end})")
         return self
 
@@ -172,8 +160,8 @@ class PruneRegrowSpec(PassSpec):
 class Schedule:
     """The spec's schedule resolved against the run's T optimizer steps (pure)."""
 
-    initial: float
-    final: float
+    initial_sparsity: float
+    final_sparsity: float
     start: int
     end: int
     every: int
@@ -186,18 +174,19 @@ class Schedule:
 
     def sparsity_at(self, t: int) -> float:
         """s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (tf - t0))**p, p = 3 (cubic) or 1."""
+        s_i, s_f = self.initial_sparsity, self.final_sparsity
         if t <= self.start:
-            return self.initial
+            return s_i
         if t >= self.end:
-            return self.final
+            return s_f
         remaining = 1 - (t - self.start) / (self.end - self.start)
         power = 3 if self.shape == "cubic" else 1
-        return self.final + (self.initial - self.final) * remaining ** power
+        return s_f + (s_i - s_f) * remaining ** power
 
     def is_prune_event(self, t: int) -> bool:
         """t0 + k*every inside (t0, tf), and tf itself: the last event lands on s_f.
         None when the sparsity is constant (RigL, SET)."""
-        return (self.final > self.initial and self.start < t <= self.end
+        return (self.final_sparsity > self.initial_sparsity and self.start < t <= self.end
                 and ((t - self.start) % self.every == 0 or t == self.end))
 
     def is_regrow_event(self, t: int) -> bool:
@@ -218,14 +207,10 @@ class Schedule:
         return self.regrow_final + (self.regrow_initial - self.regrow_final) * cos
 
 
-def _steps(value: int | float, total: int) -> int:
-    return value if isinstance(value, int) else round(value * total)
-
-
-def resolve_schedule(spec: PruneRegrowSpec, total_steps: int) -> Schedule:
-    """Turn fractions into step counts for a run of `total_steps`, or raise FxgrowError."""
+def resolve_schedule(spec: PruneRegrowSpec, total_steps: int, steps_per_epoch: int | None = None) -> Schedule:
+    """Turn times into step counts for a run of `total_steps`, or raise FxgrowError."""
     sched = spec.schedule
-    start, end = _steps(sched.start, total_steps), _steps(sched.end, total_steps)
+    start, end = (resolve_time(t, total_steps, steps_per_epoch) for t in (sched.start, sched.end))
     if end > total_steps:
         raise FxgrowError(f"schedule.end ({end} steps) is past the end of training ({total_steps} steps)")
     if start >= end:
@@ -246,6 +231,11 @@ def resolve_schedule(spec: PruneRegrowSpec, total_steps: int) -> Schedule:
 
 # --- the pass ---------------------------------------------------------------------------
 
+@dataclass
+class PruneRegrowRecord(Record):
+    channel_uses: ChannelUses = field(default_factory=dict)  # filter granularity: the prunable groups per mask
+
+
 @register_pass
 class PruneRegrowPass(Pass):
     """Preserves computation with the default `initial_sparsity: 0` (all-ones masks); with
@@ -256,28 +246,33 @@ class PruneRegrowPass(Pass):
     preserves_computation = True
     rank = MaskProducer.rank
 
-    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
-        spec: PruneRegrowSpec = self.spec
-        if any(isinstance(m, MaskProducer) for m in gm.modules()):
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        if any(isinstance(m, MaskProducer) for m in gm.modules()) or any(p.kind == self.kind for p in ctx.applied):
             raise FxgrowError("the model already has mask producers: use one prune_regrow pass "
                               "(list every layer in its targets)")
+        if self.spec.granularity == "filter" and ctx.example_input is None:
+            raise SpecError([(f"{ctx.where}.granularity", "filter granularity needs an example input for the "
+                              "channel analysis (model.example_input in a spec, example_input= in Python)")])
+
+    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> "PruneRegrowRecord":
+        spec: PruneRegrowSpec = self.spec
         chains = weight_chains(gm)
         for m in matches:
             chain = chains[f"{m.layer}.weight"]
             head = fetch_attr(gm, chain.head.target)
-            value = head
-            for module in chain.modules(gm):
-                if module.rank <= MaskProducer.rank:
-                    value = module(value)
-            insert_producer(gm, chain, MaskProducer(value.shape, head.dtype, head.device, chain.key),
-                            self.kind)
+            before = sum(module.rank <= MaskProducer.rank for module in chain.modules(gm))  # chains are rank-ordered
+            insert_producer(gm, chain, MaskProducer(chain_shape(gm, chain, before), head.dtype, head.device,
+                                                    chain.key, spec.granularity), self.kind)
+        record = PruneRegrowRecord(tuple(m.layer for m in matches))
         if spec.granularity == "filter":
-            annotate_groups(gm, ctx.example_input, ctx.where)
+            record.channel_uses = prunable_channel_uses(gm, ctx.example_input, ctx.where,
+                                                        ctx.analyzed(gm).channel_groups())
         if spec.initial_sparsity > 0:
             apply_initial_layout(masked_weights(gm), spec.initial_sparsity, spec.init_distribution, ctx.seed)
+        return record
 
-    def callbacks(self, gm: fx.GraphModule):
-        return [PruneRegrowCallback(self.spec)]
+    def callbacks(self, gm: fx.GraphModule, record: "PruneRegrowRecord", ctx: PassContext) -> list[Callback]:
+        return [PruneRegrowCallback(self.spec, record.channel_uses)]
 
 
 @torch.no_grad()
@@ -303,29 +298,30 @@ class PruneRegrowCallback(Callback):
 
     name = "prune_regrow"
 
-    def __init__(self, spec: PruneRegrowSpec):
+    def __init__(self, spec: PruneRegrowSpec, channel_uses: ChannelUses | None = None):
         self.spec = spec
+        self.channel_uses = dict(channel_uses or {})  # filter granularity: from the pass's record
         self.schedule: Schedule | None = None
         self.events = 0
         self.moved = 0
         self.last: dict[str, Any] | None = None   # the latest measurement (report.json)
         self._time: int | None = None              # the event time this step ends at
         self._capturing = False
-        self._model: weakref.ref | None = None     # the model whose masks were last seen
 
     # -- hooks
     def on_train_start(self, ctx: TrainContext) -> None:
-        self.schedule = resolve_schedule(self.spec, ctx.total_steps)
-        self._model = weakref.ref(ctx.model)
+        # (only a time in epochs needs steps_per_epoch; a driver with no epochs may omit it)
+        self.schedule = resolve_schedule(self.spec, ctx.total_steps, getattr(ctx, "steps_per_epoch", None))
 
-    def on_micro_step(self, ctx: TrainContext, index: int) -> None:
-        # After every on_step_start (growth swaps the model there, in any callback order)
-        # and before the forward: lay out the masks of a grown model.
-        if self._model is None or self._model() is not ctx.model:
-            self._model = weakref.ref(ctx.model)
-            weights = masked_weights(ctx.model)
-            if any(w.mask_module.fresh is not None for w in weights):
-                self.relayout(ctx, weights)
+    def on_model_replaced(self, ctx: TrainContext, old, new, change: ModelChange) -> None:
+        """Growth: lay out the new mask blocks before the next forward; a step that captures
+        the dense gradient captures it on the new masks."""
+        weights = masked_weights(new)
+        fresh = {w.key: change.fresh(w.key) for w in weights}
+        if any(f is not None for f in fresh.values()):
+            self.relayout(ctx, weights, fresh)
+        if self._capturing:
+            self._set_capture(new, True)
 
     def on_step_start(self, ctx: TrainContext) -> None:
         self._time = ctx.step + 1
@@ -346,23 +342,23 @@ class PruneRegrowCallback(Callback):
 
     def on_train_end(self, ctx: TrainContext) -> None:
         weights = masked_weights(ctx.model)
-        filters = filter_groups(weights) if self.spec.granularity == "filter" else None
+        filters = filter_groups(weights, self.channel_uses) if self.spec.granularity == "filter" else None
         self.last = {**(self.last or {}), **self.measure(weights, filters)}
 
     # -- one event
     def event(self, ctx: TrainContext, t: int) -> dict[str, Any]:
         s, spec, opt = self.schedule, self.spec, ctx.optimizer
         weights = masked_weights(ctx.model)
-        filters = filter_groups(weights) if spec.granularity == "filter" else None
-        target = s.sparsity_at(t)
+        filters = filter_groups(weights, self.channel_uses) if spec.granularity == "filter" else None
+        sparsity = s.sparsity_at(t)
         pruned = dropped = moved = 0
         if s.is_prune_event(t):
             if filters is not None:
-                pruned = prune_channels(filters, target, spec.scope, opt)
+                pruned = prune_channels(filters, sparsity, spec.scope, opt)
             elif spec.scope == "global":
-                pruned = prune_global(weights, keep_total(weights, target), opt)
+                pruned = prune_global(weights, keep_total(weights, sparsity), opt)
             else:
-                pruned = sum(prune_layer(w, keep, opt) for w, keep in zip(weights, self.keep_per_layer(weights, target)))
+                pruned = sum(prune_layer(w, keep, opt) for w, keep in zip(weights, self.keep_per_layer(weights, sparsity)))
         fraction = None
         if s.is_regrow_event(t):
             fraction = s.regrow_fraction(t)
@@ -371,7 +367,7 @@ class PruneRegrowCallback(Callback):
             if gradient:
                 self._reduce_dense_grads(weights, filters)
             else:  # the same draws on every DDP rank and on resume
-                generator = torch.Generator(weights[0].mask.device).manual_seed((ctx.seed * 1_000_003 + t) % 2**63)
+                generator = torch.Generator(weights[0].mask.device).manual_seed(stable_seed(ctx.seed, t, self.name))
             if filters is not None:
                 dropped, moved = regrow_channels(filters, fraction, gradient, generator, opt)
             else:
@@ -380,73 +376,68 @@ class PruneRegrowCallback(Callback):
                         continue  # in a residual block no sub-model of this step ran: its mask stays
                     d, m = regrow(w, fraction, w.mask_module.dense_grad if gradient else None, generator, opt)
                     dropped, moved = dropped + d, moved + m
-        self.check(weights, filters, target, t)
-        return {"target_sparsity": target, **self.measure(weights, filters),
+        self.check(weights, filters, sparsity, t)
+        return {"target_sparsity": sparsity, **self.measure(weights, filters),
                 "regrow_fraction": fraction, "pruned": pruned, "dropped": dropped, "moved": moved}
 
     @torch.no_grad()
-    def relayout(self, ctx: TrainContext, weights: list[MaskedWeight]) -> dict[str, Any]:
-        """Growth left new mask blocks dense and marked `fresh`: bring every mask to the
-        sparsity in force (the last pruning event's target) with the counts the scope
+    def relayout(self, ctx: TrainContext, weights: list[MaskedWeight],
+                 fresh: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+        """Growth left new mask blocks dense (True in `fresh`): bring every mask to the
+        sparsity in force (the last pruning event's sparsity) with the counts the scope
         prescribes for the grown shapes. Active positions outside new blocks stay first
         (the source masks are kept whenever the counts allow), then new-block positions by
         magnitude of the grown weight; masked-out source positions come last."""
         s, t = self.schedule, ctx.step
         last = max((e for e in range(s.start + 1, t + 1) if s.is_prune_event(e)), default=None)
-        target = s.sparsity_at(last) if last is not None else s.initial
+        sparsity = s.sparsity_at(last) if last is not None else s.initial_sparsity
         values = [w.value().abs().float() for w in weights]
         top = 1 + max(float(v.max()) for v in values)
         scores = []
         for w, v in zip(weights, values):
-            fresh = w.mask_module.fresh
-            fresh = torch.zeros_like(w.active) if fresh is None else fresh
-            scores.append(torch.where(fresh, v, torch.where(w.active, v + top, torch.full_like(v, -1.0))))
-        keeps = ([keep_total(weights, target)] if self.spec.scope == "global"
-                 else self.keep_per_layer(weights, target))
+            new = fresh.get(w.key)
+            new = torch.zeros_like(w.active) if new is None else new.to(w.active.device)
+            scores.append(torch.where(new, v, torch.where(w.active, v + top, torch.full_like(v, -1.0))))
+        keeps = ([keep_total(weights, sparsity)] if self.spec.scope == "global"
+                 else self.keep_per_layer(weights, sparsity))
         parts = [torch.cat([sc.flatten() for sc in scores])] if self.spec.scope == "global" else \
             [sc.flatten() for sc in scores]
-        kept = []
-        for part, keep in zip(parts, keeps):
-            chosen = torch.zeros_like(part, dtype=torch.bool)
-            chosen[torch.topk(part, keep, sorted=False).indices] = True
-            kept.append(chosen)
-        kept, offset = torch.cat(kept), 0
+        kept, offset = torch.cat([top_k_mask(part, keep) for part, keep in zip(parts, keeps)]), 0
         for w in weights:
             w.set_active(kept[offset:offset + w.numel].view(w.mask.shape), ctx.optimizer)
-            w.mask_module.fresh = None
             offset += w.numel
-        self.check(weights, None, target, t)
-        record = {"relayout_target_sparsity": target, **self.measure(weights)}
-        self.last = {**(self.last or {}), "target_sparsity": target, **self.measure(weights)}
+        self.check(weights, None, sparsity, t)
+        record = {"relayout_target_sparsity": sparsity, **self.measure(weights)}
+        self.last = {**(self.last or {}), "target_sparsity": sparsity, **self.measure(weights)}
         ctx.log({f"{self.name}/{k}": v for k, v in record.items()})
         return record
 
-    def keep_per_layer(self, weights: list[MaskedWeight], target: float) -> list[int]:
+    def keep_per_layer(self, weights: list[MaskedWeight], sparsity: float) -> list[int]:
         """Layer scope: each layer keeps its initial share, scaled to the overall target:
         c_l - round(c_l * (s_t - s_i) / (1 - s_i)), c_l its initial kept count. With a
         dense start this is every layer at s_t (n_l - round(s_t * n_l))."""
         s_i = self.spec.initial_sparsity
         initial = layout_counts([w.mask.shape for w in weights], s_i, self.spec.init_distribution)
-        return [c - round(c * (target - s_i) / (1 - s_i)) for c in initial]
+        return [c - round(c * (sparsity - s_i) / (1 - s_i)) for c in initial]
 
-    def check(self, weights: list[MaskedWeight], filters, target: float, t: int) -> None:
+    def check(self, weights: list[MaskedWeight], filters, sparsity: float, t: int) -> None:
         """The invariant: the kept counts (weights, or channels) are what the target says."""
         if filters is not None:
             have = {f"channel group {g.id}": int(g.active().sum()) for g in filters}
-            want = ({f"channel group {g.id}": keep_channels_group(g, target) for g in filters}
-                    if self.spec.scope == "layer" else {"all channel groups": keep_channels_total(filters, target)})
+            want = ({f"channel group {g.id}": keep_channels_group(g, sparsity) for g in filters}
+                    if self.spec.scope == "layer" else {"all channel groups": keep_channels_total(filters, sparsity)})
             unit = "channels"
         else:
             have = {w.key: w.nnz() for w in weights}
-            want = (dict(zip(have, self.keep_per_layer(weights, target))) if self.spec.scope == "layer"
-                    else {"all targeted weights": keep_total(weights, target)})
+            want = (dict(zip(have, self.keep_per_layer(weights, sparsity))) if self.spec.scope == "layer"
+                    else {"all targeted weights": keep_total(weights, sparsity)})
             unit = "weights"
         if len(want) == 1 and len(have) > 1:
             have = {next(iter(want)): sum(have.values())}
         for where, n in want.items():
             if have[where] != n:
                 raise FxgrowError(f"prune_regrow: after the event at step {t}, {where} has {have[where]} active "
-                                  f"{unit} where the target sparsity {target:.6f} keeps {n}")
+                                  f"{unit} where the target sparsity {sparsity:.6f} keeps {n}")
 
     @staticmethod
     def measure(weights: list[MaskedWeight], filters=None) -> dict[str, Any]:
@@ -454,7 +445,7 @@ class PruneRegrowCallback(Callback):
         nnz, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
         out = {"actual_sparsity": 1 - nnz / total, "weight_sparsity": 1 - nnz / total,
                "layers": {key: 1 - n / size for key, (n, size) in counts.items()}}
-        if filters is not None:  # the target counts channels
+        if filters is not None:  # the sparsity counts channels
             active = {g.id: int(g.active().sum()) for g in filters}
             out["actual_sparsity"] = 1 - sum(active.values()) / sum(g.size for g in filters)
             out["channels"] = {str(g.id): 1 - active[g.id] / g.size for g in filters}

@@ -26,9 +26,10 @@ from torch import fx, nn
 from ..analysis import channel_groups, propagate_shapes
 from ..errors import FxgrowError, SpecError
 from ..fold import fold
-from ..ir import LAYER_KINDS
+from ..ir import fetch_attr, replace_tensor
+from ..layers import kind_of
 from ..nn.mask import MaskProducer
-from .prune_regrow_masks import MaskedWeight, drop_count
+from .prune_regrow_masks import MaskedWeight, drop_count, top_k_mask
 
 
 @dataclass(frozen=True)
@@ -68,19 +69,25 @@ class FilterGroup:
 
 # --- finding the groups -----------------------------------------------------------------------
 
-_NORM_PARAMS = ("weight", "bias", "running_mean", "running_var")
+ChannelUses = dict[str, list[tuple[int, int, int, int, int]]]  # mask key -> (group, size, dim, offset, repeat)
 
 
-def annotate_groups(gm: fx.GraphModule, example: torch.Tensor | None, where: str) -> None:
-    """At rewrite: find the prunable channel groups and store, on each mask, the
-    (group, size, dim, offset, repeat) of every group it holds channels of."""
-    if example is None:
+def prunable_channel_uses(gm: fx.GraphModule, example: torch.Tensor | None, where: str,
+                          groups: list | None = None) -> ChannelUses:
+    """Find the prunable channel groups of the filter-granular masks of `gm`: per mask,
+    the (group, size, dim, offset, repeat) of every group it holds channels of (the
+    record the pass hands its callback; fold --shrink finds them again). `groups`: the
+    channel groups when they are known already (shapes propagated)."""
+    if example is None and groups is None:
         raise SpecError([(f"{where}.granularity", "filter granularity needs an example input for the channel "
                           "analysis (model.example_input in a spec, example_input= in Python)")])
-    masks = {m.source: m for m in gm.modules() if isinstance(m, MaskProducer)}
-    propagate_shapes(gm, example)
+    masks = {m.source: m for m in gm.modules() if isinstance(m, MaskProducer) and m.granularity == "filter"}
+    if groups is None:
+        propagate_shapes(gm, example)
+        groups = channel_groups(gm)
+    uses: ChannelUses = {key: [] for key in masks}
     reasons: dict[str, list[str]] = {key.rpartition(".")[0]: [] for key in masks}
-    for group in channel_groups(gm):
+    for group in groups:
         why = _unprunable(gm, group, masks)
         for use in group.uses:
             if use.layer in reasons and why:
@@ -90,13 +97,14 @@ def annotate_groups(gm: fx.GraphModule, example: torch.Tensor | None, where: str
         for use in group.uses:
             key = f"{use.layer}.{use.param}"
             if key in masks:
-                masks[key].channel_uses.append((group.id, group.size, use.dim, use.offset, use.repeat))
-    orphans = [layer for layer, why in reasons.items() if not masks[f"{layer}.weight"].channel_uses]
+                uses[key].append((group.id, group.size, use.dim, use.offset, use.repeat))
+    orphans = [layer for layer in reasons if not uses[f"{layer}.weight"]]
     if orphans:
         detail = "; ".join(f"'{layer}' ({'; '.join(dict.fromkeys(reasons[layer])) or 'no channel group'})"
                            for layer in orphans)
         raise SpecError([(f"{where}.granularity", f"filter pruning needs a prunable channel group on every "
                           f"targeted layer; these have none: {detail}. Exclude them or use granularity: element")])
+    return uses
 
 
 def _unprunable(gm: fx.GraphModule, group, masks: dict[str, MaskProducer]) -> str:
@@ -105,19 +113,20 @@ def _unprunable(gm: fx.GraphModule, group, masks: dict[str, MaskProducer]) -> st
         return group.reason
     for use in group.uses:
         module = gm.get_submodule(use.layer)
-        if type(module) in LAYER_KINDS:
+        kind = kind_of(module)
+        if kind is not None and kind.targetable:
             if use.param == "weight" and f"{use.layer}.weight" not in masks:
                 return f"'{use.layer}' uses these channels but is not targeted"
-        elif not (isinstance(module, nn.modules.batchnorm._NormBase) and use.param in _NORM_PARAMS):
+        elif not (kind is not None and kind.channelwise):
             return f"'{use.layer}' ({type(module).__name__}) mixes channels"
     return ""
 
 
-def filter_groups(weights: list[MaskedWeight]) -> list[FilterGroup]:
-    """The prunable groups, rebuilt from what the masks of the current model record."""
+def filter_groups(weights: list[MaskedWeight], uses: ChannelUses) -> list[FilterGroup]:
+    """The prunable groups over the masked weights of the current model."""
     groups: dict[int, FilterGroup] = {}
     for w in weights:
-        for gid, size, dim, offset, repeat in w.mask_module.channel_uses:
+        for gid, size, dim, offset, repeat in uses.get(w.key, []):
             groups.setdefault(gid, FilterGroup(gid, size, [])).slices.append(ChannelSlice(w, dim, offset, repeat))
     return [groups[k] for k in sorted(groups)]
 
@@ -172,18 +181,14 @@ def prune_channels(groups: list[FilterGroup], sparsity: float, scope: str, optim
             score = torch.where(active[g.id], g.magnitude(), torch.tensor(-1.0, device=active[g.id].device))
             score[int(score.argmax())] = math.inf       # the group's best channel stays
             scores.append(score)
-        flat = torch.cat(scores)
-        kept = torch.zeros_like(flat, dtype=torch.bool)
-        kept[torch.topk(flat, keep, sorted=False).indices] = True
+        kept = top_k_mask(torch.cat(scores), keep)
         new = dict(zip((g.id for g in groups), kept.split([g.size for g in groups])))
     else:
         for g in groups:
             keep = keep_channels_group(g, sparsity)
             if int(active[g.id].sum()) > keep:
                 score = torch.where(active[g.id], g.magnitude(), torch.tensor(-1.0, device=active[g.id].device))
-                kept = torch.zeros(g.size, dtype=torch.bool, device=score.device)
-                kept[torch.topk(score, keep, sorted=False).indices] = True
-                new[g.id] = kept
+                new[g.id] = top_k_mask(score, keep)
     before = sum(int(a.sum()) for a in active.values())
     set_channels(groups, new, optimizer)
     return before - sum(int(g.active().sum()) for g in groups)
@@ -219,12 +224,12 @@ def export_pruned(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
     same outputs (up to float summation order)."""
     from .prune_regrow_masks import masked_weights
 
-    groups = filter_groups(masked_weights(gm))
-    if not groups:
+    if not any(isinstance(m, MaskProducer) and m.granularity == "filter" for m in gm.modules()):
         raise FxgrowError("export_pruned: this model has no filter-pruned channel groups "
                           "(granularity: filter)")
     propagate_shapes(gm, example)
     coupled = channel_groups(gm)
+    groups = filter_groups(masked_weights(gm), prunable_channel_uses(gm, example, "export", coupled))
     plain = fold(gm)
     indices: dict[tuple[str, str, int], dict[int, tuple[torch.Tensor, int]]] = {}
     for g in groups:
@@ -237,14 +242,10 @@ def export_pruned(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
             end = use.offset + g.size * use.repeat
             indices.setdefault((use.layer, use.param, use.dim), {})[use.offset] = (use.indices(channels), end)
     for (layer, param, dim), parts in indices.items():
-        module = plain.get_submodule(layer)
-        tensor = getattr(module, param)
+        key = f"{layer}.{param}" if layer else param
+        tensor = fetch_attr(plain, key)
         keep = _merge(parts, tensor.shape[dim])
-        smaller = tensor.index_select(dim, keep.to(tensor.device))
-        if isinstance(tensor, nn.Parameter):
-            setattr(module, param, nn.Parameter(smaller, requires_grad=tensor.requires_grad))
-        else:
-            setattr(module, param, smaller)
+        replace_tensor(plain, key, tensor.index_select(dim, keep.to(tensor.device)))
     for module in plain.modules():
         _fix_sizes(module)
     plain.recompile()
@@ -262,15 +263,7 @@ def _merge(parts: dict[int, tuple[torch.Tensor, int]], length: int) -> torch.Ten
 
 def _fix_sizes(module: nn.Module) -> None:
     """Make a module's size attributes agree with its (sliced) tensors."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        c_in_per_group = module.weight.shape[1]
-        if module.groups > 1 and c_in_per_group == 1 and module.groups == module.in_channels:  # depthwise
-            module.groups = module.weight.shape[0]
-        module.out_channels = module.weight.shape[0]
-        module.in_channels = c_in_per_group * module.groups
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        ref = module.weight if module.weight is not None else module.running_mean
-        if ref is not None:
-            module.num_features = ref.shape[0]
+    kind = kind_of(module)
+    if kind is not None:
+        kind.resize(module, {name: tuple(t.shape) for name, t in module.named_parameters(recurse=False)}
+                    | {name: tuple(t.shape) for name, t in module.named_buffers(recurse=False) if t.dim()})

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..ir import fetch_attr, weight_chains
-from ..nn.compander import CompandProducer
+from ..ir import producer_sites, run_producers
 from ..nn.mask import MaskProducer
 
 
@@ -44,18 +43,15 @@ class MaskedWeight:
 
     @property
     def zeroable(self) -> bool:
-        """A zero parameter entry gives a zero weight: true with no producer before the mask,
-        or only companders (psi is odd). Template mixing mixes whole tensors: no entry of a
+        """A zero parameter entry gives a zero weight: every producer before the mask keeps
+        zeros (a compander: psi is odd). Template mixing mixes whole tensors: no entry of a
         template belongs to one weight, so pruned/regrown positions cannot be zeroed there."""
-        return all(isinstance(m, CompandProducer) for m in self.before) and self.param.shape == self.mask.shape
+        return all(m.keeps_zeros for m in self.before) and self.param.shape == self.mask.shape
 
     @torch.no_grad()
     def value(self) -> torch.Tensor:
         """The weight as it reaches the mask (what magnitude pruning ranks)."""
-        v = self.param
-        for module in self.before:
-            v = module(v)
-        return v.detach()
+        return run_producers(self.param, self.before).detach()
 
     @torch.no_grad()
     def set_active(self, active: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> int:
@@ -77,13 +73,14 @@ def masked_weights(gm: nn.Module) -> list[MaskedWeight]:
     """Every masked weight of `gm`, in graph order."""
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"prune_regrow needs the rewritten GraphModule, got {type(gm).__name__}")
-    out = []
-    for chain in weight_chains(gm).values():
-        modules = chain.modules(gm)
-        for i, module in enumerate(modules):
-            if isinstance(module, MaskProducer):
-                out.append(MaskedWeight(chain.key, module, fetch_attr(gm, chain.head.target), modules[:i]))
-    return out
+    return [MaskedWeight(chain.key, mask, head, before) for chain, mask, before, head in producer_sites(gm, MaskProducer)]
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the `k` largest entries of the 1-d `scores`, False elsewhere."""
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    kept[torch.topk(scores, k, sorted=False).indices] = True
+    return kept
 
 
 def _ranked(w: MaskedWeight) -> torch.Tensor:
@@ -97,9 +94,7 @@ def prune_global(weights: list[MaskedWeight], keep: int, optimizer=None) -> int:
     were pruned. Nothing happens when at most `keep` are active."""
     if sum(w.nnz() for w in weights) <= keep:
         return 0
-    scores = torch.cat([_ranked(w).flatten() for w in weights])
-    kept = torch.zeros_like(scores, dtype=torch.bool)
-    kept[torch.topk(scores, keep, sorted=False).indices] = True
+    kept = top_k_mask(torch.cat([_ranked(w).flatten() for w in weights]), keep)
     pruned, offset = 0, 0
     for w in weights:
         pruned += w.set_active(kept[offset:offset + w.numel].view(w.mask.shape).to(w.mask.device), optimizer)
@@ -112,9 +107,7 @@ def prune_layer(w: MaskedWeight, keep: int, optimizer=None) -> int:
     """Keep the `keep` largest-magnitude active weights of one layer."""
     if w.nnz() <= keep:
         return 0
-    kept = torch.zeros(w.numel, dtype=torch.bool, device=w.mask.device)
-    kept[torch.topk(_ranked(w).flatten(), keep, sorted=False).indices] = True
-    return w.set_active(kept.view(w.mask.shape), optimizer)
+    return w.set_active(top_k_mask(_ranked(w).flatten(), keep).view(w.mask.shape), optimizer)
 
 
 def drop_count(fraction: float, nnz: int) -> int:

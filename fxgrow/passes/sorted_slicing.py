@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -20,16 +21,16 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import fx, nn
 
-from ..analysis import propagate_shapes
-from ..analysis.coupling import channel_groups
+from ..analysis.shapes import graph_checks
 from ..errors import FxgrowError, SpecError
-from ..ir import META, insert_producer, is_layer, layer_types, weight_chains
-from ..nn.slicing import ConvGroups, DepthGate, SlicedLayerNorm, SliceProducer, SubnetState, sliced_batch_norm
+from ..ir import META, insert_producer, is_layer, replace_submodule, weight_chains
+from ..layers import kind_of, layer_call
+from ..nn.slicing import ConvGroups, DepthGate, SlicedBatchNorm, SlicedLayerNorm, SliceProducer, SubnetState
 from ..specs.base import PassSpec, StrictModel
-from ..subnets import evaluate_grid, find_state, materialize, recalibrate
+from ..subnets import evaluate_grid, find_state, recalibrate
 from ..train.callbacks import Callback
 from ..train.data import stable_seed
-from .base import Match, Pass, PassContext, register_pass
+from .base import Match, Pass, PassContext, Record, register_pass
 from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks
 
 # --- spec -------------------------------------------------------------------------------
@@ -113,21 +114,33 @@ class SortedSlicingSpec(PassSpec):
 # --- the pass ----------------------------------------------------------------------------
 
 
+@dataclass
+class SlicingRecord(Record):
+    blocks: list[str] = field(default_factory=list)           # the skippable blocks, in order
+    points: list[tuple[float, int]] = field(default_factory=list)
+    sliced: list[int] = field(default_factory=list)           # channel groups sliced
+    full_width: dict[int, str] = field(default_factory=dict)  # group -> why it stays at full width
+
+
 @register_pass
 class SortedSlicingPass(Pass):
     kind = "sorted_slicing"
     spec_cls = SortedSlicingSpec
     preserves_computation = True  # the largest sub-model is the original model
     rank = SliceProducer.rank
+    reversible = True
 
-    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
-        spec: SortedSlicingSpec = self.spec
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         if ctx.example_input is None:
             raise FxgrowError("sorted_slicing needs an example input (model.example_input) to find "
                               "channel groups and residual blocks")
-        was_training = gm.training
-        propagate_shapes(gm.eval(), ctx.example_input)  # eval: BN accepts a batch of one 1x1 map
-        gm.train(was_training)
+        if find_state(gm) is not None or any(p.kind == self.kind for p in ctx.applied):
+            raise FxgrowError("the model is sliced already: use one sorted_slicing pass")
+
+    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> SlicingRecord:
+        spec: SortedSlicingSpec = self.spec
+        analysis = ctx.analyzed(gm)
+        analysis.shapes()
         blocks = skippable_blocks(gm) if spec.depth is not None else []
         depths = self._depths(blocks, ctx)
         fractions = spec.width.fractions if spec.width is not None else [1.0]
@@ -147,8 +160,7 @@ class SortedSlicingPass(Pass):
             raise SpecError([(f"{ctx.where}.weights", f"{len(spec.weights)} weights for {len(points)} grid points")])
 
         if spec.width is not None:
-            groups = channel_groups(gm)
-            plan = plan_slicing(gm, groups, {m.layer for m in matches})
+            plan = plan_slicing(gm, analysis.channel_groups(), {m.layer for m in matches})
             if not plan.sliced:
                 reasons = "; ".join(f"group {g}: {r}" for g, r in plan.kept.items()) or "no channel groups"
                 raise FxgrowError(f"sorted_slicing: no channel group can be sliced ({reasons})")
@@ -156,15 +168,14 @@ class SortedSlicingPass(Pass):
             plan = SlicePlan([], {}, {}, {})
         state = SubnetState(fractions, {g.id: g.size for g in plan.sliced},
                             spec.width.multiple_of if spec.width else 1, len(blocks), points)
-        state.spec, state.layers = spec, tuple(m.layer for m in matches)  # for `reslice` after growth
         gm.add_submodule(f"{META}.subnet", state)
         self._slice_chains(gm, plan, state)
         self._slice_norms(gm, plan, state)
         self._gate_blocks(gm, blocks, state)
         gm.graph.lint()
-        gm.recompile()
-        self.plan, self.blocks, self.points = plan, [b.name for b in blocks], points
         _check_every_point(gm, state, ctx.example_input)
+        return SlicingRecord(tuple(m.layer for m in matches), blocks=[b.name for b in blocks], points=points,
+                             sliced=[g.id for g in plan.sliced], full_width=dict(plan.kept))
 
     def _depths(self, blocks: list[Block], ctx: PassContext) -> list[int]:
         spec = self.spec.depth
@@ -190,27 +201,24 @@ class SortedSlicingPass(Pass):
         chains = weight_chains(gm)
         for key, layouts in plan.chains.items():
             insert_producer(gm, chains[key], SliceProducer(state, layouts), self.kind)
-        # A depthwise conv cut to k channels is a conv with k groups.
+        # Options that count channels (a depthwise conv's groups) follow the cut.
         for node in gm.graph.nodes:
-            if not (is_layer(node) and node.target in (F.conv1d, F.conv2d, F.conv3d)):
-                continue
-            source = node.meta[META]["source"]
-            out = next((lay for lay in plan.chains.get(f"{source}.weight", []) if lay.dim == 0), None)
-            if isinstance(node.args[6], int) and node.args[6] > 1 and out is not None:
-                path = f"{META}.{source.replace('.', '_')}.groups"
-                gm.add_submodule(path, ConvGroups(state, out))
+            call = layer_call(node, gm) if is_layer(node) else None
+            for option, (role, dim) in (call.kind.channel_options(call) if call else {}).items():
+                layout = next((lay for lay in plan.chains.get(f"{call.path}.{role}", []) if lay.dim == dim), None)
+                if layout is None:
+                    continue
+                path = f"{META}.{call.path.replace('.', '_')}.{option}"
+                gm.add_submodule(path, ConvGroups(state, layout))
                 with gm.graph.inserting_before(node):
-                    groups = gm.graph.call_module(path, ())
-                groups.meta[META] = {"role": "groups", "pass": self.kind, "source": source}
-                node.update_arg(6, groups)
+                    counted = gm.graph.call_module(path, ())
+                counted.meta[META] = {"role": option, "pass": self.kind, "source": call.path}
+                call.set_option(option, counted)
 
     def _slice_norms(self, gm: fx.GraphModule, plan: SlicePlan, state: SubnetState) -> None:
         for path, layout in plan.norms.items():
             old = gm.get_submodule(path)
-            new = (SlicedLayerNorm(old, state, layout) if isinstance(old, nn.LayerNorm)
-                   else sliced_batch_norm(old, state, layout, per_width=self.spec.bn == "per_width"))
-            parent, _, name = path.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, name, new)
+            replace_submodule(gm, path, kind_of(old).sliced(old, state, layout, per_width=self.spec.bn == "per_width"))
 
     def _gate_blocks(self, gm: fx.GraphModule, blocks: list[Block], state: SubnetState) -> None:
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -237,14 +245,85 @@ class SortedSlicingPass(Pass):
             enter.meta[META] = {**tag, "side": "enter"}
             leave.meta[META] = {**tag, "side": "exit"}
 
-    def callbacks(self, gm: fx.GraphModule) -> list[Callback]:
-        summary = {"blocks": self.blocks,
-                   "groups": {"sliced": [g.id for g in self.plan.sliced],
-                              "full_width": {str(g): why for g, why in self.plan.kept.items()}}}
+    def callbacks(self, gm: fx.GraphModule, record: SlicingRecord, ctx: PassContext) -> list[Callback]:
+        summary = {"blocks": record.blocks,
+                   "groups": {"sliced": record.sliced,
+                              "full_width": {str(g): why for g, why in record.full_width.items()}}}
         return [SortedSlicingCallback(self.spec, summary)]
 
+    def describe(self, gm: nn.Module) -> list[dict[str, Any]]:
+        return subnet_table(gm)
 
-def describe(gm: nn.Module) -> list[dict[str, Any]]:
+    @classmethod
+    def applied_to(cls, gm: nn.Module) -> bool:
+        return find_state(gm) is not None
+
+    @classmethod
+    def reverse(cls, gm: fx.GraphModule, full: bool = False) -> None:
+        """Turn the slicing machinery at the active sub-model (with `full`, the largest) into
+        plain graph code, in place: depth gates become the kept block or a bypass, sliced
+        norms plain norms holding the cut tensors, counted options (groups) constants. Slice
+        producers that cut nothing at that width leave their chains (all of them at the
+        largest sub-model, which takes the slicing off entirely); the others stay, frozen
+        at it, for fold."""
+        state = find_state(gm)
+        if state is None:
+            return
+        if full:
+            state.activate(*state.largest)
+        graph = gm.graph
+        gates = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), DepthGate)]
+        taken_off = {n.target for n in gates}
+        for node in gates:  # exits first: a dropped block's body then has no user outside it
+            if len(node.args) == 2:
+                kept = gm.get_submodule(node.target).kept
+                node.replace_all_uses_with(node.args[1] if kept else node.args[0])
+                graph.erase_node(node)
+        for node in gates:
+            if len(node.args) == 1:
+                if not gm.get_submodule(node.target).kept:
+                    _erase_descendants(graph, node)
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+        frozen = False
+        for node in list(graph.nodes):
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(module, ConvGroups):
+                value = module()
+                for user in list(node.users):  # an int argument again
+                    user.replace_input_with(node, value)
+            elif isinstance(module, SliceProducer) and module.cuts[state.width_index]:
+                frozen = True
+                continue
+            elif isinstance(module, SliceProducer):
+                node.replace_all_uses_with(node.args[0])
+            else:
+                continue
+            graph.erase_node(node)
+            taken_off.add(node.target)
+        for path, module in list(gm.named_modules()):
+            if isinstance(module, (SlicedBatchNorm, SlicedLayerNorm)):
+                replace_submodule(gm, path, module.plain())
+        graph.lint()
+        for path in taken_off | (set() if frozen else {f"{META}.subnet"}):
+            gm.delete_submodule(path)
+        gm.recompile()
+
+
+def _erase_descendants(graph: fx.Graph, enter: fx.Node) -> None:
+    """Remove a dropped block's body: every node computed from its entry gate."""
+    body, stack = set(), [enter]
+    while stack:
+        for user in stack.pop().users:
+            if user not in body:
+                body.add(user)
+                stack.append(user)
+    for node in reversed(graph.nodes):
+        if node in body:
+            graph.erase_node(node)
+
+
+def subnet_table(gm: nn.Module) -> list[dict[str, Any]]:
     """The sub-model dimensions for `fxgrow inspect`: every sliced channel group with its
     kept channels per width fraction, every gated block with the depths that keep it."""
     state = find_state(gm)
@@ -259,52 +338,39 @@ def describe(gm: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def unslice(gm: fx.GraphModule) -> tuple[SortedSlicingSpec, tuple[str, ...]] | None:
-    """Take the sorted_slicing rewrite off `gm`, in place, at the largest sub-model: depth
-    gates, depthwise `groups` and sliced norms become plain graph code and modules (the
-    full-width statistics kept; per-width ones dropped), slice producers leave their chains.
-    Returns what `reslice` needs to put it back (growth does, on the grown graph), or None
-    when `gm` is not sliced."""
-    state = find_state(gm)
-    if state is None:
-        return None
-    state.activate(*state.largest)
-    materialize(gm)
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), SliceProducer):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            gm.delete_submodule(node.target)
-    gm.delete_submodule(f"{META}.subnet")
-    gm.graph.lint()
-    gm.recompile()
-    return state.spec, state.layers
-
-
-def reslice(gm: fx.GraphModule, spec: SortedSlicingSpec, layers: tuple[str, ...], example: torch.Tensor) -> None:
-    """Apply the sorted_slicing rewrite of `spec` to `layers` of `gm` again (after `unslice`)."""
-    types = layer_types(gm)
-    SortedSlicingPass(spec).rewrite(gm, [Match(layer, types[layer]) for layer in layers],
-                                    PassContext(example_input=example))
-
-
 @torch.no_grad()
 def _check_every_point(gm: fx.GraphModule, state: SubnetState, example: torch.Tensor) -> None:
-    """Run every sub-model once (eval mode) so a model that hard-codes a channel count or a
-    block that cannot run on an empty batch fails here, naming the sub-model."""
-    was_training = gm.training
-    gm.eval()
+    """Run the sub-models once, on meta tensors (shapes, no arithmetic), so a model that
+    hard-codes a channel count or a block that cannot run on an empty batch fails here,
+    naming the sub-model. See `_points_to_check` for which ones."""
     try:
-        for point in state.points:
-            state.activate(*point)
-            try:
-                gm(example)
-            except Exception as e:
-                raise FxgrowError(f"sub-model (width {point[0]}, depth {point[1]}) does not run: "
-                                  f"{type(e).__name__}: {e}") from e
+        with graph_checks(gm) as check:
+            for point in _points_to_check(state):
+                state.activate(*point)
+                try:
+                    check(example)
+                except Exception as e:
+                    raise FxgrowError(f"sub-model (width {point[0]}, depth {point[1]}) does not run: "
+                                      f"{type(e).__name__}: {e}") from e
     finally:
         state.activate(*state.largest)
-        gm.train(was_training)
+
+
+def _points_to_check(state: SubnetState) -> list[tuple[float, int]]:
+    """The grid points whose runs cover every failure a sub-model can have. The largest is
+    left out: every slice is the identity there and every gate passes, so it runs the model
+    whose shapes were just propagated. In a product grid, every width at the full depth
+    (each channel count, on a full batch in every block) and every depth at the smallest
+    width (each set of dropped blocks running on an empty batch, with cut channels) cover
+    the rest: a failure only at a larger width of a smaller depth would need an op that
+    fails on an empty batch with full channels but not with fewer. A list grid is checked
+    point by point."""
+    points = [p for p in state.points if p != state.largest]
+    widths, depths = sorted({w for w, _ in state.points}), sorted({d for _, d in state.points})
+    if len(state.points) != len(widths) * len(depths):  # not a product grid
+        return points
+    full, smallest = max(depths), min(widths)
+    return [p for p in points if p[1] == full or p[0] == smallest]
 
 
 # --- training ------------------------------------------------------------------------------
@@ -336,7 +402,7 @@ class SortedSlicingCallback(Callback):
         self.grid: list[dict[str, Any]] = []
         self._plan: list[tuple[float, int]] = []
         self._recent: collections.deque[torch.Tensor] = collections.deque(maxlen=spec.recalibrate_batches)
-        self._found: tuple[nn.Module, SubnetState] | None = None
+        self._subnet: SubnetState | None = None  # the model's slicing state
 
     # sampling: a pure function of (seed, step)
     def plan(self, points: list[tuple[float, int]], seed: int, step: int) -> list[tuple[float, int]]:
@@ -361,6 +427,7 @@ class SortedSlicingCallback(Callback):
         return sorted(chosen, reverse=True)
 
     def on_train_start(self, ctx) -> None:
+        self._subnet = None
         state = self._state(ctx)
         state.activate(*state.largest)
         _allow_a_graph_per_sub_model(len(state.points))
@@ -370,6 +437,9 @@ class SortedSlicingCallback(Callback):
         self._plan = self.plan(list(state.points), ctx.seed, ctx.step)
         if ctx.batch is not None and ctx.step >= ctx.total_steps - self.spec.recalibrate_batches:
             self._recent.append(ctx.batch[0].detach())  # the last batches recalibrate BN at the end
+
+    def on_model_replaced(self, ctx, old, new, change) -> None:
+        self._subnet = None  # growth put slicing back on the grown model: a new state
 
     def micro_steps(self, ctx) -> int:
         return len(self._plan)
@@ -405,10 +475,9 @@ class SortedSlicingCallback(Callback):
         self._recent.extend(x.to(device) if device is not None else x for x in state.get("recent", []))
 
     def _state(self, ctx) -> SubnetState:
-        # Looked up once per model object (growth or resume replaces it), not every step.
-        if self._found is None or self._found[0] is not ctx.model:
-            state = find_state(ctx.model)
-            if state is None:
+        # Looked up once per model (on_train_start and on_model_replaced forget it), not every step.
+        if self._subnet is None:
+            self._subnet = find_state(ctx.model)
+            if self._subnet is None:
                 raise FxgrowError("sorted_slicing: the model has no slicing state (was the pass applied?)")
-            self._found = (ctx.model, state)
-        return self._found[1]
+        return self._subnet

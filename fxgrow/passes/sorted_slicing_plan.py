@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..analysis.coupling import ChannelGroup
-from ..ir import weight_chains
+from ..ir import chain_shape, weight_chains
+from ..layers import kind_of
 from ..nn.slicing import DimLayout, Segment
 
 # --- skippable residual blocks ------------------------------------------------------------
@@ -132,11 +133,10 @@ def _between(x: fx.Node, end: fx.Node, pos: dict[fx.Node, int]) -> set[fx.Node]:
 
 # --- the slicing plan --------------------------------------------------------------------
 
-_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
-
-
 def _sliceable_norm(m: nn.Module) -> bool:
-    return not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) == 1
+    """A norm module whose kind has a sliced twin for it."""
+    kind = kind_of(m)
+    return kind is not None and kind.sliced is not None and kind.sliceable(m)
 
 
 @dataclass
@@ -154,7 +154,7 @@ def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str
     layer or a BatchNorm/LayerNorm called as a module."""
     chains = weight_chains(gm)
     norm_calls = {n.target for n in gm.graph.nodes if n.op == "call_module"
-                  and isinstance(gm.get_submodule(n.target), _NORM_TYPES)}
+                  and _sliceable_norm(gm.get_submodule(n.target))}
     sliced, kept = [], {}
     for g in groups:
         if g.fixed:
@@ -162,7 +162,7 @@ def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str
             continue
         blocker = next((u for u in g.uses if not (
             (u.layer in layers and f"{u.layer}.{u.param}" in chains)
-            or (u.layer in norm_calls and _sliceable_norm(gm.get_submodule(u.layer))))), None)
+            or u.layer in norm_calls)), None)
         if blocker is not None:
             kept[g.id] = (f"{blocker.layer}.{blocker.param} is not a targeted layer or a norm module"
                           if blocker.layer not in layers else f"{blocker.layer}.{blocker.param} cannot be sliced")
@@ -176,7 +176,7 @@ def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str
     for key, by_dim in dims.items():
         layer, _, param = key.rpartition(".")
         # the tensor a chain produces (template mixing stores no `weight`), or a norm's own
-        shape = _shape(chains[key].tail) if key in chains else getattr(gm.get_submodule(layer), param).shape
+        shape = chain_shape(gm, chains[key]) if key in chains else getattr(gm.get_submodule(layer), param).shape
         layouts = [DimLayout(d, shape[d], tuple(sorted(segs, key=lambda s: s.offset)))
                    for d, segs in sorted(by_dim.items())]
         if layer in norm_calls:

@@ -7,6 +7,7 @@ and a `MixProducer` holding the layer's alphas is the chain's first producer.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,13 +18,13 @@ from torch import fx, nn
 from ..analysis import forward_flops
 from ..errors import FxgrowError
 from ..ir import META, WeightChain, fetch_attr, insert_producer, weight_chains
-from ..nn.mixing import MixProducer, TemplateBank
+from ..nn.mixing import MixProducer, TemplateBank, mix_producers, preserving_templates, retarget  # noqa: F401
 from ..specs.base import PassSpec
 from ..train.callbacks import Callback, TrainContext
-from .base import Match, Pass, PassContext, register_pass
+from ..train.data import stable_seed
+from .base import Match, Pass, PassContext, Record, register_pass
 
 BANKS = f"{META}.banks"
-_SEED_OFFSET = 0x6D6978  # decorrelates this pass's generator from other passes using the seed
 
 
 class TemplateMixingSpec(PassSpec):
@@ -77,48 +78,7 @@ def kaiming_templates(k: int, like: torch.Tensor, generator: torch.Generator) ->
     return t.to(like.device)
 
 
-def preserving_templates(alphas: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """T with alphas @ T == the stacked weights: T = pinv(alphas) @ W (exact when the
-    L x K alphas have full row rank, i.e. L <= K; = alphas^T W for orthonormal rows)."""
-    w = torch.stack([x.detach().to(torch.float64).flatten() for x in weights])
-    t = torch.linalg.pinv(alphas) @ w
-    like = weights[0]
-    return t.view(alphas.shape[1], *like.shape).to(like.dtype)
-
-
-def retarget(gm: nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Re-solve bank templates so each mixed weight in `targets` ({"layer.weight": value})
-    comes out as that value; layers of an affected bank not in `targets` keep their
-    current mix. For a pass stacked after mixing that re-initialises its input (the
-    compander's v = psi^-1(W)). Returns the max abs residual per key: 0 up to rounding
-    when the bank has at most K layers (ungrown), a least-squares fit otherwise."""
-    producers = mix_producers(gm)
-    by_source = {p.source: (path, p) for path, p in producers.items()}
-    missing = [k for k in targets if k not in by_source]
-    if missing:
-        raise FxgrowError(f"not template-mixed: {', '.join(missing)}")
-    banks = {by_source[k][1].bank for k in targets}
-    residual: dict[str, float] = {}
-    with torch.no_grad():
-        for bank_path in banks:
-            bank: TemplateBank = gm.get_submodule(bank_path)
-            users = [p for p in producers.values() if p.bank == bank_path]
-            if bank.sets != 1 or any(p.grid != (1, 1) for p in users):
-                raise FxgrowError(f"cannot re-solve the templates of grown bank '{bank_path}'")
-            alphas = torch.stack([p.alpha.detach().view(-1) for p in users]).to(torch.float64)
-            values = [targets.get(p.source, p(bank.templates)) for p in users]
-            bank.templates.copy_(preserving_templates(alphas, values))
-            for p, v in zip(users, values):
-                residual[p.source] = float((p(bank.templates) - v).abs().max())
-    return {k: residual[k] for k in targets}
-
-
-def mix_producers(model: nn.Module) -> dict[str, MixProducer]:
-    """{module path: producer} of every MixProducer in `model`, in registration order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, MixProducer)}
-
-
-def describe(gm: nn.Module) -> list[dict[str, Any]]:
+def bank_table(gm: nn.Module) -> list[dict[str, Any]]:
     """The bank table for `fxgrow inspect` and report.json: one row per mixed weight, with
     its bank, the layers sharing that bank, and after growth the block grid and the
     template set each block mixes."""
@@ -161,7 +121,7 @@ class TemplateMixingCallback(Callback):
         self.train_flops = 0.0
         self.samples = 0
         self.flops_per_sample = 0.0
-        self._measured: nn.Module | None = None
+        self._measure = True  # on the next training batch: at the start and after a replaced model
         self.summary: dict[str, Any] = {}
 
     def param_group_overrides(self, model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -171,13 +131,17 @@ class TemplateMixingCallback(Callback):
                 for path in mix_producers(model)}
 
     def on_train_start(self, ctx: TrainContext) -> None:
-        self.table = describe(ctx.model)
+        self.table = bank_table(ctx.model)
+        self._measure = True
+
+    def on_model_replaced(self, ctx: TrainContext, old: nn.Module, new: nn.Module, change) -> None:
+        self._measure = True
 
     def after_step(self, ctx: TrainContext) -> None:
         inputs = ctx.batch[0]
-        if self._measured is not ctx.model:
+        if self._measure:
             self.flops_per_sample = forward_flops(ctx.model, inputs) / len(inputs)
-            self._measured = ctx.model
+            self._measure = False
         samples = len(inputs) * getattr(ctx, "world", 1)
         self.samples += samples
         self.train_flops += 3 * self.flops_per_sample * samples
@@ -187,7 +151,7 @@ class TemplateMixingCallback(Callback):
                  "forward_flops_per_sample": self.flops_per_sample})
 
     def on_train_end(self, ctx: TrainContext) -> None:
-        self.table = describe(ctx.model)
+        self.table = bank_table(ctx.model)
         fused = [_run_train_flops(run) for run in self.fused_runs]
         reference = 3 * self.flops_per_sample * self.samples
         spent = self.train_flops + sum(f for f in fused if f is not None)
@@ -238,9 +202,8 @@ class TemplateMixingPass(Pass):
         super().__init__(spec, **fields)
         # `preserve` templates reproduce every weight exactly.
         self.preserves_computation = self.spec.template_init == "preserve"
-        self.fused_runs: list[str] = []  # set by a later grow pass that fuses other runs
 
-    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> None:
+    def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> Record:
         spec: TemplateMixingSpec = self.spec
         chains = weight_chains(gm)
         targeted: dict[str, WeightChain] = {}
@@ -260,17 +223,21 @@ class TemplateMixingPass(Pass):
                     raise FxgrowError(
                         f"template_init: preserve needs at most K={k} layers per bank, but "
                         f"{', '.join(group)} share one; raise `templates` or use share: pairs/none")
-        generator = torch.Generator().manual_seed(ctx.seed + _SEED_OFFSET)
         first = _next_bank_index(gm)
-        for i, group in enumerate(groups):
-            weights = [fetch_attr(gm, targeted[name].head.target) for name in group]
-            alphas = init_coefficients(len(group), k, spec.coefficient_init, generator)
-            if spec.template_init == "preserve":
-                templates = preserving_templates(alphas, weights)
-            else:
-                templates = kaiming_templates(k, weights[0], generator)
+        # One generator per bank (seeded by the run's seed and the bank), so the banks'
+        # templates draw independently: in parallel threads, as torch's normal_ is serial.
+        generators = [torch.Generator().manual_seed(stable_seed(ctx.seed, self.kind, first + i))
+                      for i in range(len(groups))]
+        weights_of = [[fetch_attr(gm, targeted[name].head.target) for name in group] for group in groups]
+        alphas_of = [init_coefficients(len(group), k, spec.coefficient_init, g) for group, g in zip(groups, generators)]
+        if spec.template_init == "preserve":
+            templates_of = [preserving_templates(a, w).to(w[0].dtype) for a, w in zip(alphas_of, weights_of)]
+        else:
+            with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+                templates_of = list(pool.map(lambda w, g: kaiming_templates(k, w[0], g), weights_of, generators))
+        for i, (group, weights, alphas, templates) in enumerate(zip(groups, weights_of, alphas_of, templates_of)):
             path = f"{BANKS}.bank{first + i}"
-            gm.add_submodule(path, TemplateBank(templates.detach().clone()))
+            gm.add_submodule(path, TemplateBank(templates.detach()))  # a fresh tensor: no copy
             for name, alpha in zip(group, alphas):
                 chain = targeted[name]
                 _replace_head(gm, chain, f"{path}.templates")
@@ -278,9 +245,15 @@ class TemplateMixingPass(Pass):
                 mix = MixProducer(alpha.to(weight.dtype).to(weight.device).clone(),
                                   tuple(weight.shape), bank=path, source=chain.key)
                 insert_producer(gm, chain, mix, self.kind)
+        return Record(tuple(targeted))
 
-    def callbacks(self, gm: fx.GraphModule) -> list[Callback]:
-        return [TemplateMixingCallback(self.spec, self.fused_runs)]
+    def callbacks(self, gm: fx.GraphModule, record: Record, ctx: PassContext) -> list[Callback]:
+        # The runs the pipeline builds on (growth's fused nets) count in the FLOPs accounting.
+        fused = [run for a in ctx.history for run in a.record.builds_on]
+        return [TemplateMixingCallback(self.spec, fused)]
+
+    def describe(self, gm: nn.Module) -> list[dict[str, Any]]:
+        return bank_table(gm)
 
 
 def _replace_head(gm: fx.GraphModule, chain: WeightChain, target: str) -> None:

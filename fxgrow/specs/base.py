@@ -4,9 +4,10 @@ from __future__ import annotations
 import re
 import re._constants as _sre  # the parsed-regex vocabulary (stable since 3.11)
 import re._parser as _sre_parse
-from typing import Iterable
+from typing import Annotated, Any, Iterable, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, field_validator,
+                      model_validator)
 
 from ..errors import SpecError
 from .document import short_repr
@@ -67,6 +68,63 @@ def check_regex(pattern: str) -> None:
                 stack.append((av, repeated))
             elif op is _sre.GROUPREF_EXISTS:
                 stack.extend((branch, repeated) for branch in av[1:] if branch is not None)
+
+
+# --- one vocabulary for time in training --------------------------------------------------
+
+class At(StrictModel):
+    """A point in training, exactly one of: `step` (once that many optimizer steps are done),
+    `epoch` (at the start of that epoch, 0-based) or `fraction` (of all optimizer steps)."""
+
+    step: int | None = Field(None, ge=0, description="once this many optimizer steps are done")
+    epoch: int | None = Field(None, ge=0, description="at the start of this epoch (0-based)")
+    fraction: float | None = Field(None, ge=0, le=1, description="of all optimizer steps")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "At":
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(type(self).model_fields)} (got {given or 'none'})")
+        return self
+
+
+def check_time(value: Any, at: type[At] = At) -> int | float | At:
+    """A time as given: an int (optimizer steps), a float in [0, 1] (a fraction of training)
+    or a mapping validated as `at`; anything else is an error that says so."""
+    if isinstance(value, bool):
+        raise ValueError("a time is an int (steps), a float (a fraction of training) or a mapping, not a bool")
+    if isinstance(value, float) and not 0 <= value <= 1:
+        raise ValueError("a float is a fraction of training and must be in [0, 1]; "
+                         "give an int for a step count")
+    if isinstance(value, int) and value < 0:
+        raise ValueError("a step count must be >= 0")
+    if isinstance(value, dict):
+        return at.model_validate(value)  # its errors keep their field paths
+    if not isinstance(value, (int, float, at)):
+        raise ValueError(f"a time is an int (steps), a float (a fraction of training) or "
+                         f"{{{'|'.join(at.model_fields)}: ...}}")
+    return value
+
+
+def time_type(at: type[At] = At) -> Any:
+    """The field type of a time whose mapping form is `at` (one error per bad value, not
+    one per union member)."""
+    return Annotated[Union[StrictInt, StrictFloat, at], BeforeValidator(lambda v: check_time(v, at))]
+
+
+# A time: an int counts optimizer steps, a float in [0, 1] is a fraction of training, or an `At`.
+Time = time_type()
+
+
+def resolve_time(value: int | float | At, total_steps: int, steps_per_epoch: int | None = None) -> int:
+    """The optimizer step count a time stands for in a run of `total_steps`."""
+    if isinstance(value, At):
+        if value.epoch is not None:
+            if steps_per_epoch is None:
+                raise SpecError("a time in epochs needs the run's steps per epoch")
+            return value.epoch * steps_per_epoch
+        value = value.step if value.step is not None else value.fraction
+    return value if isinstance(value, int) else round(value * total_steps)
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:

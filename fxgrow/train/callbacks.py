@@ -8,17 +8,41 @@ The loop knows these events, never the passes. Event order for one optimizer ste
 plus on_train_start / on_eval / on_epoch_end / on_train_end. Every hook receives the
 loop's `ctx` (see `TrainContext` below for what it offers).
 
-A resumed run calls on_train_start (ctx.resumed is True), then every callback's
-load_state_dict, then loads the model, optimizer, scheduler and RNG states, and goes on
-with the step after the checkpoint's.
+The model's lifecycle: when a callback swaps in a new model (`ctx.replace_model`, e.g.
+growth), the loop rebuilds the optimizer and scheduler and then calls every callback's
+`on_model_replaced(ctx, old, new, change)`; no callback has to notice a swap itself.
+
+A resumed run first lets every callback, in order, rebuild the structure its saved state
+says the model had (`replay_structure(model, state) -> model`, pure: growth grows an
+equal empty model again), then calls on_train_start (ctx.resumed is True) on that model,
+then every callback's load_state_dict, then loads the model, optimizer, scheduler and RNG
+states, and goes on with the step after the checkpoint's (`checkpoint.replay_structures`
+calls every callback's hook; `fxgrow.api.restore` replays the structure the same way). Any driver that implements `TrainContext` and these calls
+(another training loop, Lightning, HF Trainer) runs the passes' callbacks alike.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelChange:
+    """How a replaced model relates to the old one.
+
+    `param_map` maps new parameter names to the old names whose optimizer state they
+    keep (by default every parameter whose name and shape survive keeps its state);
+    `fresh(key)` is, for the weight chain `key` ("layer.param"), a bool tensor of the new
+    value's shape, True where no old model held the entry (growth's new blocks), or None
+    when the chain did not change shape."""
+
+    param_map: dict[str, str] = field(default_factory=dict)
+    cause: str = "replaced"
+    fresh: Callable[[str], torch.Tensor | None] = lambda key: None
 
 
 class TrainContext(Protocol):
@@ -42,10 +66,10 @@ class TrainContext(Protocol):
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (with step/epoch filled in) to metrics.jsonl."""
 
-    def replace_model(self, model: nn.Module, param_map: dict[str, str] | None = None) -> None:
-        """Swap in a new model (growth). `param_map` maps new parameter names to the old
-        names whose optimizer state they keep; by default every parameter whose name and
-        shape survive keeps its state. The optimizer and scheduler are rebuilt."""
+    def replace_model(self, model: nn.Module, change: ModelChange | dict[str, str] | None = None) -> None:
+        """Swap in a new model (growth): rebuild the optimizer and scheduler (optimizer
+        state follows `change.param_map`; a bare dict is taken as that map), then call
+        every callback's `on_model_replaced`."""
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         """Test-split loss and accuracy of `model` (default: the current model)."""
@@ -83,6 +107,15 @@ class Callback:
 
     def on_train_end(self, ctx: TrainContext) -> None: ...
 
+    def on_model_replaced(self, ctx: TrainContext, old: nn.Module, new: nn.Module, change: ModelChange) -> None:
+        """`new` replaced `old` as the trained model (ctx.model is `new`, ctx.optimizer is
+        rebuilt for it): refresh what this callback found in the old one."""
+
+    def replay_structure(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        """Resume: `model` as this callback's checkpointed `state` says its structure was
+        (growth returns it grown; its values load afterwards). Pure; default: `model`."""
+        return model
+
     def param_group_overrides(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         """Optimizer options per parameter name, e.g. {"fxgrow.conv1.mix.alpha":
         {"weight_decay": 0.0}}. The loop groups parameters by these overrides."""
@@ -96,6 +129,6 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict[str, Any], ctx: TrainContext | None = None) -> None:
-        """Restore state on resume. Called before the model state is loaded, so a
-        callback that changed the model's structure (growth) can rebuild it first
-        through `ctx.replace_model`."""
+        """Restore this callback's state on resume (the model's structure is replayed
+        before, by `replay_structure`; `fxgrow.train.checkpoint.replay_structures` calls
+        every callback's)."""

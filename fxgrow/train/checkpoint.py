@@ -236,6 +236,22 @@ def load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], pat
     model.load_state_dict(saved)
 
 
+def replay_structures(model, callbacks, state: dict[str, Any], path: Path):
+    """`model` with every callback's structure changes replayed from the checkpoint's states
+    (`Callback.replay_structure`, in callback order: growth grows it): what a resumed run and
+    `api.restore` load the model state into. A failure that is not already a clear
+    FxgrowError names the file and the callback."""
+    for callback in callbacks:
+        try:
+            model = callback.replay_structure(model, state["callbacks"].get(callback.name, {}))
+        except FxgrowError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: the structure {callback.name!r} recorded cannot be rebuilt "
+                                  f"({type(e).__name__}: {e})") from e
+    return model
+
+
 def restore_callback(callback, state: dict[str, Any], ctx, path: Path) -> None:
     """`callback.load_state_dict` with the checkpoint's state for it; a failure that is not
     already a clear FxgrowError names the file and the callback."""

@@ -32,7 +32,7 @@ from ..analysis.cost import forward_flops
 from ..errors import FxgrowError
 from ..specs.train import TrainSpec
 from . import checkpoint as ckpt
-from .callbacks import Callback
+from .callbacks import Callback, ModelChange
 from .data import Batches, Data, load_data, step_generator
 from .meter import Meter
 from .objectives import Classification, Objective, build_objective
@@ -150,13 +150,17 @@ class Trainer:
         if self.rank == 0 and self._metrics is not None:
             self._metrics.write(json.dumps({"step": self.step, "epoch": self.epoch, **record}) + "\n")
 
-    def replace_model(self, model: nn.Module, param_map: dict[str, str] | None = None) -> None:
-        old_params = dict(self.model.named_parameters())
+    def replace_model(self, model: nn.Module, change: ModelChange | dict[str, str] | None = None) -> None:
+        change = change if isinstance(change, ModelChange) else ModelChange(param_map=dict(change or {}))
+        old, old_params = self.model, dict(self.model.named_parameters())
         old_optimizer = self.optimizer
         self._install(model)
         self.optimizer = self._build_optimizer()
-        transfer_state(old_optimizer, old_params, self.optimizer, dict(self.model.named_parameters()), param_map)
+        transfer_state(old_optimizer, old_params, self.optimizer, dict(self.model.named_parameters()),
+                       change.param_map)
         self.scheduler = build_scheduler(self.optimizer, self._lr_factor, self.step)
+        for cb in self.callbacks:
+            cb.on_model_replaced(self, old, self.model, change)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
@@ -222,6 +226,8 @@ class Trainer:
             torch.manual_seed(spec.seed + self.rank)
             random.seed(spec.seed + self.rank)
             np.random.seed(spec.seed + self.rank)
+        else:  # the structure the checkpoint's model had (growth), before anything sees the model
+            self.model = ckpt.replay_structures(self.model, self.callbacks, state, self.resume_from)
         self._install(self.model)
         model_name = (self.spec_dump.get("model") or {}).get("entry") or type(self.model).__name__
         check_model_fits(self.model, self.data.example(), self.data.num_classes, model_name,
@@ -292,7 +298,7 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.epoch = self.step // self.steps_per_epoch
-        for cb in self.callbacks:  # before the model state: growth rebuilds the model here
+        for cb in self.callbacks:  # (the structure was replayed in _setup)
             ckpt.restore_callback(cb, state, self, self.resume_from)
         ckpt.load_model_state(self.model, state["model"], self.resume_from, "the model being trained")
         try:
