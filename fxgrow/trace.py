@@ -23,7 +23,7 @@ import math
 import sys
 import traceback
 from contextlib import contextmanager
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx, nn
@@ -49,6 +49,23 @@ class ModeSelect(nn.Module):
         return f"train={self.train_value!r}, eval={self.eval_value!r}"
 
 
+# torch.nn modules FX does not trace into, with a forward it can trace that computes the same
+# (their composite path): {class: forward(module, *args, **kwargs)}; NotImplemented keeps the
+# module whole for that call.
+TRACEABLE_FORWARDS: dict[type, Callable[..., Any]] = {}
+
+
+def register_traceable_forward(cls: type, forward: Callable[..., Any],
+                               covers: Callable[..., bool] | None = None,
+                               root: Callable[..., Any] | None = None) -> None:
+    """Trace `cls` modules through `forward(module, *args, **kwargs)` instead of keeping them
+    whole (their layers then become targetable). `covers(module, *args, **kwargs)` says
+    whether a call is one `forward` computes (others keep the module whole); `root` is the
+    forward for a model that is itself a `cls` (its signature is the graph's inputs)."""
+    forward.covers, forward.root = covers, root
+    TRACEABLE_FORWARDS[cls] = forward
+
+
 class _Tracer(fx.Tracer):
     """fx.Tracer that keeps chosen modules as leaves and remembers the module path being
     traced, so a failure can name it."""
@@ -58,16 +75,28 @@ class _Tracer(fx.Tracer):
         self.leaf = set(leaf_modules)  # type names ("MyBlock") or module paths ("layer1.0")
         self.stack: list[str] = []
         self.failed_at: list[str] | None = None  # the module stack when tracing broke
+        self.whole: set[int] = set()  # modules with a traceable forward kept whole for this call
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # A module of a registered layer kind stays one call, as torch.nn's do.
         if qualname in self.leaf or type(m).__name__ in self.leaf or kind_of(m, exact=True) is not None:
             return True
+        if _real_type(m) in TRACEABLE_FORWARDS:
+            return id(m) in self.whole
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))
         try:
+            traceable = TRACEABLE_FORWARDS.get(_real_type(m))
+            if traceable is not None and not self.is_leaf_module(m, self.stack[-1]):
+                if _covers(traceable, m, args, kwargs):
+                    return super().call_module(m, lambda *a, **k: traceable(m, *a, **k), args, kwargs)
+                self.whole.add(id(m))
+                try:
+                    return super().call_module(m, forward, args, kwargs)
+                finally:
+                    self.whole.discard(id(m))
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_at is None:
@@ -75,6 +104,53 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self.stack.pop()
+
+
+def _real_type(m: nn.Module) -> type:
+    """The module's class (not the subclass `_TrainingReads` swaps in while tracing)."""
+    cls = type(m)
+    return cls.__mro__[1] if cls.__dict__.get("_fxgrow_probe") else cls
+
+
+def _covers(forward: Callable[..., Any], m: nn.Module, args, kwargs) -> bool:
+    return forward.covers is None or forward.covers(m, *args, **kwargs)
+
+
+def _encoder_layer_forward(m: nn.TransformerEncoderLayer, src, src_mask=None, src_key_padding_mask=None,
+                           is_causal=False):
+    """nn.TransformerEncoderLayer.forward's composite path (its fused eval kernel computes
+    the same up to rounding), for calls without masks."""
+    x = src
+    if m.norm_first:
+        x = x + m._sa_block(m.norm1(x), None, None, is_causal=is_causal)
+        return x + m._ff_block(m.norm2(x))
+    x = m.norm1(x + m._sa_block(x, None, None, is_causal=is_causal))
+    return m.norm2(x + m._ff_block(x))
+
+
+def _encoder_forward(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    """nn.TransformerEncoder.forward for calls without masks (no nested tensors then)."""
+    out = src
+    for layer in m.layers:
+        out = layer(out, src_mask=None, is_causal=is_causal is True, src_key_padding_mask=None)
+    return m.norm(out) if m.norm is not None else out
+
+
+def _without_masks(m, src, *args, **kwargs) -> bool:
+    return all(a is None for a in args[:2]) and all(kwargs.get(k) is None for k in
+                                                    ("src_mask", "mask", "src_key_padding_mask"))
+
+
+def _encoder_layer_root(self, src):  # a model that is one encoder layer: no mask input
+    return _encoder_layer_forward(self, src)
+
+
+def _encoder_root(self, src):
+    return _encoder_forward(self, src)
+
+
+register_traceable_forward(nn.TransformerEncoderLayer, _encoder_layer_forward, _without_masks, _encoder_layer_root)
+register_traceable_forward(nn.TransformerEncoder, _encoder_forward, _without_masks, _encoder_root)
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[str] = (),
@@ -102,8 +178,35 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = (),
         "mode_leaves": mode_leaves,      # weightless modules that read self.training
         "mode_readers": dict(readers),   # traced-through readers: path -> where it reads
         "mode_selects": selects,
+        "weights": weight_matrices(model),
+        "version": getattr(type(model), "_version", 1),
     }
     return gm
+
+
+# Module classes whose parameters of two or more dims are weight matrices (subclasses too).
+MATRIX_MODULES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag,
+                  nn.MultiheadAttention, nn.modules.rnn.RNNBase)
+
+
+def weight_matrices(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The model's weight matrices: {parameter name: {shape, owner path, owner type}}, one
+    entry per tensor: the weights (`weight`, `in_proj_weight`, `weight_ih_l0`, ...) of two or
+    more dims of a layer module (torch.nn's or a registered layer kind's, subclasses included;
+    not a scaled conv's `gain`)."""
+    out: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
+    for path, module in model.named_modules():
+        kind = kind_of(module)
+        matrix_module = isinstance(module, MATRIX_MODULES) or (kind is not None and kind.targetable)
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if matrix_module and p.dim() >= 2 and "weight" in name:
+                out[f"{path}.{name}" if path else name] = {"shape": list(p.shape), "owner": path,
+                                                           "type": type(module).__name__}
+    return out
 
 
 def module_type(gm: nn.Module, path: str) -> str:
@@ -209,9 +312,12 @@ class _TrainingReads:
             def set(self, value):
                 self.__dict__["training"] = value
 
-            cls._subclasses[base] = type(base.__name__, (base,), {
-                "training": property(get, set), "_fxgrow_probe": True,
-                "__module__": base.__module__, "__qualname__": base.__qualname__})
+            attributes = {"training": property(get, set), "_fxgrow_probe": True,
+                          "__module__": base.__module__, "__qualname__": base.__qualname__}
+            traceable = TRACEABLE_FORWARDS.get(base)
+            if traceable is not None and traceable.root is not None:  # (FX traces the root's class forward)
+                attributes["forward"] = traceable.root
+            cls._subclasses[base] = type(base.__name__, (base,), attributes)
         return cls._subclasses[base]
 
 
@@ -249,15 +355,23 @@ def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 
 def _keep_versions(model: nn.Module, gm: fx.GraphModule) -> None:
     """State-dict versions as the user's modules have them (MNASNet's loader reads its own
-    version): a GraphModule's stub modules would say 1."""
+    version): a GraphModule's stub modules would say 1. The root's rides in `gm.meta`, which
+    copies of the GraphModule keep (its own attributes they do not)."""
     for path, sub in gm.named_modules():
         try:
             original = model.get_submodule(path) if path else model
         except AttributeError:
             continue
         version = getattr(type(original), "_version", 1)
-        if getattr(sub, "_version", 1) != version:
+        if path and getattr(sub, "_version", 1) != version:
             sub._version = version
+    gm._register_state_dict_hook(_root_version)
+
+
+def _root_version(module: nn.Module, state_dict, prefix: str, local_metadata: dict) -> None:
+    version = (getattr(module, "meta", None) or {}).get(META_KEY, {}).get("version")
+    if version is not None:
+        local_metadata["version"] = version
 
 
 # --- train and eval graphs in one -------------------------------------------------------------
