@@ -496,7 +496,7 @@ for _kind in (
     LayerKind("layer_norm", (nn.LayerNorm,), F.layer_norm, ("normalized_shape", "weight", "bias", "eps"),
               ("weight", "bias"), _couple_layer_norm, options=lambda m: {"normalized_shape": m.normalized_shape},
               resize=_resize_layer_norm, fills=_NORM_FILLS, sliced=_sliced_layer_norm,
-              sliceable=lambda m: len(m.normalized_shape) == 1),  # over the last dim only
+              sliceable=lambda m: type(m) is nn.LayerNorm and len(m.normalized_shape) == 1),  # the last dim only
     LayerKind("group_norm", (nn.GroupNorm,), F.group_norm, ("num_groups", "weight", "bias", "eps"),
               ("weight", "bias"), _couple_group_norm, options=lambda m: {"num_groups": m.num_groups},
               resize=_resize_group_norm, fills=_NORM_FILLS),
@@ -506,7 +506,9 @@ for _kind in (
     LayerKind("batch_norm", (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), F.batch_norm,
               _BN_SIGNATURE, _NORM_ROLES[2:] + _NORM_ROLES[:2], _couple_channel_norm,
               resize=_resize_channel_norm, fills=_NORM_FILLS, channelwise=True, sliced=_sliced_batch_norm,
-              sliceable=lambda m: isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))),
+              # exactly these classes: a subclass (timm's BatchNormAct2d, a leaf since it reads
+              # self.training) computes more than its sliced twin would
+              sliceable=lambda m: type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)),
     *(LayerKind(f"conv{d}d", (cls,), fn, _CONV_SIGNATURE, ("weight", "bias"), _couple_conv, _CONV_DEFAULTS,
                 _conv_options, targetable=True, refuse=_conv_refuse, rebuild=_rebuild_conv(cls),
                 channel_options=_depthwise, resize=_resize_conv, fills={"bias": 0.0})
