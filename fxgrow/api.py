@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .analysis.shapes import Inputs
 from .errors import SpecError
 from .fold import fold
 from .loader import load_model
@@ -28,17 +29,25 @@ def build_model(spec: Spec, model_ref: str | None = None) -> nn.Module:
     return load_model(ref, spec.model.kwargs)
 
 
-def example_input(spec: Spec, batch: int | None = None) -> torch.Tensor:
+def example_input(spec: Spec, batch: int | None = None) -> torch.Tensor | Inputs:
     """The spec's example input, drawn from a generator seeded by `train.seed`: standard
-    normal floats, or integer ids uniform in [low, high)."""
-    ex = spec.model.example
-    shape = list(ex.shape)
-    if batch is not None:
-        shape[0] = batch
-    generator, dtype = torch.Generator().manual_seed(spec.train.seed), getattr(torch, ex.dtype)
-    if ex.high is not None:
-        return torch.randint(ex.low, ex.high, shape, generator=generator, dtype=dtype)
-    return torch.randn(shape, generator=generator, dtype=dtype)
+    normal floats, or integer ids uniform in [low, high). One tensor, or `Inputs` (positional
+    and keyword tensors, drawn in that order) when the spec gives several. `batch` replaces
+    the first dim of each."""
+    generator = torch.Generator().manual_seed(spec.train.seed)
+
+    def draw(ex) -> torch.Tensor:
+        shape = list(ex.shape)
+        if batch is not None:
+            shape[0] = batch
+        dtype = getattr(torch, ex.dtype)
+        if ex.high is not None:
+            return torch.randint(ex.low, ex.high, shape, generator=generator, dtype=dtype)
+        return torch.randn(shape, generator=generator, dtype=dtype)
+
+    args = tuple(draw(ex) for ex in spec.model.examples)
+    kwargs = {name: draw(ex) for name, ex in spec.model.keyword_examples.items()}
+    return args[0] if len(args) == 1 and not kwargs else Inputs(args, kwargs)
 
 
 def passes_from_spec(spec: Spec) -> list[Pass]:
@@ -53,17 +62,22 @@ def trace_model(spec: Spec, model: nn.Module) -> fx.GraphModule:
     return trace(model, leaf_modules=spec.model.leaf_modules, concrete_args=spec.model.concrete_args or None)
 
 
-def compile_spec(spec: Spec, model: nn.Module | fx.GraphModule) -> PassResult:
-    """Trace `model` and apply the spec's passes (on a copy: `model` is not changed)."""
+def compile_spec(spec: Spec, model: nn.Module | fx.GraphModule, example: Any = None) -> PassResult:
+    """Trace `model` and apply the spec's passes (on a copy: `model` is not changed).
+    `example` (a tensor, a tuple of them, a dict of keyword tensors or `Inputs`) replaces
+    the spec's `model.example_input`."""
     gm = model if isinstance(model, fx.GraphModule) else trace_model(spec, model)
-    return pipeline(spec)(gm, example_input=example_input(spec), seed=spec.train.seed)
+    return pipeline(spec)(gm, example_input=example_input(spec) if example is None else example,
+                          seed=spec.train.seed)
 
 
 def run(spec: Spec, model_ref: str | None = None, out_dir: str | Path | None = None,
         resume: str | Path | None = None, overrides: dict[str, Any] | None = None,
-        overwrite: bool = False) -> dict[str, Any]:
+        overwrite: bool = False, example: Any = None) -> dict[str, Any]:
     """Rewrite, train, fold and save: what `fxgrow apply` does. A new run needs an empty
-    (or new) `out_dir`; `overwrite` clears an earlier run there first."""
+    (or new) `out_dir`; `overwrite` clears an earlier run there first. `example` replaces
+    the spec's example input for the rewrite (see `compile_spec`). report.json's `coverage`
+    says, per pass, which weight matrices it rewrote and why it left the others."""
     from .train import Trainer  # the loop is optional for pure graph work
     from .train.checkpoint import find_checkpoint
     from .train.loop import device_for
@@ -79,10 +93,16 @@ def run(spec: Spec, model_ref: str | None = None, out_dir: str | Path | None = N
     model = build_model(spec, model_ref)
     if model_ref is not None:  # the run folder then says which model it trained
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"entry": model_ref})})
-    result = compile_spec(spec, model)
+    result = compile_spec(spec, model, example)
+    coverage = result.coverage()
+
+    def finish(trained: nn.Module, folder: Path, report: dict[str, Any]) -> None:
+        report["coverage"] = coverage
+        save_folded(trained, folder, report)
+
     trainer = Trainer(result.graph_module, spec.train, callbacks=result.callbacks,
                       out_dir=Path(out_dir) if out_dir else None,
-                      spec_dump=spec_dump(spec), resume=resume, on_finish=save_folded,
+                      spec_dump=spec_dump(spec), resume=resume, on_finish=finish,
                       signature=sign(spec),  # this user ran this code: later rebuilds may import it
                       overwrite=overwrite)
     return trainer.fit()

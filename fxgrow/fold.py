@@ -12,43 +12,75 @@ import copy
 import torch
 from torch import fx, nn
 
-from .ir import META, evaluate_chain, is_layer, layer_operands, meta, replace_submodule, weight_chains
+from .ir import META, evaluate_chain, is_layer, layer_chain_keys, meta, replace_submodule, weight_chains
 from .layers import layer_call
 
 
 @torch.no_grad()
 def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
-    """Return a GraphModule whose layers are plain modules holding the chains' values."""
+    """Return a GraphModule whose layers are plain modules (or, for layers the user wrote as
+    function calls, plain parameters) holding the chains' values. Each chain is evaluated
+    once into one parameter that every layer reading it holds: tied weights stay tied."""
     if not inplace:
         gm = copy.deepcopy(gm)
     reverse_passes(gm)
-    chains = weight_chains(gm)
-    rebuilt: dict[str, nn.Module] = {}
     graph = gm.graph
+    chains = weight_chains(gm)
+    values = {key: evaluate_chain(gm, chain, folding=True).detach().clone() for key, chain in chains.items()}
+    params = {}
+    for key, chain in chains.items():  # the value goes into the parameter the chain belongs to
+        params[key] = _set_parameter(gm, key, values[key])
+        plain = chain.head
+        if plain.target != key:  # a template bank's head: read the parameter itself
+            with graph.inserting_before(chain.head):
+                plain = graph.get_attr(key)
+        if chain.tail is not plain:
+            chain.tail.replace_all_uses_with(plain)
+    rebuilt: dict[str, nn.Module] = {}
     for node in list(graph.nodes):
         if not is_layer(node):
             continue
-        layer = meta(node)["source"]
+        keys = layer_chain_keys(node)
+        if meta(node).get("functional"):  # its operands read the parameters now
+            del node.meta[META]
+            continue
+        layer, call = meta(node)["source"], layer_call(node, gm)
         if layer not in rebuilt:
-            call = layer_call(node, gm)
-            tensors = {name: (evaluate_chain(gm, chains[f"{layer}.{name}"], folding=True).detach().clone()
-                              if tail is not None else None)
-                       for name, tail in layer_operands(node).items()}
-            module = call.kind.rebuild(tensors, call.options)
+            module = call.kind.rebuild({role: values[key] if key else None for role, key in keys.items()},
+                                       call.options)
+            for role, key in keys.items():
+                if key:
+                    owner, _, name = role.rpartition(".")
+                    setattr(module.get_submodule(owner) if owner else module, name, params[key])
             replace_submodule(gm, layer, module)
             rebuilt[layer] = module
+        inputs = {name: call.options[name] for name in call.kind.inputs
+                  if call.options[name] is not call.kind.defaults.get(name, object())
+                  and call.options[name] != call.kind.defaults.get(name, object())}
         with graph.inserting_before(node):
-            call = graph.call_module(layer, (node.args[0],))
-        call.meta.update({k: v for k, v in node.meta.items() if k != META})
-        node.replace_all_uses_with(call)
+            plain = graph.call_module(layer, (call.x,), inputs)
+        plain.meta.update({k: v for k, v in node.meta.items() if k != META})
+        node.replace_all_uses_with(plain)
         graph.erase_node(node)
     graph.eliminate_dead_code()
+    for node in graph.nodes:
+        node.meta.pop(META, None)
     if hasattr(gm, META):
         delattr(gm, META)
     gm.delete_all_unused_submodules()
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _set_parameter(gm: nn.Module, key: str, value: torch.Tensor) -> nn.Parameter:
+    """Make `value` the parameter `key` (a template-mixed weight has none left: it gets one)."""
+    owner_path, _, name = key.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    old = owner._parameters.get(name)
+    param = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
+    owner._parameters[name] = param
+    return param
 
 
 def reverse_passes(gm: fx.GraphModule, full: bool = False) -> list[str]:

@@ -22,7 +22,12 @@ A `LayerKind` entry says, for its kind:
 - `channelwise`: each of its parameter entries touches one channel only (BatchNorm), so
   filter pruning may remove channels through it;
 - `sliced(module, state, layout, per_width)`: its sliced twin for sorted slicing, for the
-  modules `sliceable(module)` accepts.
+  modules `sliceable(module)` accepts;
+- `inputs`: the module call's arguments after the first that the functional form takes too
+  (attention's key, value and masks), at the end of `signature`; a `training` entry in the
+  signature is the module's mode, which functionalization hands over as a mode node;
+- `units`: what targets see of one module: {name: (weight role, bias role)}; most kinds are one
+  unit named by the module path, attention is two (`<path>.in_proj`, `<path>.out_proj`).
 
 `register_layer_kind` adds an entry (later entries win over earlier ones for the same
 module class or function), like Torch-Pruning's per-type pruners: adding a layer kind is
@@ -30,6 +35,8 @@ one entry plus its tests.
 """
 from __future__ import annotations
 
+import functools
+import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -64,10 +71,17 @@ class LayerKind:
     channelwise: bool = False
     sliced: Callable[..., nn.Module] | None = None
     sliceable: Callable[[nn.Module], bool] = lambda module: True
+    inputs: tuple[str, ...] = ()
+    units: Mapping[str, tuple[str, str | None]] = field(default_factory=lambda: {"": ("weight", "bias")})
 
     def position(self, name: str) -> int:
         """Where argument `name` sits in a call of the functional form (the input is 0)."""
         return 1 + self.signature.index(name)
+
+    @property
+    def type_name(self) -> str:
+        """The name targets select this kind by (`types: [Linear]`): its first module class's."""
+        return self.modules[0].__name__ if self.modules else self.name
 
 
 _KINDS: list[LayerKind] = []                     # newest first
@@ -137,6 +151,12 @@ class LayerCall:
             self.node.update_kwarg(name, value)
 
 
+def split_key(key: str) -> tuple[str, str]:
+    """"layer1.0.conv1.weight" -> ("layer1.0.conv1", "weight") (owner path, name)."""
+    owner, _, name = key.rpartition(".")
+    return owner, name
+
+
 def argument(node: fx.Node, position: int, name: str, default=None):
     """Argument `name` of a call: at `position`, or as a keyword, or `default`."""
     return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
@@ -161,7 +181,8 @@ def layer_call(node: fx.Node, gm: nn.Module) -> LayerCall | None:
     tag = node.meta.get("fxgrow") or {}
     if tag.get("role") == "layer":
         path = tag["source"]
-        params = {r: (path, r) for r in operands}
+        chains = tag.get("chains") or {}  # role -> the parameter it reads (tied ones share one)
+        params = {r: split_key(chains.get(r) or f"{path}.{r}") for r in operands}
     elif operands and all(op.op == "get_attr" for op in operands.values()):
         # a functional layer the user wrote: its parameters are named by their attributes
         params = {r: tuple(op.target.rpartition(".")[::2]) for r, op in operands.items()}
@@ -329,17 +350,153 @@ def _sliced_layer_norm(m, state, layout, per_width=False):
     return SlicedLayerNorm(m, state, layout)
 
 
+def _couple_conv_transpose(c: "Coupling", call: LayerCall) -> None:
+    node, groups = call.node, call.options.get("groups", 1)
+    xin = c.layouts[call.x]
+    out = c.output(node, {0: [xin[0]]})
+    c.produces(out[1], call.path)
+    if groups == 1:  # weight (in, out, *k)
+        c.use(xin[1], call.params.get("weight"), 0, node)
+        c.use(out[1], call.params.get("weight"), 1, node)
+    else:
+        c.fix([xin[1], out[1]], f"grouped transposed conv {call.path} (groups={groups})")
+    c.use(out[1], call.params.get("bias"), 0, node)
+
+
+def _rebuild_conv_transpose(cls: type[nn.Module]) -> Callable:
+    def rebuild(t: dict[str, torch.Tensor | None], options: dict[str, Any]) -> nn.Module:
+        w, b, groups = t["weight"], t.get("bias"), options["groups"]
+        m = cls(w.shape[0], w.shape[1] * groups, tuple(w.shape[2:]), stride=options["stride"],
+                padding=options["padding"], output_padding=options["output_padding"], groups=groups,
+                bias=b is not None, dilation=options["dilation"], device=w.device, dtype=w.dtype)
+        return _load(m, t)
+    return rebuild
+
+
+def _conv_transpose_options(m: nn.Module) -> dict[str, Any]:
+    return {"stride": m.stride, "padding": m.padding, "output_padding": m.output_padding,
+            "groups": m.groups, "dilation": m.dilation}
+
+
+def _resize_conv_transpose(m: nn.Module, shapes: Shapes) -> None:
+    w = shapes.get("weight")
+    if w is not None:
+        m.in_channels, m.out_channels = w[0], w[1] * m.groups
+
+
+def _embedding_options(m: nn.Module) -> dict[str, Any]:
+    return {"padding_idx": m.padding_idx, "max_norm": m.max_norm, "norm_type": m.norm_type,
+            "scale_grad_by_freq": m.scale_grad_by_freq, "sparse": m.sparse}
+
+
+def _embedding_refuse(m: nn.Module) -> str | None:
+    if m.max_norm is not None:
+        return "max_norm renormalizes the stored weight in place on every lookup; exclude this layer"
+    return None
+
+
+def _rebuild_embedding(t: dict[str, torch.Tensor | None], options: dict[str, Any]) -> nn.Module:
+    w = t["weight"]
+    return _load(nn.Embedding(w.shape[0], w.shape[1], padding_idx=options["padding_idx"],
+                              norm_type=options["norm_type"], scale_grad_by_freq=options["scale_grad_by_freq"],
+                              sparse=options["sparse"], device=w.device, dtype=w.dtype), t)
+
+
+def _resize_embedding(m: nn.Module, shapes: Shapes) -> None:
+    if "weight" in shapes:
+        m.num_embeddings, m.embedding_dim = shapes["weight"][0], shapes["weight"][1]
+
+
+def multi_head_attention(query, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, bias_k, bias_v,
+                         embed_dim, num_heads, dropout, add_zero_attn, batch_first, training, key, value,
+                         key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True,
+                         is_causal=False):
+    """`nn.MultiheadAttention.forward` with its parameters given as tensors (weight chains):
+    torch's own forward runs on a stand-in for the module, so every path it takes (the fused
+    inference kernel included) is the module's."""
+    module = types.SimpleNamespace(
+        in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias, bias_k=bias_k, bias_v=bias_v,
+        out_proj=types.SimpleNamespace(weight=out_proj_weight, bias=out_proj_bias), embed_dim=embed_dim,
+        num_heads=num_heads, dropout=dropout, add_zero_attn=add_zero_attn, batch_first=batch_first,
+        training=training, _qkv_same_embed_dim=True, q_proj_weight=None, k_proj_weight=None, v_proj_weight=None)
+    module.merge_masks = functools.partial(nn.MultiheadAttention.merge_masks, module)
+    return nn.MultiheadAttention.forward(module, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                         average_attn_weights, is_causal)
+
+
+_MHA_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias", "bias_k", "bias_v")
+_MHA_OPTIONS = ("embed_dim", "num_heads", "dropout", "add_zero_attn", "batch_first", "training")
+_MHA_INPUTS = ("key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+
+
+def _mha_options(m: nn.Module) -> dict[str, Any]:
+    return {"embed_dim": m.embed_dim, "num_heads": m.num_heads, "dropout": m.dropout,
+            "add_zero_attn": m.add_zero_attn, "batch_first": m.batch_first}
+
+
+def _mha_refuse(m: nn.Module) -> str | None:
+    if not m._qkv_same_embed_dim:
+        return "separate q/k/v projection weights (kdim or vdim other than embed_dim) are not supported"
+    return None
+
+
+def _rebuild_mha(t: dict[str, torch.Tensor | None], options: dict[str, Any]) -> nn.Module:
+    w = t["in_proj_weight"]
+    m = nn.MultiheadAttention(options["embed_dim"], options["num_heads"], dropout=options["dropout"],
+                              bias=t.get("in_proj_bias") is not None, add_bias_kv=t.get("bias_k") is not None,
+                              add_zero_attn=options["add_zero_attn"], batch_first=options["batch_first"],
+                              device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        for role, value in t.items():
+            if value is not None:
+                owner, _, name = role.rpartition(".")
+                getattr(m.get_submodule(owner) if owner else m, name).copy_(value)
+    return m
+
+
+def _couple_attention(c: "Coupling", call: LayerCall) -> None:
+    # Heads are not sliced or grown (DECISIONS): the channels around attention stay fixed.
+    reason = f"attention {call.path} (heads are neither sliced nor grown)"
+    for x in (call.x, call.options.get("key"), call.options.get("value")):
+        if x in c.layouts:
+            c.fix(c.layouts[x], reason)
+
+
+def _resize_mha(m: nn.Module, shapes: Shapes) -> None:
+    w = shapes.get("in_proj_weight")
+    if w is not None and tuple(w) != (3 * m.embed_dim, m.embed_dim):
+        raise FxgrowError(f"nn.MultiheadAttention (embed_dim {m.embed_dim}) cannot change width to {tuple(w)}: "
+                          "its heads are neither sliced nor grown")
+
+
 _NORM_FILLS = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 _CONV_SIGNATURE = ("weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 _BN_SIGNATURE = ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_CONV_TRANSPOSE_SIGNATURE = ("weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONV_TRANSPOSE_DEFAULTS = {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+_EMBEDDING_SIGNATURE = ("weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 
 for _kind in (
-    LayerKind("embedding", (nn.Embedding,), F.embedding, ("weight", "padding_idx"), ("weight",), _couple_embedding),
+    LayerKind("embedding", (nn.Embedding,), F.embedding, _EMBEDDING_SIGNATURE, ("weight",), _couple_embedding,
+              dict(zip(_EMBEDDING_SIGNATURE[1:], (None, None, 2.0, False, False))), _embedding_options,
+              targetable=True, refuse=_embedding_refuse, rebuild=_rebuild_embedding, resize=_resize_embedding),
+    LayerKind("multihead_attention", (nn.MultiheadAttention,), multi_head_attention,
+              _MHA_PARAMS + _MHA_OPTIONS + _MHA_INPUTS, _MHA_PARAMS, _couple_attention,
+              {"key_padding_mask": None, "need_weights": True, "attn_mask": None, "average_attn_weights": True,
+               "is_causal": False}, _mha_options, targetable=True, refuse=_mha_refuse, rebuild=_rebuild_mha,
+              resize=_resize_mha, inputs=_MHA_INPUTS,
+              units={"in_proj": ("in_proj_weight", "in_proj_bias"), "out_proj": ("out_proj.weight", "out_proj.bias")}),
+    *(LayerKind(f"conv_transpose{d}d", (cls,), fn, _CONV_TRANSPOSE_SIGNATURE, ("weight", "bias"),
+                _couple_conv_transpose, _CONV_TRANSPOSE_DEFAULTS, _conv_transpose_options, targetable=True,
+                refuse=_conv_refuse, rebuild=_rebuild_conv_transpose(cls), resize=_resize_conv_transpose,
+                fills={"bias": 0.0})
+      for d, cls, fn in ((3, nn.ConvTranspose3d, F.conv_transpose3d), (2, nn.ConvTranspose2d, F.conv_transpose2d),
+                         (1, nn.ConvTranspose1d, F.conv_transpose1d))),
     LayerKind("layer_norm", (nn.LayerNorm,), F.layer_norm, ("normalized_shape", "weight", "bias", "eps"),
               ("weight", "bias"), _couple_layer_norm, options=lambda m: {"normalized_shape": m.normalized_shape},
               resize=_resize_layer_norm, fills=_NORM_FILLS, sliced=_sliced_layer_norm,
-              sliceable=lambda m: len(m.normalized_shape) == 1),  # over the last dim only
+              sliceable=lambda m: type(m) is nn.LayerNorm and len(m.normalized_shape) == 1),  # the last dim only
     LayerKind("group_norm", (nn.GroupNorm,), F.group_norm, ("num_groups", "weight", "bias", "eps"),
               ("weight", "bias"), _couple_group_norm, options=lambda m: {"num_groups": m.num_groups},
               resize=_resize_group_norm, fills=_NORM_FILLS),
@@ -349,7 +506,9 @@ for _kind in (
     LayerKind("batch_norm", (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), F.batch_norm,
               _BN_SIGNATURE, _NORM_ROLES[2:] + _NORM_ROLES[:2], _couple_channel_norm,
               resize=_resize_channel_norm, fills=_NORM_FILLS, channelwise=True, sliced=_sliced_batch_norm,
-              sliceable=lambda m: isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))),
+              # exactly these classes: a subclass (timm's BatchNormAct2d, a leaf since it reads
+              # self.training) computes more than its sliced twin would
+              sliceable=lambda m: type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)),
     *(LayerKind(f"conv{d}d", (cls,), fn, _CONV_SIGNATURE, ("weight", "bias"), _couple_conv, _CONV_DEFAULTS,
                 _conv_options, targetable=True, refuse=_conv_refuse, rebuild=_rebuild_conv(cls),
                 channel_options=_depthwise, resize=_resize_conv, fills={"bias": 0.0})

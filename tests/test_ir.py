@@ -6,7 +6,7 @@ from torch import nn
 
 from fxgrow.errors import TraceError
 from fxgrow.fold import fold
-from fxgrow.ir import functionalize, insert_producer, is_layer, layer_types, weight_chains
+from fxgrow.ir import functionalize, insert_producer, is_layer, layer_table, layer_types, weight_chains
 from fxgrow.nn.base import Producer
 from fxgrow.trace import trace
 from tests.zoo import ZOO, ZOO_IDS, SharedLinear
@@ -36,14 +36,15 @@ def test_functionalize_then_fold_is_exact(entry):
 @pytest.mark.parametrize("entry", ZOO, ids=ZOO_IDS)
 def test_every_targetable_layer_gets_chains(entry):
     model = entry.build()
-    layers = layer_types(trace(model))
+    layers = layer_table(trace(model))
     gm = functional(model)
     chains = weight_chains(gm)
-    expected = {f"{name}.weight" for name in layers}
-    expected |= {f"{name}.bias" for name in layers if gm.get_submodule(name).bias is not None}
+    expected = {layer.weight for layer in layers.values()} | {layer.bias for layer in layers.values() if layer.bias}
     assert set(chains) == expected
+    for name in layers:  # every layer finds its chains by its own name ("attn.in_proj.weight" too)
+        assert f"{name}.weight" in chains
     n_layers = sum(1 for n in gm.graph.nodes if is_layer(n))
-    assert n_layers >= len(layers)
+    assert n_layers >= len({layer.module for layer in layers.values()})  # (attention: two layers, one call)
 
 
 def test_module_called_twice_keeps_one_shared_weight():

@@ -21,9 +21,10 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """Forward FLOPs of one call on `example` (FlopCounterMode's count), on meta tensors:
-    no kernel runs and the model's buffers are not touched."""
+def forward_flops(model: nn.Module, example) -> int:
+    """Forward FLOPs of one call on `example` (a tensor, or several inputs: see
+    `shapes.as_inputs`), FlopCounterMode's count in eval mode on meta tensors: no kernel runs
+    and the model's buffers are not touched. A model it cannot run is an FxgrowError."""
     from .shapes import run_abstract
     return run_abstract(model, example)
 
@@ -44,5 +45,5 @@ def no_fused_attention():
         mha.set_fastpath_enabled(before)
 
 
-def measure(model: nn.Module, example: torch.Tensor) -> Cost:
+def measure(model: nn.Module, example) -> Cost:
     return Cost(count_params(model), forward_flops(model, example))

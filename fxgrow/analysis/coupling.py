@@ -117,6 +117,9 @@ _POINTWISE_FUNCTIONS = {
 }
 # Named so the analysis does not import torchvision: stochastic depth scales whole samples.
 _POINTWISE_BY_NAME = {"torchvision.ops.stochastic_depth.stochastic_depth"}
+# Modules (by class, base classes too) that scale whole samples: mode-aware tracing keeps
+# them leaves (they read self.training).
+_POINTWISE_MODULES_BY_NAME = {"torchvision.ops.stochastic_depth.StochasticDepth", "timm.layers.drop.DropPath"}
 _POINTWISE_METHODS_ALL_ARGS = {
     "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "pow", "maximum", "minimum",
     "masked_fill", "where",
@@ -316,7 +319,10 @@ class Coupling:
             # gates): its output carries its inputs' channels unchanged.
             if getattr(module, "channel_pointwise", False):
                 return Coupling._pointwise
-            return next((rule for cls, rule in _MODULE_RULES if isinstance(module, cls)), None)
+            rule = next((rule for cls, rule in _MODULE_RULES if isinstance(module, cls)), None)
+            if rule is None and any(_qualified_name(c) in _POINTWISE_MODULES_BY_NAME for c in type(module).__mro__):
+                return Coupling._pointwise
+            return rule
         if node.op == "call_method":
             return _METHOD_RULES.get(node.target)
         rule = _FUNCTION_RULES.get(node.target)

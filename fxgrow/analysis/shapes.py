@@ -10,6 +10,7 @@ import contextlib
 import io
 import itertools
 import re
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,63 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import FxgrowError
 from ..nn.base import Producer
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Example inputs of one call: positional `args` and keyword `kwargs` (wherever fxgrow
+    takes an example input, a single tensor, a tuple of tensors or a dict of keyword tensors
+    work too: see `as_inputs`)."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def map(self, fn) -> "Inputs":
+        """The same inputs with `fn` applied to every tensor."""
+        f = lambda v: fn(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return Inputs(tuple(f(a) for a in self.args), {k: f(v) for k, v in self.kwargs.items()})
+
+    def describe(self) -> str:
+        shapes = [_shape_of(a) for a in self.args] + [f"{k}={_shape_of(v)}" for k, v in self.kwargs.items()]
+        return f"of shape {shapes[0]}" if len(shapes) == 1 and not self.kwargs else f"of shapes {', '.join(shapes)}"
+
+
+def _shape_of(value) -> str:
+    return str(list(value.shape)) if isinstance(value, torch.Tensor) else repr(value)
+
+
+def as_inputs(example) -> Inputs:
+    """An example input as `Inputs`: a tensor is the only positional input, a tuple or list
+    the positional inputs, a dict the keyword inputs."""
+    if isinstance(example, Inputs):
+        return example
+    if isinstance(example, dict):
+        return Inputs((), dict(example))
+    if isinstance(example, (tuple, list)):
+        return Inputs(tuple(example))
+    return Inputs((example,))
+
+
+def bind_placeholders(gm: fx.GraphModule, inputs: Inputs) -> tuple:
+    """`inputs` as positional arguments of `gm`'s graph (keywords by placeholder name;
+    placeholders not given keep their defaults)."""
+    values = list(inputs.args)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(values) > len(placeholders) and not any(n.target.startswith("*") for n in placeholders):
+        raise FxgrowError(f"the model takes {len(placeholders)} input(s), the example gives {len(values)} "
+                          "(model.example_input)")
+    for node in placeholders[len(values):]:
+        name = node.target.lstrip("*")
+        if name in inputs.kwargs:
+            values.append(inputs.kwargs[name])
+        elif node.args:
+            values.append(node.args[0])
+        elif not node.target.startswith("*"):
+            raise FxgrowError(f"the model's input {name!r} has no example (model.example_kwargs)")
+    unknown = set(inputs.kwargs) - {n.target.lstrip("*") for n in gm.graph.nodes if n.op == "placeholder"}
+    if unknown:
+        raise FxgrowError(f"the model takes no input named {', '.join(sorted(unknown))} (model.example_kwargs)")
+    return tuple(values)
 
 
 class _ProducersByShape:
@@ -76,12 +134,12 @@ class _Interpret(nn.Module):
                   (False, True): _Run, (False, False): fx.Interpreter}[shapes, by_shape]
         self._runner = runner(gm)  # made once: it indexes every submodule
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, *args, **kwargs):
         with _NormsByShape() if self.by_shape else contextlib.nullcontext():
-            return self._runner.run(x)
+            return self._runner.run(*bind_placeholders(self.gm, Inputs(args, kwargs)))
 
 
-def run_abstract(module: nn.Module, example: torch.Tensor, count_flops: bool = True,
+def run_abstract(module: nn.Module, example, count_flops: bool = True,
                  raw_errors: bool = False) -> int:
     """Call `module(example)` on meta tensors, falling back to fake tensors; returns the
     forward FLOPs counted (0 without `count_flops`: FlopCounterMode decomposes ops, which
@@ -104,16 +162,23 @@ def abstract_runs(module: nn.Module, count_flops: bool = False):
     module.eval()  # batch statistics of a batch-1 example over 1x1 maps are undefined
     counting = (lambda: FlopCounterMode(display=False)) if count_flops else contextlib.nullcontext
 
-    def run(example: torch.Tensor, raw_errors: bool = False) -> int:
+    def run(example, raw_errors: bool = False) -> int:
+        inputs = as_inputs(example)
         try:
             if attention:
                 raise NotImplementedError("meta tensors pick another attention kernel than the CPU")
             with counting() as counter:
-                torch.func.functional_call(module, state, (example.to("meta"),))
-        except (RuntimeError, NotImplementedError, TypeError):
+                meta = inputs.map(lambda t: t.to("meta"))
+                torch.func.functional_call(module, state, meta.args, meta.kwargs)
+        except FxgrowError:
+            raise
+        except Exception:  # meta kernels do not cover every op: fake tensors do
             try:
                 with FakeTensorMode(allow_non_fake_inputs=True) as mode, counting() as counter:
-                    module(mode.from_tensor(example))
+                    fake = inputs.map(mode.from_tensor)
+                    module(*fake.args, **fake.kwargs)
+            except FxgrowError:
+                raise
             except Exception as e:
                 if raw_errors:
                     raise
@@ -123,7 +188,7 @@ def abstract_runs(module: nn.Module, count_flops: bool = False):
                     root = root.__cause__
                 first = (str(root).strip().splitlines() or [type(root).__name__])[0]
                 raise FxgrowError(
-                    f"the example input of shape {list(example.shape)} does not fit the model{where}: {first}\n"
+                    f"the example input {inputs.describe()} does not fit the model{where}: {first}\n"
                     "  set model.example_input in the spec (or --input-shape) to the model's input shape"
                 ) from e
         return int(counter.get_total_flops()) if count_flops else 0
@@ -168,13 +233,13 @@ def _has_attention(module: nn.Module) -> bool:
     return False
 
 
-def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
+def propagate_shapes(gm: fx.GraphModule, example) -> fx.GraphModule:
     """Fill `node.meta["tensor_meta"]` for every node."""
     run_abstract(_Interpret(gm, shapes=True), example, count_flops=False)
     return gm
 
 
-def propagate_shapes_and_flops(gm: fx.GraphModule, example: torch.Tensor) -> int:
+def propagate_shapes_and_flops(gm: fx.GraphModule, example) -> int:
     """Shapes into node meta, and the forward FLOPs FlopCounterMode counts, in one run."""
     return run_abstract(_Interpret(gm, shapes=True, by_shape=False), example)
 

@@ -122,19 +122,22 @@ def inspect(
     else:
         s = load_spec(spec) if spec else parse_spec({})
     shape = _parse_shape(input_shape)
-    if shape:
-        example = s.model.with_example_shape(shape).example_input  # dtype and id range kept
-        s = with_overrides(s, {"model.example_input": example if isinstance(example, list)
-                               else example.model_dump(mode="json", exclude_unset=True) | {"shape": shape}},
-                           "--input-shape")
+    if shape:  # the (first) example input's shape; dtype and id range kept
+        example = s.model.with_example_shape(shape).model_dump(mode="json", exclude_unset=True)["example_input"]
+        s = with_overrides(s, {"model.example_input": example}, "--input-shape")
     x = api.example_input(s)
+    covered = None
     if not run_dir.is_dir():
         user_model = api.build_model(s, model).eval()
         plain = api.trace_model(s, user_model)
-        if dry_run:
-            _print_matches(api.pipeline(s).dry_run(plain, example_input=x))
+        if dry_run:  # every check the rewrite runs, on a copy
+            result = api.pipeline(s).trial(plain, example_input=x, seed=s.train.seed)
+            _print_matches(result.matches)
+            _print_untouched(result.coverage())
             return
-        gm = api.compile_spec(s, plain).graph_module.eval() if s.passes else plain
+        result = api.compile_spec(s, plain) if s.passes else None
+        gm = result.graph_module.eval() if result is not None else plain
+        covered = result.coverage() if result is not None else None
     propagate_shapes(gm, x)
     if fmt != "text":
         _write_graph(to_dot(gm), fmt, output)
@@ -149,6 +152,8 @@ def inspect(
         {"": "original", "params": f"{before.params:,}", "forward FLOPs": f"{before.flops:,}"},
         {"": "rewritten", "params": f"{after.params:,}", "forward FLOPs": f"{after.flops:,}"}]))
     _print_groups(gm)
+    if covered:
+        _print_untouched(covered)
     for section in _describers(gm, api.passes_from_spec(s)):
         out.print(section)
 
@@ -156,6 +161,12 @@ def inspect(
 def _print_matches(matches: dict) -> None:
     rows = [{"pass": where, "layer": m.layer, "type": m.module_type} for where, ms in matches.items() for m in ms]
     out.print(_table("dry run: layers each pass would rewrite", rows))
+
+
+def _print_untouched(coverage: dict) -> None:
+    from ..inspection import untouched_rows
+    if coverage:
+        out.print(_table("weight matrices each pass rewrites, and the ones it leaves (why)", untouched_rows(coverage)))
 
 
 def _print_groups(gm) -> None:

@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from ..errors import FxgrowError, PassError, SpecError
 from ..analysis import channel_groups, propagate_shapes
-from ..ir import functionalize, layer_types
+from ..ir import functionalize, layer_table
 from ..specs.base import PassSpec
 from ..trace import trace
 from ..train.callbacks import Callback
@@ -105,7 +105,7 @@ class Analysis:
 class PassContext:
     """What a pass may know beyond the graph."""
 
-    example_input: torch.Tensor | None = None
+    example_input: Any = None  # a tensor, or several inputs (`analysis.shapes.Inputs`)
     seed: int = 0
     index: int = 0              # position in the spec's pass list, for error paths
     applied: list["Pass"] = field(default_factory=list)  # the passes before this one
@@ -133,6 +133,28 @@ class PassResult:
     def records(self) -> dict[str, Record]:
         """"passes.i" -> what pass i did."""
         return {f"passes.{a.index}": a.record for a in self.history}
+
+    def coverage(self) -> dict[str, dict[str, Any]]:
+        """Per pass: the weight matrices it rewrote and every one it left, with the reason
+        (`fxgrow.inspection.coverage`; report.json's `coverage`)."""
+        from ..inspection import coverage
+        return coverage(self.graph_module, self.history)
+
+
+def tied_once(matches: list[Match], layers: dict) -> list[Match]:
+    """One match per weight: layers whose weight is one tied parameter (an embedding and its
+    output head) share one chain, so a pass acts on it once; the first layer stands for the
+    others (`detail["tied"]`)."""
+    first: dict[str, Match] = {}
+    out = []
+    for m in matches:
+        weight = layers[m.layer].weight
+        if weight in first:
+            first[weight].detail.setdefault("tied", []).append(m.layer)
+            continue
+        first[weight] = m
+        out.append(m)
+    return out
 
 
 class Pass:
@@ -162,13 +184,20 @@ class Pass:
         what is missing. Runs before `match`, and in `Pipeline.dry_run`."""
 
     def match(self, gm: fx.GraphModule, ctx: PassContext) -> list[Match]:
-        """Pure: which layers this pass would rewrite."""
-        layers = layer_types(gm)
-        chosen = self.spec.targets.select(layers, where=f"{ctx.where}.targets")
-        return [Match(name, layers[name]) for name in chosen]
+        """Pure: which layers this pass would rewrite (see `Targets`; by default every
+        weight matrix fxgrow can rewrite)."""
+        layers = layer_table(gm)
+        chosen = self.spec.targets.select({p: layer.selectable for p, layer in layers.items()},
+                                          where=f"{ctx.where}.targets")
+        return tied_once([Match(name, layers[name].module_type) for name in chosen], layers)
 
     def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> Record | None:
         raise NotImplementedError
+
+    def check(self, gm: fx.GraphModule, record: Record, ctx: PassContext) -> None:
+        """Checks of what the rewritten pipeline will do later (a trial growth), run once
+        every pass is applied, so that a model the pass cannot serve fails at rewrite time
+        (and in a dry run), not after training started. Default: none."""
 
     def callbacks(self, gm: fx.GraphModule, record: Record, ctx: PassContext) -> list[Callback]:
         return []
@@ -189,8 +218,10 @@ class Pass:
         its current setting (weight chains are left for fold)."""
         raise NotImplementedError(f"{cls.kind} is not reversible")
 
-    def __call__(self, gm: fx.GraphModule | nn.Module, example_input: torch.Tensor | None = None,
+    def __call__(self, gm: fx.GraphModule | nn.Module, example_input: Any = None,
                  seed: int = 0) -> PassResult:
+        """Apply this pass alone. `example_input`: a tensor, a tuple of positional tensors, a
+        dict of keyword tensors or `analysis.shapes.Inputs`."""
         return Pipeline([self])(gm, example_input=example_input, seed=seed)
 
     def __repr__(self) -> str:
@@ -215,7 +246,7 @@ class Pipeline:
                         f"{later.kind} producers sit nearer the parameter in a weight chain "
                         f"(order: template_mixing, compander, prune_regrow, sorted_slicing)"))])
 
-    def __call__(self, model: fx.GraphModule | nn.Module, example_input: torch.Tensor | None = None,
+    def __call__(self, model: fx.GraphModule | nn.Module, example_input: Any = None,
                  seed: int = 0, inplace: bool = False) -> PassResult:
         gm = model if isinstance(model, fx.GraphModule) else trace(model)
         if not inplace:
@@ -241,6 +272,11 @@ class Pipeline:
             matches[ctx.where] = found
             history.append(Applied(p, record, index))
         gm.recompile()
+        for a in history:
+            ctx = PassContext(example_input=example_input, seed=seed, index=a.index,
+                              applied=[b.pass_ for b in history[:a.index]], history=list(history))
+            with self._naming(a.pass_, a.index, history[:a.index]):
+                a.pass_.check(gm, a.record, ctx)
         return PassResult(gm, self._callbacks(gm, history, example_input, seed), matches, history)
 
     @staticmethod
@@ -273,19 +309,17 @@ class Pipeline:
                 callbacks.append(cb)
         return callbacks
 
-    def dry_run(self, model: fx.GraphModule | nn.Module,
-                example_input: torch.Tensor | None = None) -> dict[str, list[Match]]:
-        """What each pass would match, after its `requires`, without rewriting (passes see
-        the graph as the earlier passes would leave it only in layer names, which rewrites
-        keep)."""
-        gm = model if isinstance(model, fx.GraphModule) else trace(model)
-        out = {}
-        for i, p in enumerate(self.passes):
-            ctx = PassContext(example_input=example_input, index=i, applied=self.passes[:i])
-            with self._naming(p, i, []):
-                p.requires(gm, ctx)
-            out[ctx.where] = p.match(gm, ctx)
-        return out
+    def dry_run(self, model: fx.GraphModule | nn.Module, example_input: Any = None,
+                seed: int = 0) -> dict[str, list[Match]]:
+        """What each pass would match, after every check the rewrite runs: the whole
+        pipeline runs on a copy (nothing of `model` changes), so when it returns, applying
+        the pipeline will not fail at rewrite time (`trial` returns the whole result)."""
+        return self.trial(model, example_input, seed).matches
+
+    def trial(self, model: fx.GraphModule | nn.Module, example_input: Any = None, seed: int = 0) -> PassResult:
+        """The pipeline applied to a copy of `model`: its result, or the error the rewrite
+        would raise."""
+        return self(model, example_input=example_input, seed=seed)
 
 
 def compose(*passes: Pass) -> Pipeline:

@@ -96,15 +96,22 @@ class CompanderPass(Pass):
         by_head: dict[int, list[WeightChain]] = {}  # by tensor: tied parameters have two names
         for chain in chains:
             by_head.setdefault(id(fetch_attr(gm, chain.head.target)), []).append(chain)
+        out_of_range: list[str] = []  # every layer, in one error (a dry run shows them all)
         with torch.no_grad():
             for members in by_head.values():
-                targets = {c.key: self._inverse(c.key, evaluate_chain(gm, c), record.clamped, bool(c.producers))
-                           for c in members}
+                targets = {c.key: self._inverse(c.key, evaluate_chain(gm, c), record.clamped, bool(c.producers),
+                                                out_of_range) for c in members}
+                if out_of_range:
+                    continue
                 if members[0].producers:
                     _solve_upstream(gm, members, targets)
                 else:
                     for chain in members:
                         fetch_attr(gm, chain.head.target).copy_(targets[chain.key])
+        if out_of_range:
+            raise FxgrowError(f"weights outside the range of {a} * {spec.function}(v / b) "
+                              f"(more than {spec.max_clamped_fraction:.0%} of a layer; raise `a` or exclude the "
+                              "layer):\n  " + "\n  ".join(out_of_range))
         shared = CompanderScale(a, b, learnable=True) if spec.learnable == "global" else None
         for chain in chains:
             scale = shared if shared is not None else CompanderScale(a, b, spec.learnable == "layer")
@@ -115,14 +122,18 @@ class CompanderPass(Pass):
         return [CompanderCallback(self.spec, dict(record.clamped))]
 
     def _inverse(self, key: str, w: torch.Tensor, clamped_counts: dict[str, int],
-                 overwrite: bool = False) -> torch.Tensor:
+                 overwrite: bool = False, out_of_range: list[str] | None = None) -> torch.Tensor:
         a, b = self.spec.initial_ab
         v, clamped = psi_inverse(w, a, b, self.spec.function, overwrite)
         clamped_counts[key] = clamped
         if clamped > self.spec.max_clamped_fraction * w.numel():
-            raise FxgrowError(f"{clamped} of {w.numel()} weights of '{key}' lie outside the range of "
-                              f"{a} * {self.spec.function}(v / b): raise `a` to at least "
-                              f"{inverse_needs_a(w, self.spec.function):.3g} or exclude the layer")
+            message = (f"{clamped} of {w.numel()} weights of '{key}' lie outside the range of "
+                       f"{a} * {self.spec.function}(v / b): raise `a` to at least "
+                       f"{inverse_needs_a(w, self.spec.function):.3g} or exclude the layer")
+            if out_of_range is None:
+                raise FxgrowError(message)
+            out_of_range.append(message)
+            return v
         if clamped:
             warnings.warn(f"compander: clamped {clamped} of {w.numel()} weights of '{key}' to the "
                           f"range of psi; outputs change slightly", stacklevel=3)

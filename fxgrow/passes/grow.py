@@ -220,6 +220,16 @@ class GrowPass(Pass):
         # The fused runs' training counts toward this run's FLOPs (template mixing's accounting).
         return Record(tuple(m.layer for m in matches), builds_on=tuple(self.spec.fuse))
 
+    def check(self, gm: fx.GraphModule, record: Record, ctx: PassContext) -> None:
+        """A trial growth of the rewritten model (its own weights as every source): a model
+        growth cannot widen fails at rewrite time and in a dry run, not at the growth step."""
+        if ctx.example_input is None:
+            return
+        carried = [a.pass_ for a in ctx.history if a.pass_.reversible]
+        sources = [gm.state_dict()] * (1 + len(self.spec.fuse))
+        grow_model(gm, sources, self.spec.factor, ctx.example_input, layout=self.spec.layout,
+                   new_coefficients=self.spec.new_coefficients, carried=carried)
+
     def callbacks(self, gm: fx.GraphModule, record: Record, ctx: PassContext) -> list[Callback]:
         carried = [a.pass_ for a in ctx.history if a.pass_.reversible]
         check_growable(gm, [p.kind for p in carried])  # passes after grow may have added producers it cannot carry

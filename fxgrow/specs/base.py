@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 import re._constants as _sre  # the parsed-regex vocabulary (stable since 3.11)
 import re._parser as _sre_parse
-from typing import Annotated, Any, Iterable, Union
+from typing import Annotated, Any, Iterable, Mapping, NamedTuple, Union
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, field_validator,
                       model_validator)
@@ -12,8 +12,6 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat
 from ..errors import SpecError
 from .document import short_repr
 
-# Layer types a pass can target by default: the ones functionalization understands.
-WEIGHT_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
 
 class StrictModel(BaseModel):
@@ -133,16 +131,31 @@ def _pattern_matches(pattern: str, name: str) -> bool:
     return pattern == name
 
 
+class Selectable(NamedTuple):
+    """What targets see of one layer: the type names it answers to (its kind's, e.g. Linear,
+    and its own class's, e.g. timm's Linear or a user's MyLinear), the module path it belongs
+    to (attention's two projections belong to the attention module), whether its weight is a
+    matrix (default targets take every one that is) and why it cannot be rewritten ("" when
+    it can; default targets leave it, and say so)."""
+
+    types: tuple[str, ...]
+    module: str = ""
+    matrix: bool = True
+    refusal: str = ""
+
+
 class Targets(StrictModel):
     """Which layers a pass acts on.
 
-    A layer is selected when its type is in `types`, it matches one of `names` (when
-    given; exact module paths or `re:` regexes searched in the path) and matches no
-    `exclude` entry. With `strict` (default), a `names`/`exclude` entry or an explicitly
-    listed type that matches nothing is an error, and so is an empty selection.
+    A layer is selected when its type is in `types` (by default: every layer holding a
+    weight matrix that fxgrow can rewrite), it matches one of `names` (when given; exact
+    module paths or `re:` regexes searched in the path) and matches no `exclude` entry. With
+    `strict` (default), a `names`/`exclude` entry or an explicitly listed type that matches
+    nothing is an error, and so is an empty selection.
     """
 
-    types: list[str] = Field(default_factory=lambda: list(WEIGHT_LAYER_TYPES))
+    types: list[str] | None = Field(None, description="layer types (class names such as Linear, Conv2d, Embedding, "
+                                                       "MultiheadAttention); default: every weight matrix")
     names: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     strict: bool = True
@@ -160,34 +173,54 @@ class Targets(StrictModel):
                 raise ValueError("empty name")
         return patterns
 
-    def select(self, layers: dict[str, str], where: str = "targets") -> list[str]:
-        """Pick names from `layers` ({module path: type name}, in graph order)."""
-        chosen = [
-            name for name, typ in layers.items()
-            if typ in self.types
-            and (not self.names or any(_pattern_matches(p, name) for p in self.names))
-            and not any(_pattern_matches(p, name) for p in self.exclude)
-        ]
+    def select(self, layers: Mapping[str, "str | Selectable"], where: str = "targets") -> list[str]:
+        """Pick names from `layers` ({path: type name or Selectable}, in graph order)."""
+        table = _selectables(layers)
+        chosen = [name for name, layer in table.items() if self.why_not(name, layer) is None]
         if self.strict:
-            problems = self._unmatched(layers, where)
+            problems = self._unmatched(table, where)
             if not chosen:
-                problems.append((where, f"selects no layer (layer types here: {_summary(layers.values())})"))
+                present = {t for layer in table.values() for t in layer.types}
+                problems.append((where, f"selects no layer (layer types here: {_summary(present)})"))
             if problems:
                 raise SpecError(problems)
         return chosen
 
-    def _unmatched(self, layers: dict[str, str], where: str) -> list[tuple[str, str]]:
+    def why_not(self, name: str, layer: "str | Selectable") -> str | None:
+        """Why these targets leave layer `name` (None: they select it)."""
+        layer = layer if isinstance(layer, Selectable) else Selectable((layer,), name)
+        named = any(_pattern_matches(p, n) for p in self.names for n in (name, layer.module))
+        if self.names and not named:
+            return "not in targets.names"
+        if self.types is None:
+            if not layer.matrix and not named:
+                return "its weight is not a matrix (default targets take weight matrices; list its type in types)"
+            if layer.refusal and not named:  # named: the rewrite says why it cannot
+                return layer.refusal
+        elif not any(t in self.types for t in layer.types):
+            return f"its type {layer.types[-1]} is not in targets.types"
+        excluded = next((p for p in self.exclude for n in (name, layer.module) if _pattern_matches(p, n)), None)
+        if excluded is not None:
+            return f"excluded by targets.exclude {excluded!r}"
+        return None
+
+    def _unmatched(self, layers: dict[str, Selectable], where: str) -> list[tuple[str, str]]:
         problems = []
-        if "types" in self.model_fields_set:
-            present = set(layers.values())
+        if self.types is not None:
+            present = {t for layer in layers.values() for t in layer.types}
             for i, t in enumerate(self.types):
                 if t not in present:
                     problems.append((f"{where}.types.{i}", f"no layer of type {t!r} (present: {_summary(present)})"))
         for field in ("names", "exclude"):
             for i, p in enumerate(getattr(self, field)):
-                if not any(_pattern_matches(p, n) for n in layers):
+                if not any(_pattern_matches(p, n) for name, layer in layers.items() for n in (name, layer.module)):
                     problems.append((f"{where}.{field}.{i}", f"{p!r} matches no targetable layer"))
         return problems
+
+
+def _selectables(layers: Mapping[str, "str | Selectable"]) -> dict[str, Selectable]:
+    return {name: layer if isinstance(layer, Selectable) else Selectable((layer,), name)
+            for name, layer in layers.items()}
 
 
 def _summary(types: Iterable[str]) -> str:

@@ -54,7 +54,16 @@ class ExampleInput(StrictModel):
 
 
 def _example_kind(value: Any) -> str:
-    return "tensor" if isinstance(value, (dict, ExampleInput)) else "shape"
+    if isinstance(value, (dict, ExampleInput)):
+        return "tensor"
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, dict, ExampleInput)):
+        return "inputs"
+    return "shape"
+
+
+Shape = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]
+OneInput = Annotated[Union[Annotated[Shape, Tag("shape")], Annotated[ExampleInput, Tag("tensor")]],
+                     Discriminator(_example_kind)]
 
 
 class ModelRef(StrictModel):
@@ -62,35 +71,53 @@ class ModelRef(StrictModel):
 
     entry: str | None = None   # "path/to/file.py[:callable]" or "package.module:callable"
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the callable
-    # A shape (a float tensor) or one `ExampleInput` (dtype, id range).
+    # A shape (a float tensor), one `ExampleInput` (dtype, id range), or a list of them (the
+    # forward's positional inputs, in order).
     example_input: Annotated[
-        Union[Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1), Tag("shape")],
-              Annotated[ExampleInput, Tag("tensor")]],
+        Union[Annotated[Shape, Tag("shape")], Annotated[ExampleInput, Tag("tensor")],
+              Annotated[list[OneInput], Field(min_length=1), Tag("inputs")]],
         Discriminator(_example_kind)] = Field(default_factory=lambda: [1, 3, 32, 32])
+    # Keyword inputs of the forward, by name: each a shape or an `ExampleInput`.
+    example_kwargs: dict[str, OneInput] = Field(default_factory=dict)
     leaf_modules: list[str] = Field(default_factory=list)  # type names or module paths kept opaque
     # Forward arguments fixed while tracing (e.g. a flag that drives Python control flow).
     concrete_args: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("example_input")
-    @classmethod
-    def _not_huge(cls, value: "list[int] | ExampleInput") -> "list[int] | ExampleInput":
-        shape = value.shape if isinstance(value, ExampleInput) else value
-        if math.prod(shape) > MAX_EXAMPLE_VALUES:
-            raise ValueError(f"{math.prod(shape):,} values is more than {MAX_EXAMPLE_VALUES:,} "
+    @model_validator(mode="after")
+    def _not_huge(self) -> "ModelRef":
+        values = sum(math.prod(e.shape) for e in self.examples) + sum(math.prod(e.shape) for e in self.keyword_examples.values())
+        if values > MAX_EXAMPLE_VALUES:
+            raise ValueError(f"model.example_input: {values:,} values is more than {MAX_EXAMPLE_VALUES:,} "
                              "(one example's input shape, batch 1 is enough)")
-        return value
+        return self
+
+    @property
+    def examples(self) -> list[ExampleInput]:
+        """The positional example inputs in their full form (a shape alone is a float32 tensor)."""
+        ex = self.example_input
+        items = ex if isinstance(ex, list) and ex and not isinstance(ex[0], int) else [ex]
+        return [_full(e) for e in items]
+
+    @property
+    def keyword_examples(self) -> dict[str, ExampleInput]:
+        return {name: _full(e) for name, e in self.example_kwargs.items()}
 
     @property
     def example(self) -> ExampleInput:
-        """`example_input` in its full form (a shape alone is a float32 tensor)."""
-        ex = self.example_input
-        return ex if isinstance(ex, ExampleInput) else ExampleInput(shape=ex)
+        """The first example input in its full form."""
+        return self.examples[0]
 
     def with_example_shape(self, shape: list[int]) -> "ModelRef":
-        """This reference with another example shape, dtype and range kept."""
+        """This reference with another shape for its (first) example input, dtype and range kept."""
         ex = self.example_input
-        new = shape if isinstance(ex, list) else ex.model_copy(update={"shape": list(shape)})
-        return self.model_copy(update={"example_input": new})
+        several = isinstance(ex, list) and ex and not isinstance(ex[0], int)
+        first = ex[0] if several else ex
+        first = list(shape) if isinstance(first, list) else first.model_copy(update={"shape": list(shape)})
+        return self.model_copy(update={"example_input": [first, *ex[1:]] if several else first})
+
+
+def _full(ex: "list[int] | ExampleInput") -> ExampleInput:
+    return ex if isinstance(ex, ExampleInput) else ExampleInput(shape=ex)
 
 
 def _pass_union() -> Any:
@@ -146,11 +173,15 @@ def spec_error(e: ValidationError, source: str | None = None, prefix: str | None
             del loc[2]
         if len(loc) >= 3 and loc[0] == "train" and loc[1] in _TAGGED_TRAIN_FIELDS:
             del loc[2]
-        if len(loc) >= 3 and loc[:2] == ["model", "example_input"]:  # the shape/tensor tag
+        if len(loc) >= 3 and loc[:2] == ["model", "example_input"]:  # the shape/tensor/inputs tag
             del loc[2]
+            if len(loc) >= 4 and loc[2].isdigit() and loc[3] in ("shape", "tensor"):  # one of several
+                del loc[3]
+        if len(loc) >= 4 and loc[:2] == ["model", "example_kwargs"] and loc[3] in ("shape", "tensor"):
+            del loc[3]
         path = ".".join(([prefix] if prefix else []) + loc)
         msg = err["msg"].removeprefix("Value error, ")
-        if msg.startswith("passes."):
+        if msg.startswith(("passes.", "model.example_input")):
             path, _, msg = msg.partition(": ")
         got = err.get("input")
         if err["type"] not in ("missing",) and not isinstance(got, (dict, list)):

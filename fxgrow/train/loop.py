@@ -41,8 +41,8 @@ from .preflight import check_model_fits
 from .progress import Progress
 from .run_folder import RunFolder, metrics_up_to, unused_folder
 
-REPORT_KEYS = ("accuracy", "loss", "perplexity", "objective", "parameters", "flops", "wall_time_s", "steps",
-               "epochs", "samples_per_s", "device", "world_size", "out_dir", "data")
+REPORT_KEYS = ("accuracy", "loss", "perplexity", "objective", "parameters", "flops", "flops_error", "wall_time_s",
+               "steps", "epochs", "samples_per_s", "device", "world_size", "out_dir", "data", "coverage")
 # Fields a resumed run may change: they do not change what is computed.
 FREE_ON_RESUME = {"device", "compile", "progress", "log_every_steps", "checkpoint_every_steps"}
 _NEVER = 2 ** 62  # "no bad step" when ranks agree on the first one
@@ -532,6 +532,7 @@ class Trainer:
         if self._last_checkpoint != self.step:  # a checkpoint at this step was checked already
             self._check_state_finite()  # nothing non-finite is folded and reported as done
         _, metrics = self._last_eval
+        flops, flops_error = self._final_flops()
         wall = self._wall_time()
         report = {
             "accuracy": metrics["accuracy"],  # causal_lm: next-token accuracy
@@ -539,7 +540,8 @@ class Trainer:
             **({"perplexity": metrics["perplexity"]} if "perplexity" in metrics else {}),
             "objective": self.objective.name,
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "flops": self.forward_flops(),
+            "flops": flops,
+            **({"flops_error": flops_error} if flops_error else {}),
             "wall_time_s": wall,
             "steps": self.step,
             "epochs": self.step / self.steps_per_epoch,
@@ -557,6 +559,15 @@ class Trainer:
                 self.on_finish(self.model, self.out_dir, report)
             ckpt.write_json(self.out_dir / "report.json", report)
         return report
+
+    def _final_flops(self) -> tuple[int | None, str | None]:
+        """The report's FLOPs; a model they cannot be counted on still gets its report and
+        folded model (the reason goes into the report)."""
+        try:
+            return self.forward_flops(), None
+        except FxgrowError as e:
+            warnings.warn(f"forward FLOPs not counted: {e}", stacklevel=2)
+            return None, str(e)
 
     @torch.no_grad()
     def forward_flops(self, model: nn.Module | None = None) -> int:
