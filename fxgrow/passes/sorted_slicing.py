@@ -23,15 +23,15 @@ from torch import fx, nn
 
 from ..analysis.shapes import graph_checks
 from ..errors import FxgrowError, SpecError
-from ..ir import META, insert_producer, is_layer, replace_submodule, weight_chains
-from ..layers import kind_of, layer_call
-from ..nn.slicing import ConvGroups, DepthGate, SlicedBatchNorm, SlicedLayerNorm, SliceProducer, SubnetState
+from ..ir import META, fetch_attr, insert_producer, is_layer, meta, replace_submodule, replace_tensor, weight_chains
+from ..layers import follow_input, kind_of, layer_call
+from ..nn.slicing import SLICED_NORMS, ConvGroups, DepthGate, SliceProducer, SubnetState
 from ..specs.base import PassSpec, StrictModel
 from ..subnets import evaluate_grid, find_state, recalibrate
 from ..train.callbacks import Callback
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
-from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks
+from .sorted_slicing_plan import Block, SlicePlan, key_of, plan_slicing, skippable_blocks
 
 # --- spec -------------------------------------------------------------------------------
 
@@ -201,19 +201,42 @@ class SortedSlicingPass(Pass):
         chains = weight_chains(gm)
         for key, layouts in plan.chains.items():
             insert_producer(gm, chains[key], SliceProducer(state, layouts), self.kind)
-        # Options that count channels (a depthwise conv's groups) follow the cut.
-        for node in gm.graph.nodes:
-            call = layer_call(node, gm) if is_layer(node) else None
-            for option, (role, dim) in (call.kind.channel_options(call) if call else {}).items():
-                layout = next((lay for lay in plan.chains.get(f"{call.path}.{role}", []) if lay.dim == dim), None)
+        # Options that count channels (a grouped conv's groups) follow the cut; a functional
+        # layer norm's normalized_shape follows its input.
+        follow = set(plan.follow)
+        for node in list(gm.graph.nodes):
+            call = layer_call(node, gm)
+            if call is not None and node.name in follow:
+                follow_input(call)
+            if call is None or not (is_layer(node) or call.functional):
+                continue
+            for option, (role, dim) in call.kind.channel_options(call).items():
+                key = key_of(*call.params[role]) if role in call.params else ""
+                layout = next((lay for lay in plan.chains.get(key, plan.params.get(key, [])) if lay.dim == dim), None)
                 if layout is None:
                     continue
                 path = f"{META}.{call.path.replace('.', '_')}.{option}"
-                gm.add_submodule(path, ConvGroups(state, layout))
+                gm.add_submodule(path, ConvGroups(state, layout, call.options[option]))
                 with gm.graph.inserting_before(node):
                     counted = gm.graph.call_module(path, ())
                 counted.meta[META] = {"role": option, "pass": self.kind, "source": call.path}
                 call.set_option(option, counted)
+        self._slice_reads(gm, plan, state)  # last: functional layers are found by their get_attr operands
+
+    def _slice_reads(self, gm: fx.GraphModule, plan: SlicePlan, state: SubnetState) -> None:
+        """Parameters the graph reads directly (a layer scale, cls_token, a functional norm's
+        weight) are cut right after the read; `reverse` bakes the cut into the parameter."""
+        for node in list(gm.graph.nodes):
+            if node.op != "get_attr" or node.target not in plan.params:
+                continue
+            path = f"{META}.{node.target.replace('.', '_')}_read_slice"
+            gm.add_submodule(path, SliceProducer(state, plan.params[node.target]))
+            users = list(node.users)
+            with gm.graph.inserting_after(node):
+                cut = gm.graph.call_module(path, (node,))
+            for user in users:
+                user.replace_input_with(node, cut)
+            cut.meta[META] = {"role": "read_slice", "pass": self.kind, "source": node.target}
 
     def _slice_norms(self, gm: fx.GraphModule, plan: SlicePlan, state: SubnetState) -> None:
         for path, layout in plan.norms.items():
@@ -292,6 +315,10 @@ class SortedSlicingPass(Pass):
                 value = module()
                 for user in list(node.users):  # an int argument again
                     user.replace_input_with(node, value)
+            elif isinstance(module, SliceProducer) and meta(node).get("role") == "read_slice":
+                if module.cuts[state.width_index]:  # the parameter itself is cut: the read is plain again
+                    replace_tensor(gm, node.args[0].target, module._copy_cut(fetch_attr(gm, node.args[0].target)))
+                node.replace_all_uses_with(node.args[0])
             elif isinstance(module, SliceProducer) and module.cuts[state.width_index]:
                 frozen = True
                 continue
@@ -302,7 +329,7 @@ class SortedSlicingPass(Pass):
             graph.erase_node(node)
             taken_off.add(node.target)
         for path, module in list(gm.named_modules()):
-            if isinstance(module, (SlicedBatchNorm, SlicedLayerNorm)):
+            if isinstance(module, SLICED_NORMS):
                 replace_submodule(gm, path, module.plain())
         graph.lint()
         for path in taken_off | (set() if frozen else {f"{META}.subnet"}):

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..analysis.coupling import ChannelGroup
-from ..ir import chain_shape, weight_chains
-from ..layers import kind_of
+from ..ir import chain_shape, fetch_attr, weight_chains
+from ..layers import kind_of, layer_call
 from ..nn.slicing import DimLayout, Segment
 
 # --- skippable residual blocks ------------------------------------------------------------
@@ -139,6 +139,16 @@ def _sliceable_norm(m: nn.Module) -> bool:
     return kind is not None and kind.sliced is not None and kind.sliceable(m)
 
 
+# Functional layers whose parameters slicing may cut where they are read: norms without
+# running statistics (a cut running mean would be a copy the in-place update never reaches).
+_CUT_WHERE_READ = {"layer_norm", "rms_norm", "group_norm"}
+
+
+def key_of(layer: str, param: str) -> str:
+    """"owner.param", or "param" for a parameter of the model itself (a ViT's cls_token)."""
+    return f"{layer}.{param}" if layer else param
+
+
 @dataclass
 class SlicePlan:
     """Which groups are sliced and the layout of every tensor dim that indexes them."""
@@ -147,40 +157,111 @@ class SlicePlan:
     kept: dict[int, str]                      # group id -> why it stays at full width
     chains: dict[str, list[DimLayout]]        # "layer.param" -> layouts of its sliced dims
     norms: dict[str, DimLayout]               # norm module path -> layout of its channel dim
+    params: dict[str, list[DimLayout]] = field(default_factory=dict)  # read directly (get_attr): cut there
+    follow: list[str] = field(default_factory=list)  # functional norm nodes whose normalized_shape follows x
+
+
+def _direct_reads(gm: fx.GraphModule, chains: dict) -> dict[str, str]:
+    """Parameters and buffers the graph reads with get_attr outside weight chains, each with
+    why it cannot be cut where it is read ("" when it can): it feeds ops without parameters
+    (a layer scale, a ViT's cls_token and pos_embed) or a functional norm."""
+    heads = {c.head for c in chains.values()}
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node in heads:
+            continue
+        why = ""
+        for user in node.users:
+            call = layer_call(user, gm)
+            if call is None or node not in call.operands.values():
+                continue
+            if call.kind.name not in _CUT_WHERE_READ:
+                why = f"{node.target} is read by {call.kind.name} '{call.path}', which is not a targeted layer"
+        found[node.target] = found.get(node.target) or why
+    return found
 
 
 def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str]) -> SlicePlan:
     """Slice every group that is not fixed and whose every use is a chain of a targeted
-    layer or a BatchNorm/LayerNorm called as a module."""
+    layer, a norm called as a module (with a sliced twin), or a parameter the graph reads
+    directly (a layer scale, a cls_token, a functional norm's weight), cut where it is read."""
     chains = weight_chains(gm)
-    norm_calls = {n.target for n in gm.graph.nodes if n.op == "call_module"
-                  and _sliceable_norm(gm.get_submodule(n.target))}
+    modules = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    norm_calls = {path for path, m in modules.items() if _sliceable_norm(m)}
+    reads = _direct_reads(gm, chains)
+    nodes = {n.name: n for n in gm.graph.nodes}
     sliced, kept = [], {}
     for g in groups:
         if g.fixed:
             kept[g.id] = g.reason
             continue
-        blocker = next((u for u in g.uses if not (
-            (u.layer in layers and f"{u.layer}.{u.param}" in chains)
-            or u.layer in norm_calls)), None)
-        if blocker is not None:
-            kept[g.id] = (f"{blocker.layer}.{blocker.param} is not a targeted layer or a norm module"
-                          if blocker.layer not in layers else f"{blocker.layer}.{blocker.param} cannot be sliced")
+        why = next((r for r in (_blocker(u, layers, chains, norm_calls, reads, modules) for u in g.uses) if r), "")
+        why = why or next((r for r in (_norm_blocker(n, nodes, modules, norm_calls) for n in g.normalizers) if r), "")
+        if why:
+            kept[g.id] = why
             continue
         sliced.append(g)
     dims: dict[str, dict[int, list[Segment]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    normalized: dict[str, tuple[int, set[Segment]]] = {}  # norm module -> (size, segments) of what it normalizes
+    plan = SlicePlan(sliced, kept, {}, {})
     for g in sliced:
         for u in g.uses:
-            dims[f"{u.layer}.{u.param}"][u.dim].append(Segment(g.id, u.offset, u.repeat))
-    plan = SlicePlan(sliced, kept, {}, {})
+            dims[key_of(u.layer, u.param)][u.dim].append(Segment(g.id, u.offset, u.repeat))
+        for n in g.normalizers:
+            node = nodes[n.node]
+            if node.op == "call_module":  # a norm module, with or without affine parameters
+                size = _shape(node.args[0])[n.dim]
+                normalized.setdefault(n.layer, (size, set()))[1].add(Segment(g.id, n.offset, n.repeat))
+            elif node.op == "call_function" and n.kind in ("layer_norm", "rms_norm") and n.node not in plan.follow:
+                plan.follow.append(n.node)
+    for path, (size, segments) in normalized.items():
+        plan.norms[path] = DimLayout(0, size, tuple(sorted(segments, key=lambda s: s.offset)))
     for key, by_dim in dims.items():
         layer, _, param = key.rpartition(".")
-        # the tensor a chain produces (template mixing stores no `weight`), or a norm's own
-        shape = chain_shape(gm, chains[key]) if key in chains else getattr(gm.get_submodule(layer), param).shape
+        # the tensor a chain produces (template mixing stores no `weight`), or the parameter itself
+        shape = chain_shape(gm, chains[key]) if key in chains else fetch_attr(gm, key).shape
         layouts = [DimLayout(d, shape[d], tuple(sorted(segs, key=lambda s: s.offset)))
                    for d, segs in sorted(by_dim.items())]
-        if layer in norm_calls:
-            plan.norms.setdefault(layer, layouts[0])
-        else:
+        if key in chains:
             plan.chains[key] = layouts
+        elif layer in norm_calls:
+            plan.norms[layer] = layouts[0]
+        else:
+            plan.params[key] = layouts
     return plan
+
+
+def _blocker(u, layers: set[str], chains: dict, norm_calls: set[str], reads: dict[str, str],
+             modules: dict[str, nn.Module]) -> str:
+    """Why use `u` keeps its group at full width ("" when it can be cut)."""
+    key = key_of(u.layer, u.param)
+    if key in chains:
+        return "" if u.layer in layers else f"'{u.layer}' is not a targeted layer"
+    if u.layer in norm_calls:
+        return ""
+    if u.layer in modules:
+        return _module_blocker(u.layer, modules[u.layer])
+    if key in reads:
+        return reads[key]
+    return f"{key} is not a targeted layer or a norm module"
+
+
+def _norm_blocker(n, nodes: dict[str, fx.Node], modules: dict[str, nn.Module], norm_calls: set[str]) -> str:
+    """Why normalizer `n` keeps its group at full width ("" when slicing keeps it exact: it
+    then normalizes over the kept channels)."""
+    node = nodes[n.node]
+    if node.op == "call_module" and n.layer not in norm_calls:
+        return _module_blocker(n.layer, modules[n.layer])
+    return ""
+
+
+def _module_blocker(path: str, module: nn.Module) -> str:
+    kind = kind_of(module)
+    what = f"'{path}' ({type(module).__name__})"
+    if kind is None:
+        return f"{what} is not a layer fxgrow knows"
+    if kind.targetable:
+        return f"{what} is not a targeted layer"
+    if kind.sliced is None:
+        return f"{kind.name} {what} has no sliced twin"
+    return f"{kind.name} {what} cannot be sliced as it is configured"
