@@ -36,11 +36,11 @@ class NormMLP(nn.Module):
     without affine), nn.RMSNorm, a hand-written RMSNorm, a functional layer norm of the model's
     own parameters, and a layer scale."""
 
-    def __init__(self, d: int = 16):
+    def __init__(self, d: int = 16, hand: bool = True):
         super().__init__()
         self.inp = nn.Linear(12, d)
         self.norms = nn.ModuleList([nn.LayerNorm(d), nn.LayerNorm(d, elementwise_affine=False), nn.RMSNorm(d),
-                                    HandRMS(d)])
+                                    HandRMS(d) if hand else nn.LayerNorm(d, bias=False)])
         self.w, self.b = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
         self.gamma = nn.Parameter(torch.full((d,), 0.5))
         self.f = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) for _ in range(5))

@@ -745,6 +745,35 @@ for _cls, _k in _SPATIAL_MODULES:
 _MAX_REASONS = 3
 
 
+# Functional layers whose parameters may be cut or masked where they are read: norms without
+# running statistics (a cut running mean would be a copy the in-place update never reaches).
+READ_BY_NORMS = {"layer_norm", "rms_norm", "group_norm"}
+
+
+def param_key(layer: str, param: str) -> str:
+    """"owner.param", or "param" for a parameter of the model itself (a ViT's cls_token)."""
+    return f"{layer}.{param}" if layer else param
+
+
+def parameter_reads(gm: GraphModule) -> dict[str, str]:
+    """Parameters and buffers the graph reads with get_attr outside weight chains (the model's
+    own cls_token, a layer scale, a functional norm's weight), each with why it cannot be cut
+    or masked where it is read, "" when it can: it feeds ops without parameters, or a norm
+    without running statistics."""
+    heads = {n for n in gm.graph.nodes if (n.meta.get("fxgrow") or {}).get("role") == "param"}
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node in heads:
+            continue
+        why = ""
+        for user in node.users:
+            call = layer_call(user, gm)
+            if call is not None and node in call.operands.values() and call.kind.name not in READ_BY_NORMS:
+                why = f"{node.target} is read by {call.kind.name} '{call.path}', which is not a targeted layer"
+        found[node.target] = found.get(node.target) or why
+    return found
+
+
 def coupling_graph(gm: GraphModule) -> nx.Graph:
     """The raw coupling graph: ("tensor", node, dim) blocks of channels and ("param", layer,
     param, dim, offset, repeat) slices; edges mean "same channel count and order". Node data:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import fx, nn
 
+from ..analysis.coupling import param_key
 from ..analysis.shapes import graph_checks
 from ..errors import FxgrowError, SpecError
 from ..ir import META, fetch_attr, insert_producer, is_layer, meta, replace_submodule, replace_tensor, weight_chains
@@ -31,7 +32,7 @@ from ..subnets import evaluate_grid, find_state, recalibrate
 from ..train.callbacks import Callback
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
-from .sorted_slicing_plan import Block, SlicePlan, key_of, plan_slicing, skippable_blocks
+from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks
 
 # --- spec -------------------------------------------------------------------------------
 
@@ -211,7 +212,7 @@ class SortedSlicingPass(Pass):
             if call is None or not (is_layer(node) or call.functional):
                 continue
             for option, (role, dim) in call.kind.channel_options(call).items():
-                key = key_of(*call.params[role]) if role in call.params else ""
+                key = param_key(*call.params[role]) if role in call.params else ""
                 layout = next((lay for lay in plan.chains.get(key, plan.params.get(key, [])) if lay.dim == dim), None)
                 if layout is None:
                     continue

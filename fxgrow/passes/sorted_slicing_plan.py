@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..analysis.coupling import ChannelGroup
+from ..analysis.coupling import ChannelGroup, param_key, parameter_reads
 from ..ir import chain_shape, fetch_attr, weight_chains
-from ..layers import kind_of, layer_call
+from ..layers import kind_of
 from ..nn.slicing import DimLayout, Segment
 
 # --- skippable residual blocks ------------------------------------------------------------
@@ -139,16 +139,6 @@ def _sliceable_norm(m: nn.Module) -> bool:
     return kind is not None and kind.sliced is not None and kind.sliceable(m)
 
 
-# Functional layers whose parameters slicing may cut where they are read: norms without
-# running statistics (a cut running mean would be a copy the in-place update never reaches).
-_CUT_WHERE_READ = {"layer_norm", "rms_norm", "group_norm"}
-
-
-def key_of(layer: str, param: str) -> str:
-    """"owner.param", or "param" for a parameter of the model itself (a ViT's cls_token)."""
-    return f"{layer}.{param}" if layer else param
-
-
 @dataclass
 class SlicePlan:
     """Which groups are sliced and the layout of every tensor dim that indexes them."""
@@ -161,26 +151,6 @@ class SlicePlan:
     follow: list[str] = field(default_factory=list)  # functional norm nodes whose normalized_shape follows x
 
 
-def _direct_reads(gm: fx.GraphModule, chains: dict) -> dict[str, str]:
-    """Parameters and buffers the graph reads with get_attr outside weight chains, each with
-    why it cannot be cut where it is read ("" when it can): it feeds ops without parameters
-    (a layer scale, a ViT's cls_token and pos_embed) or a functional norm."""
-    heads = {c.head for c in chains.values()}
-    found: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or node in heads:
-            continue
-        why = ""
-        for user in node.users:
-            call = layer_call(user, gm)
-            if call is None or node not in call.operands.values():
-                continue
-            if call.kind.name not in _CUT_WHERE_READ:
-                why = f"{node.target} is read by {call.kind.name} '{call.path}', which is not a targeted layer"
-        found[node.target] = found.get(node.target) or why
-    return found
-
-
 def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str]) -> SlicePlan:
     """Slice every group that is not fixed and whose every use is a chain of a targeted
     layer, a norm called as a module (with a sliced twin), or a parameter the graph reads
@@ -188,7 +158,7 @@ def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str
     chains = weight_chains(gm)
     modules = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     norm_calls = {path for path, m in modules.items() if _sliceable_norm(m)}
-    reads = _direct_reads(gm, chains)
+    reads = parameter_reads(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     sliced, kept = [], {}
     for g in groups:
@@ -206,7 +176,7 @@ def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str
     plan = SlicePlan(sliced, kept, {}, {})
     for g in sliced:
         for u in g.uses:
-            dims[key_of(u.layer, u.param)][u.dim].append(Segment(g.id, u.offset, u.repeat))
+            dims[param_key(u.layer, u.param)][u.dim].append(Segment(g.id, u.offset, u.repeat))
         for n in g.normalizers:
             node = nodes[n.node]
             if node.op == "call_module":  # a norm module, with or without affine parameters
@@ -234,7 +204,7 @@ def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str
 def _blocker(u, layers: set[str], chains: dict, norm_calls: set[str], reads: dict[str, str],
              modules: dict[str, nn.Module]) -> str:
     """Why use `u` keeps its group at full width ("" when it can be cut)."""
-    key = key_of(u.layer, u.param)
+    key = param_key(u.layer, u.param)
     if key in chains:
         return "" if u.layer in layers else f"'{u.layer}' is not a targeted layer"
     if u.layer in norm_calls:
