@@ -197,3 +197,60 @@ def test_a_norm_without_a_sliced_twin_keeps_its_group_at_full_width():
     kept = result.callbacks[0].summary["groups"]["full_width"]
     assert "layer_norm 'ln' (LayerNorm) cannot be sliced as it is configured" in kept.values()
     assert list(find_state(result.graph_module).full.values()) == [8]  # b's outputs are still cut
+
+
+# --- the width warning and the checks a dry run makes ----------------------------------------
+
+class Opaque(nn.Module):
+    """A leaf the analysis knows nothing about: the stream it reads stays whole."""
+
+    def forward(self, x):
+        return x * 1.0
+
+
+class HalfOpaque(nn.Module):
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.inp, self.opaque = nn.Linear(8, d), Opaque()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d)) for _ in range(3))
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        h = self.opaque(self.inp(x))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+def test_width_one_half_that_keeps_most_parameters_warns_naming_the_whole_groups():
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match=r"width 0.5 keeps 55% of the parameters .* left at full width: group 2 "
+                                         r"\(32 channels of blocks.0.2, blocks.1.2\): unknown op Opaque \(opaque\); "
+                                         r"group 1 \(32 channels of inp\)"):
+        result = Pipeline([SortedSlicingPass(width={"fractions": [0.5, 1.0]})])(_leaf_traced(HalfOpaque()),
+                                                                             example_input=x)
+    share = result.callbacks[0].summary["params_share_at_width_0.5"]
+    kept = sum(p.numel() for p in extract(result.graph_module, 0.5).parameters())
+    full = sum(p.numel() for p in HalfOpaque().parameters())
+    assert share == pytest.approx(kept / full, abs=1e-3) and share > 0.5
+
+
+def _leaf_traced(model: nn.Module):
+    from fxgrow.trace import trace
+    return trace(model, leaf_modules=["Opaque"])
+
+
+@pytest.mark.parametrize("name", ["timm_test_convnext", "timm_test_vit"])
+def test_models_cut_through_their_norms_do_not_warn(name, recwarn):
+    model, x = build(name)
+    result = Pipeline([SortedSlicingPass(width={"fractions": [0.5, 1.0]})])(model, example_input=x)
+    assert not [w for w in recwarn if "sorted_slicing" in str(w.message)]
+    share = result.callbacks[0].summary["params_share_at_width_0.5"]
+    kept = sum(p.numel() for p in extract(result.graph_module, 0.5).parameters())
+    assert share == pytest.approx(kept / sum(p.numel() for p in model.parameters()), abs=1e-3)
+
+
+def test_the_dry_run_runs_the_sliceable_group_check():
+    model = nn.Sequential(nn.Linear(4, 3))  # input and output channels only: nothing to cut
+    with pytest.raises(Exception, match="no channel group can be sliced"):
+        Pipeline([SortedSlicingPass(width={"fractions": [0.5, 1.0]})]).dry_run(model, example_input=torch.randn(2, 4))

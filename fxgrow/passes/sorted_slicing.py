@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ from ..subnets import evaluate_grid, find_state, recalibrate
 from ..train.callbacks import Callback
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
-from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks
+from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks, width_share
 
 # --- spec -------------------------------------------------------------------------------
 
@@ -121,6 +122,7 @@ class SlicingRecord(Record):
     points: list[tuple[float, int]] = field(default_factory=list)
     sliced: list[int] = field(default_factory=list)           # channel groups sliced
     full_width: dict[int, str] = field(default_factory=dict)  # group -> why it stays at full width
+    share_at_half: float = 1.0  # parameters the width-0.5 sub-model keeps, of the whole model's
 
 
 @register_pass
@@ -137,6 +139,13 @@ class SortedSlicingPass(Pass):
                               "channel groups and residual blocks")
         if find_state(gm) is not None or any(p.kind == self.kind for p in ctx.applied):
             raise FxgrowError("the model is sliced already: use one sorted_slicing pass")
+        if self.spec.width is not None:  # which groups can be cut, and how much that saves (dry runs too)
+            groups = ctx.analyzed(gm).channel_groups()
+            plan = plan_slicing(gm, groups, {m.layer for m in self.match(gm, ctx)})
+            _require_a_sliced_group(plan)
+            share, lost = width_share(gm, groups, plan, 0.5, self.spec.width.multiple_of)
+            if share > WARN_SHARE:
+                warnings.warn(_width_warning(share, lost, plan, groups), stacklevel=2)
 
     def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> SlicingRecord:
         spec: SortedSlicingSpec = self.spec
@@ -160,11 +169,12 @@ class SortedSlicingPass(Pass):
         if spec.weights is not None and len(spec.weights) != len(points):
             raise SpecError([(f"{ctx.where}.weights", f"{len(spec.weights)} weights for {len(points)} grid points")])
 
+        share = 1.0
         if spec.width is not None:
-            plan = plan_slicing(gm, analysis.channel_groups(), {m.layer for m in matches})
-            if not plan.sliced:
-                reasons = "; ".join(f"group {g}: {r}" for g, r in plan.kept.items()) or "no channel groups"
-                raise FxgrowError(f"sorted_slicing: no channel group can be sliced ({reasons})")
+            groups = analysis.channel_groups()
+            plan = plan_slicing(gm, groups, {m.layer for m in matches})
+            _require_a_sliced_group(plan)
+            share = width_share(gm, groups, plan, 0.5, spec.width.multiple_of)[0]
         else:
             plan = SlicePlan([], {}, {}, {})
         state = SubnetState(fractions, {g.id: g.size for g in plan.sliced},
@@ -176,7 +186,7 @@ class SortedSlicingPass(Pass):
         gm.graph.lint()
         _check_every_point(gm, state, ctx.example_input)
         return SlicingRecord(tuple(m.layer for m in matches), blocks=[b.name for b in blocks], points=points,
-                             sliced=[g.id for g in plan.sliced], full_width=dict(plan.kept))
+                             sliced=[g.id for g in plan.sliced], full_width=dict(plan.kept), share_at_half=share)
 
     def _depths(self, blocks: list[Block], ctx: PassContext) -> list[int]:
         spec = self.spec.depth
@@ -272,7 +282,8 @@ class SortedSlicingPass(Pass):
     def callbacks(self, gm: fx.GraphModule, record: SlicingRecord, ctx: PassContext) -> list[Callback]:
         summary = {"blocks": record.blocks,
                    "groups": {"sliced": record.sliced,
-                              "full_width": {str(g): why for g, why in record.full_width.items()}}}
+                              "full_width": {str(g): why for g, why in record.full_width.items()}},
+                   "params_share_at_width_0.5": round(record.share_at_half, 4)}
         return [SortedSlicingCallback(self.spec, summary)]
 
     def describe(self, gm: nn.Module) -> list[dict[str, Any]]:
@@ -336,6 +347,28 @@ class SortedSlicingPass(Pass):
         for path in taken_off | (set() if frozen else {f"{META}.subnet"}):
             gm.delete_submodule(path)
         gm.recompile()
+
+
+WARN_SHARE = 0.5  # a net cut everywhere keeps about a quarter at width 0.5: warn above a half
+
+
+def _require_a_sliced_group(plan: SlicePlan) -> None:
+    if not plan.sliced:
+        reasons = "; ".join(f"group {g}: {r}" for g, r in plan.kept.items()) or "no channel groups"
+        raise FxgrowError(f"sorted_slicing: no channel group can be sliced ({reasons})")
+
+
+def _width_warning(share: float, lost: dict[int, int], plan: SlicePlan, groups: list, most: int = 5) -> str:
+    """Width 0.5 keeps `share` of the parameters: name the groups left whole that cost most."""
+    by_id = {g.id: g for g in groups}
+    ranked = sorted(lost, key=lambda g: -lost[g])
+    named = [f"group {g} ({by_id[g].size} channels of {', '.join(by_id[g].producers[:2])}): "
+             f"{plan.kept.get(g, by_id[g].reason)}" for g in ranked[:most]]
+    more = f"; and {len(ranked) - most} more" if len(ranked) > most else ""
+    where = "; ".join(named) + more if named else (
+        "most parameters sit where channels are never cut (the model input's and outputs' channels)")
+    return (f"sorted_slicing: width 0.5 keeps {share:.0%} of the parameters (a model cut everywhere keeps about "
+            f"25%); left at full width: {where}")
 
 
 def _erase_descendants(graph: fx.Graph, enter: fx.Node) -> None:

@@ -3,6 +3,7 @@ channel groups can be sliced with the layout of every tensor dim that indexes th
 from __future__ import annotations
 
 import collections
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ from torch import fx, nn
 from ..analysis.coupling import ChannelGroup, param_key, parameter_reads
 from ..ir import chain_shape, fetch_attr, weight_chains
 from ..layers import kind_of
-from ..nn.slicing import DimLayout, Segment
+from ..nn.slicing import DimLayout, Segment, active_channels
 
 # --- skippable residual blocks ------------------------------------------------------------
 
@@ -205,8 +206,10 @@ def _blocker(u, layers: set[str], chains: dict, norm_calls: set[str], reads: dic
              modules: dict[str, nn.Module]) -> str:
     """Why use `u` keeps its group at full width ("" when it can be cut)."""
     key = param_key(u.layer, u.param)
+    if u.layer in layers:  # a targeted layer: its tensors are (or, before the rewrite, become) chains
+        return ""
     if key in chains:
-        return "" if u.layer in layers else f"'{u.layer}' is not a targeted layer"
+        return f"'{u.layer}' is not a targeted layer"
     if u.layer in norm_calls:
         return ""
     if u.layer in modules:
@@ -235,3 +238,36 @@ def _module_blocker(path: str, module: nn.Module) -> str:
     if kind.sliced is None:
         return f"{kind.name} {what} has no sliced twin"
     return f"{kind.name} {what} cannot be sliced as it is configured"
+
+
+def width_share(gm: fx.GraphModule, groups: list[ChannelGroup], plan: SlicePlan, fraction: float = 0.5,
+                multiple_of: int = 1) -> tuple[float, dict[int, int]]:
+    """The share of the model's parameters (effective weights: a chain counts as the tensor
+    it produces) the sub-model at width `fraction` keeps, and per group left at full width
+    the parameters it would have cut."""
+    chains = weight_chains(gm)
+    sizes = {key: tuple(chain_shape(gm, c)) for key, c in chains.items()}
+    heads = {c.head.target for c in chains.values()}
+    for name, p in gm.named_parameters():
+        if not name.startswith("fxgrow.") and name not in sizes and name not in heads:
+            sizes[name] = tuple(p.shape)
+    sliced = {g.id for g in plan.sliced}
+    cut: dict[tuple[str, int], int] = collections.Counter()
+    lost: dict[int, int] = collections.Counter()
+    for g in groups:
+        if g.fixed and (not g.producers or g.reason in ("model input", "model output")):
+            continue  # the input's and outputs' channels, token and spatial dims: never cut
+        gone = g.size - active_channels(g.size, fraction, multiple_of)
+        for u in g.uses:
+            key = param_key(u.layer, u.param)
+            if key in sizes:
+                if g.id in sliced:
+                    cut[(key, u.dim)] += gone * u.repeat
+                else:
+                    lost[g.id] += math.prod(sizes[key]) * gone * u.repeat // sizes[key][u.dim]
+    total = kept = 0.0
+    for key, shape in sizes.items():
+        n = math.prod(shape)
+        share = math.prod((size - cut.get((key, d), 0)) / size for d, size in enumerate(shape) if size)
+        total, kept = total + n, kept + n * share
+    return (kept / total if total else 1.0), dict(lost)
