@@ -93,3 +93,29 @@ def test_a_hand_written_norm_over_the_channels_is_refused_naming_it():
     with pytest.raises(SpecError) as e:
         filter_pruned(NormMLP(hand=True), torch.randn(2, 5, 12))
     assert "'inp'" in str(e.value) and "Tensor.mean (mean) in 'norms.3' computes across these channels" in str(e.value)
+
+
+def test_fold_shrink_of_a_filter_pruned_vit_run(tmp_path):
+    """The CLI way: `fxgrow apply` a ViT with filter pruning, then `fxgrow fold --shrink`:
+    the shrunk model computes what the run's folded (masked) model computes."""
+    from tests.cli_runs import cli
+
+    (tmp_path / "spec.yaml").write_text(
+        "model:\n  entry: timm:create_model\n  kwargs: {model_name: test_vit, num_classes: 10, img_size: 32,"
+        " dynamic_img_size: false}\n  example_input: [1, 3, 32, 32]\n"
+        "passes:\n  - kind: prune_regrow\n    granularity: filter\n    final_sparsity: 0.5\n    scope: layer\n"
+        "    schedule: {start: 0, end: 4, every: 2}\n"
+        "train: {data: {name: digits, image_size: 32, channels: 3}, steps: 6, batch_size: 16, progress: none}\n")
+    out = tmp_path / "run"
+    result = cli("apply", tmp_path / "spec.yaml", "--out", out)
+    assert result.exit_code == 0, result.output
+    result = cli("fold", out, "--shrink", "-o", tmp_path / "small.pt")
+    assert result.exit_code == 0, result.output
+    full = torch.load(out / "folded.pt", weights_only=False).eval()
+    small = torch.load(tmp_path / "small.pt", weights_only=False).eval()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(small) < 0.45 * count(full)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = full(x)
+        torch.testing.assert_close(small(x), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
