@@ -3,7 +3,9 @@
 The result has no fxgrow node and no producer overhead, and its module paths are the
 original ones, so when shapes are unchanged its state_dict loads (strict) into the
 user's original model class. Passes that changed more than weight chains (sorted
-slicing) are reversed first, at their current setting (`Pass.reverse`).
+slicing) are reversed first, at their current setting (`Pass.reverse`); modules a pass put
+in the activation path (filter pruning's masked norms) write plain graph code in their
+place (`fold_call(gm, node)`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     if not inplace:
         gm = copy.deepcopy(gm)
     reverse_passes(gm)
+    for node in list(gm.graph.nodes):  # modules a pass put in the activation path write their plain code
+        if node.op == "call_module" and callable(getattr(gm.get_submodule(node.target), "fold_call", None)):
+            gm.get_submodule(node.target).fold_call(gm, node)
     graph = gm.graph
     chains = weight_chains(gm)
     values = {key: evaluate_chain(gm, chain, folding=True).detach().clone() for key, chain in chains.items()}

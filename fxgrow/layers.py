@@ -21,6 +21,9 @@ A `LayerKind` entry says, for its kind:
 - `fills`: growth's value for channels no source net provides (norm gamma 1, beta 0, ...);
 - `channelwise`: each of its parameter entries touches one channel only (BatchNorm), so
   filter pruning may remove channels through it;
+- `follows_input`: options that restate the input's trailing sizes (a layer norm's
+  `normalized_shape`): when those channels are cut or grown, `follow_input` computes them
+  from the input instead (`x.shape[-k:]`);
 - `sliced(module, state, layout, per_width)`: its sliced twin for sorted slicing, for the
   modules `sliceable(module)` accepts;
 - `inputs`: the module call's arguments after the first that the functional form takes too
@@ -36,6 +39,8 @@ one entry plus its tests.
 from __future__ import annotations
 
 import functools
+import operator
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -71,6 +76,7 @@ class LayerKind:
     channelwise: bool = False
     sliced: Callable[..., nn.Module] | None = None
     sliceable: Callable[[nn.Module], bool] = lambda module: True
+    follows_input: tuple[str, ...] = ()             # options restating the input's trailing sizes
     inputs: tuple[str, ...] = ()
     units: Mapping[str, tuple[str, str | None]] = field(default_factory=lambda: {"": ("weight", "bias")})
 
@@ -112,6 +118,8 @@ def layer_kinds() -> tuple[LayerKind, ...]:
 def kind_of(module: nn.Module, exact: bool = False) -> LayerKind | None:
     """The kind of `module`: its class in an entry, or with `exact=False` a base class of it.
     Functionalization asks for the exact class (a subclass may compute something else)."""
+    if not _TIMM_KINDS and "timm.layers" in sys.modules:
+        _register_timm_kinds()
     for kind in _KINDS:
         if type(module) in kind.modules:
             return kind
@@ -200,16 +208,18 @@ def _couple_conv(c: "Coupling", call: LayerCall) -> None:
     node, groups = call.node, call.options.get("groups", 1)
     xin = c.layouts[call.x]
     channels_in, channels_out = c.shape(call.x)[1], c.shape(node)[1]
-    if 1 < groups == channels_in == channels_out:  # depthwise: channel c -> c, a use, not a producer
+    if not isinstance(groups, int):  # counted by a sub-model: the analysis runs before that
+        out = c.output(node, {0: [xin[0]]}, f"conv {call.path} with computed groups")
+    elif 1 < groups == channels_in == channels_out:  # depthwise: channel c -> c, a use, not a producer
         out = c.output(node, {0: [xin[0]], 1: [xin[1]]})
     else:
         out = c.output(node, {0: [xin[0]]})
         c.produces(out[1], call.path)
         if groups == 1:
             c.use(xin[1], call.params.get("weight"), 1, node)
-        else:  # input channel c meets weight column c % (C / groups): not a slice
-            reason = f"grouped conv {call.path} (groups={groups})"
-            c.fix([xin[1], out[1]], reason)
+        else:  # input group g feeds output group g only: both move in whole groups; weight dim 1
+            # indexes channels within a group, which stay
+            c.whole_groups(xin[1], out[1], groups, node, f"grouped conv {call.path} (groups={groups})")
     c.use(out[1], call.params.get("weight"), 0, node)
     c.use(out[1], call.params.get("bias"), 0, node)
 
@@ -250,16 +260,56 @@ def _couple_channel_norm(c: "Coupling", call: LayerCall) -> None:
 
 def _couple_group_norm(c: "Coupling", call: LayerCall) -> None:
     ndim, groups = len(c.layouts[call.x]), call.options.get("num_groups", 1)
-    channels = c.shape(call.node)[1 if ndim > 1 else 0]
-    out = _couple_norm(c, call, {1 if ndim > 1 else 0: 0})
-    if groups not in (1, channels):
-        c.fix([out[1]], f"group norm {call.path} ({groups} groups of channels)")
+    channel_dim = 1 if ndim > 1 else 0
+    channels = c.shape(call.node)[channel_dim]
+    out = _couple_norm(c, call, {channel_dim: 0})
+    if not isinstance(groups, int):
+        c.fix([out[channel_dim]], f"group norm {call.path} with computed groups")
+    elif groups == 1:  # statistics over every channel (and position): a LayerNorm over C, H, W
+        c.normalizes(c.layouts[call.x][channel_dim], call.node, "group_norm", channel_dim, call.path,
+                     f"group_norm '{call.path}'")
+    elif groups != channels:  # statistics per group of channels: they move in whole groups
+        c.whole_groups(out[channel_dim], None, groups, call.node, f"group norm {call.path} (groups={groups})")
+
+
+def normalized_dims(shape: Any) -> int:
+    """How many trailing dims a layer norm's `normalized_shape` covers: an int, a tuple, or
+    the input's own trailing sizes (`x.shape[-k:]`, what slicing and growth write)."""
+    if isinstance(shape, int):
+        return 1
+    if isinstance(shape, (list, tuple, torch.Size)):
+        return len(shape)
+    if isinstance(shape, fx.Node) and shape.target is operator.getitem and isinstance(shape.args[1], slice):
+        return -shape.args[1].start
+    raise FxgrowError(f"cannot read normalized_shape {shape!r}")
 
 
 def _couple_layer_norm(c: "Coupling", call: LayerCall) -> None:
-    ndim, shape = len(c.layouts[call.x]), call.options.get("normalized_shape", 1)
-    dims = 1 if isinstance(shape, int) else len(shape)
+    ndim, dims = len(c.layouts[call.x]), normalized_dims(call.options.get("normalized_shape", 1))
+    xin = c.layouts[call.x]
     _couple_norm(c, call, {ndim - dims + i: i for i in range(dims)})
+    for d in range(ndim - dims, ndim):
+        c.normalizes(xin[d], call.node, call.kind.name, d, call.path, f"{call.kind.name} '{call.path}'")
+
+
+def follow_input(call: LayerCall) -> bool:
+    """Make the options of functional layer `call` that restate its input's trailing sizes
+    read them from the input (`F.layer_norm(x, x.shape[-1:], ...)`), so the layer runs on a
+    cut or grown input. Returns whether it changed the graph."""
+    changed = False
+    if not call.functional:
+        return changed
+    graph = call.node.graph
+    for name in call.kind.follows_input:
+        value = call.options.get(name)
+        if isinstance(value, fx.Node):
+            continue
+        with graph.inserting_before(call.node):
+            shape = graph.call_function(getattr, (call.x, "shape"))
+            trailing = graph.call_function(operator.getitem, (shape, slice(-normalized_dims(value), None)))
+        call.set_option(name, trailing)
+        changed = True
+    return changed
 
 
 def _load(m: nn.Module, tensors: dict[str, torch.Tensor | None]) -> nn.Module:
@@ -296,8 +346,9 @@ def _conv_refuse(m: nn.Module) -> str | None:
     return None
 
 
-def _depthwise(call: LayerCall) -> dict[str, tuple[str, int]]:
-    """A depthwise conv cut or widened to k channels is a conv with k groups."""
+def _grouped(call: LayerCall) -> dict[str, tuple[str, int]]:
+    """A grouped conv moves in whole groups: cut or widened to k of its G groups (k output
+    channels of a depthwise one), it is a conv with k groups."""
     groups = call.options.get("groups", 1)
     return {"groups": ("weight", 0)} if isinstance(groups, int) and groups > 1 else {}
 
@@ -306,8 +357,8 @@ def _resize_conv(m: nn.Module, shapes: Shapes) -> None:
     w = shapes.get("weight")
     if w is None:
         return
-    if m.groups > 1 and m.groups == m.in_channels == m.out_channels:  # depthwise
-        m.groups = w[0]
+    if m.groups > 1:  # whole groups came or went: each keeps its width
+        m.groups = w[0] // (m.out_channels // m.groups)
     m.out_channels, m.in_channels = w[0], w[1] * m.groups
 
 
@@ -329,9 +380,15 @@ def _resize_channel_norm(m: nn.Module, shapes: Shapes) -> None:
 def _resize_group_norm(m: nn.Module, shapes: Shapes) -> None:
     ref = _first(shapes, "weight")
     if ref is not None:
-        if m.num_groups == m.num_channels:
-            m.num_groups = ref[0]
+        if m.num_groups > 1:  # whole groups came or went: each keeps its width
+            m.num_groups = ref[0] // (m.num_channels // m.num_groups)
         m.num_channels = ref[0]
+
+
+def _group_norm_groups(call: LayerCall) -> dict[str, tuple[str, int]]:
+    """A GroupNorm moves in whole groups: cut or widened to k of them, it has k groups."""
+    groups = call.options.get("num_groups", 1)
+    return {"num_groups": ("weight", 0)} if isinstance(groups, int) and groups > 1 else {}
 
 
 def _resize_layer_norm(m: nn.Module, shapes: Shapes) -> None:
@@ -469,6 +526,16 @@ def _resize_mha(m: nn.Module, shapes: Shapes) -> None:
                           "its heads are neither sliced nor grown")
 
 
+def _sliced_rms_norm(m, state, layout, per_width=False):
+    from .nn.slicing import SlicedRMSNorm
+    return SlicedRMSNorm(m, state, layout)
+
+
+def _sliced_group_norm(m, state, layout, per_width=False):
+    from .nn.slicing import SlicedGroupNorm
+    return SlicedGroupNorm(m, state, layout)
+
+
 _NORM_FILLS = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 _CONV_SIGNATURE = ("weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -476,6 +543,12 @@ _BN_SIGNATURE = ("running_mean", "running_var", "weight", "bias", "training", "m
 _CONV_TRANSPOSE_SIGNATURE = ("weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _CONV_TRANSPOSE_DEFAULTS = {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
 _EMBEDDING_SIGNATURE = ("weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+
+_RMS_NORM = (LayerKind("rms_norm", (nn.RMSNorm,), F.rms_norm, ("normalized_shape", "weight", "eps"), ("weight",),
+                       _couple_layer_norm, options=lambda m: {"normalized_shape": m.normalized_shape},
+                       resize=_resize_layer_norm, fills=_NORM_FILLS, sliced=_sliced_rms_norm,
+                       sliceable=lambda m: len(m.normalized_shape) == 1, follows_input=("normalized_shape",)),
+             ) if hasattr(nn, "RMSNorm") else ()  # torch >= 2.4
 
 for _kind in (
     LayerKind("embedding", (nn.Embedding,), F.embedding, _EMBEDDING_SIGNATURE, ("weight",), _couple_embedding,
@@ -493,13 +566,16 @@ for _kind in (
                 fills={"bias": 0.0})
       for d, cls, fn in ((3, nn.ConvTranspose3d, F.conv_transpose3d), (2, nn.ConvTranspose2d, F.conv_transpose2d),
                          (1, nn.ConvTranspose1d, F.conv_transpose1d))),
+    *_RMS_NORM,
     LayerKind("layer_norm", (nn.LayerNorm,), F.layer_norm, ("normalized_shape", "weight", "bias", "eps"),
               ("weight", "bias"), _couple_layer_norm, options=lambda m: {"normalized_shape": m.normalized_shape},
               resize=_resize_layer_norm, fills=_NORM_FILLS, sliced=_sliced_layer_norm,
-              sliceable=lambda m: type(m) is nn.LayerNorm and len(m.normalized_shape) == 1),  # the last dim only
+              sliceable=lambda m: type(m) is nn.LayerNorm and len(m.normalized_shape) == 1,  # the last dim only
+              follows_input=("normalized_shape",)),
     LayerKind("group_norm", (nn.GroupNorm,), F.group_norm, ("num_groups", "weight", "bias", "eps"),
               ("weight", "bias"), _couple_group_norm, options=lambda m: {"num_groups": m.num_groups},
-              resize=_resize_group_norm, fills=_NORM_FILLS),
+              channel_options=_group_norm_groups, resize=_resize_group_norm, fills=_NORM_FILLS,
+              sliced=_sliced_group_norm),
     LayerKind("instance_norm", (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), F.instance_norm,
               _BN_SIGNATURE, _NORM_ROLES[2:] + _NORM_ROLES[:2], _couple_channel_norm,
               resize=_resize_channel_norm, fills=_NORM_FILLS, channelwise=True),
@@ -511,12 +587,37 @@ for _kind in (
               sliceable=lambda m: type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)),
     *(LayerKind(f"conv{d}d", (cls,), fn, _CONV_SIGNATURE, ("weight", "bias"), _couple_conv, _CONV_DEFAULTS,
                 _conv_options, targetable=True, refuse=_conv_refuse, rebuild=_rebuild_conv(cls),
-                channel_options=_depthwise, resize=_resize_conv, fills={"bias": 0.0})
+                channel_options=_grouped, resize=_resize_conv, fills={"bias": 0.0})
       for d, cls, fn in ((3, nn.Conv3d, F.conv3d), (2, nn.Conv2d, F.conv2d), (1, nn.Conv1d, F.conv1d))),
     LayerKind("linear", (nn.Linear,), F.linear, ("weight", "bias"), ("weight", "bias"), _couple_linear,
               targetable=True, rebuild=_rebuild_linear, resize=_resize_linear, fills={"bias": 0.0}),
 ):
     register_layer_kind(_kind)
+
+
+# --- timm's norms with a built-in activation, once timm is loaded (fxgrow never imports it) ---
+
+_TIMM_KINDS: list[LayerKind] = []
+
+
+def _sliced_batch_norm_act(m, state, layout, per_width=False):
+    from .nn.slicing import SlicedBatchNormAct
+    return SlicedBatchNormAct(m, state, layout, per_width)
+
+
+def _register_timm_kinds() -> None:
+    """timm's BatchNormAct2d is a BatchNorm2d whose forward goes on through its `drop` and `act`
+    modules, and reads `self.training`: a leaf of its own kind, channel-wise like BatchNorm
+    (its activation acts on each channel alone), sliced into a twin that keeps the activation."""
+    norm_act = sys.modules.get("timm.layers.norm_act")
+    if norm_act is None:
+        return
+    classes = tuple(c for c in (getattr(norm_act, "BatchNormAct2d", None), getattr(norm_act, "SyncBatchNormAct", None))
+                    if c is not None)
+    _TIMM_KINDS.append(register_layer_kind(LayerKind(
+        "batch_norm_act", classes, None, _BN_SIGNATURE, _NORM_ROLES[2:] + _NORM_ROLES[:2], _couple_channel_norm,
+        resize=_resize_channel_norm, fills=_NORM_FILLS, channelwise=True, sliced=_sliced_batch_norm_act,
+        sliceable=lambda m: isinstance(m, nn.BatchNorm2d))))
 
 
 def fill_value(owner: nn.Module | None, param: str) -> float | None:

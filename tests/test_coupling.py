@@ -143,15 +143,18 @@ class DepthwiseSeparable(nn.Module):
 
 
 @pytest.mark.parametrize("functional", [False, True], ids=["plain", "functional"])
-def test_depthwise_couples_its_input_and_output_and_grouped_conv_is_fixed(functional):
-    grouped = "grouped conv grouped (groups=3)"
+def test_depthwise_couples_its_input_and_output_and_a_grouped_conv_moves_whole_groups(functional):
     assert summary(DepthwiseSeparable(), torch.randn(2, 3, 8, 8), functional) == [
         (3, [U("stem", "weight", 1)], [], "model input"),
         # depthwise: its weight dim 0 and bias follow the stem's channels; not a producer
         (6, [U("stem", "weight", 0), *bn("bn0"), U("dw", "weight", 0), U("dw", "bias", 0), *bn("bn1"),
              U("pw", "weight", 1)], ["stem"], ""),
-        (12, [U("pw", "weight", 0), *bn("bn2")], ["pw"], grouped),
-        (12, [U("grouped", "weight", 0), U("head", "weight", 1)], ["grouped"], grouped),
+        # groups=3: input group g feeds output group g only, so pw's outputs and the grouped
+        # conv's outputs are one group of 3 units of 4 channels each (its weight dim 1, the
+        # channels within a group, is no use)
+        (3, [U("pw", "weight", 0, 0, 4), *[U("bn2", p, 0, 0, 4) for p in ("weight", "bias", "running_mean",
+                                                                          "running_var")],
+             U("grouped", "weight", 0, 0, 4), U("head", "weight", 1, 0, 4)], ["pw", "grouped"], ""),
         (5, [U("head", "weight", 0), U("head", "bias", 0)], ["head"], "model output"),
     ]
 
@@ -221,19 +224,26 @@ def test_flatten_into_linear_repeats_each_channel_over_the_spatial_positions(how
 class Unflatten(nn.Module):
     """A flatten undone by a view: the channels are conv channels again."""
 
-    def __init__(self):
+    def __init__(self, literal: bool = False):
         super().__init__()
+        self.literal = literal
         self.c1 = nn.Conv2d(1, 2, 3, padding=1)
         self.c2 = nn.Conv2d(2, 3, 1)
 
     def forward(self, x):
         y = self.c1(x).flatten(1)
-        return self.c2(y.view(-1, 2, 4, 4))
+        return self.c2(y.view(-1, 2, 4, 4) if self.literal else y.view(y.size(0), -1, 4, 4))
 
 
 def test_view_that_undoes_a_flatten_keeps_the_group():
     assert summary(Unflatten(), torch.randn(2, 1, 4, 4))[1] == (
         2, [U("c1", "weight", 0), U("c1", "bias", 0), U("c2", "weight", 1)], ["c1"], "")
+
+
+def test_a_view_that_hard_codes_the_channel_count_fixes_the_group():
+    """view(-1, 2, 4, 4) with c1 cut to one channel would fold the batch into itself."""
+    assert summary(Unflatten(literal=True), torch.randn(2, 1, 4, 4))[1] == (
+        2, [U("c1", "weight", 0), U("c1", "bias", 0), U("c2", "weight", 1)], ["c1"], "view hard-codes a size of 2")
 
 
 class TokensFlattened(nn.Module):

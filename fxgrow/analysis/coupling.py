@@ -15,8 +15,18 @@ Every parameter slice is a node ("param", layer, param, dim, offset, repeat) tie
 block it indexes. A connected component holding parameter slices is a `ChannelGroup`.
 
 Anything the analysis cannot follow exactly marks the touched blocks fixed with a reason
-(unknown op, grouped conv, a reshape that splits channels, ...): a fixed group is never
-grown, pruned or sliced, which is always safe, where a wrong coupling would not be.
+(unknown op, a reshape that splits channels or hard-codes their count, ...): a fixed group
+is never grown, pruned or sliced, which is always safe, where a wrong coupling would not be.
+
+Two refinements keep groups free that would otherwise be fixed or wrongly treated:
+- *Whole conv groups*: a grouped conv (G groups) maps input group g to output group g, so
+  its input and output channels move in whole groups: one `ChannelGroup` whose "channel" is
+  a unit of C/G consecutive channels on each side (`ChannelUse.repeat`); a GroupNorm with G
+  groups asks the same of its channels. Units are the largest blocks every such op divides.
+- *Normalizers*: ops that compute statistics across a group's channels (LayerNorm, RMSNorm,
+  GroupNorm(1), a softmax or a hand-written mean over them, a matmul contracting them) are
+  listed on the group (`ChannelGroup.normalizers`). Slicing keeps them (they then normalize
+  over the kept channels); filter pruning must mask them or refuse.
 
 Layers (ops with parameters) follow their kind's rule in `fxgrow.layers`; every other op
 follows the rule registered for its function, method name or module class
@@ -27,7 +37,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import torch
@@ -56,17 +66,33 @@ class ChannelUse:
         return (self.offset + channels * self.repeat + torch.arange(self.repeat)).reshape(-1)
 
 
+@dataclass(frozen=True, order=True)
+class Normalizer:
+    """An op computing statistics across a group's channels: channel c of the group is the
+    indices `offset + c * repeat + r` of dim `dim` of the op's input `node`."""
+
+    node: str  # the graph node
+    kind: str  # "layer_norm" | "rms_norm" | "group_norm" (the layer kind) | "reduce" | "contract"
+    layer: str  # its module path ("" for a hand-written op)
+    op: str  # what it is, for messages
+    dim: int
+    offset: int = 0
+    repeat: int = 1
+
+
 @dataclass
 class ChannelGroup:
     """Channels that must be grown, pruned or sliced together: channel c means the same
-    thing in every use. Groups come in graph order; `fixed` ones must be left alone."""
+    thing in every use. Groups come in graph order; `fixed` ones must be left alone. A
+    "channel" is a unit of `repeat` indices in each use: one channel, or a whole conv group."""
 
     id: int
-    size: int  # number of channels C
+    size: int  # number of channels (units) C
     uses: list[ChannelUse]  # every parameter slice that must move together
     producers: list[str]  # layers whose OUTPUT channels define this group
     fixed: bool  # True: never grow/slice/prune
     reason: str = ""  # why fixed
+    normalizers: list[Normalizer] = field(default_factory=list)  # ops with statistics across the channels
 
 
 @dataclass(frozen=True)
@@ -108,13 +134,14 @@ _POINTWISE_FUNCTIONS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.maximum,
     torch.minimum, torch.where, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs,
-    torch.sqrt, torch.rsqrt, torch.square, torch.erf, torch.clamp, torch.softmax,
-    torch.log_softmax,
+    torch.sqrt, torch.rsqrt, torch.square, torch.erf, torch.clamp,
     F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh,
-    F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.sigmoid, F.tanh, F.softmax,
-    F.log_softmax, F.normalize, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-    F.alpha_dropout,
+    F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.sigmoid, F.tanh,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
 }
+# Elementwise in shape, but each output reads every entry along `dim`: normalizers.
+_ALONG_DIM_FUNCTIONS = {torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, F.normalize}
+_ALONG_DIM_METHODS = {"softmax", "log_softmax"}
 # Named so the analysis does not import torchvision: stochastic depth scales whole samples.
 _POINTWISE_BY_NAME = {"torchvision.ops.stochastic_depth.stochastic_depth"}
 # Modules (by class, base classes too) that scale whole samples: mode-aware tracing keeps
@@ -127,14 +154,14 @@ _POINTWISE_METHODS_ALL_ARGS = {
 # Only `self` carries data: `x.to(y)`, `x.expand_as(y)` take just a dtype or shape from y.
 _POINTWISE_METHODS_SELF = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "sqrt", "rsqrt",
-    "neg", "square", "erf", "clamp", "clamp_", "softmax", "log_softmax", "contiguous",
+    "neg", "square", "erf", "clamp", "clamp_", "contiguous",
     "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as",
     "expand", "expand_as",
 }
 _POINTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-    nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softmax,
-    nn.LogSoftmax, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.AlphaDropout,
 )
 # op -> how many trailing (spatial) dims it changes; the leading dims pass through.
@@ -150,8 +177,8 @@ _SPATIAL_MODULES = (
 )
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
-_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
-_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin", "var", "std"}
 _JOIN_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
 _MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
 
@@ -177,6 +204,13 @@ def _describe(node: Node, gm: GraphModule) -> str:
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     return getattr(node.target, "__name__", str(node.target))
+
+
+def _describe_in(node: Node, gm: GraphModule) -> str:
+    """`node` and the module whose forward computed it: "Tensor.mean (mean_1) in 'blocks.0.norm'"."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()))[0] if stack else ""
+    return f"{_describe(node, gm)} ({node.name})" + (f" in '{path}'" if path else "")
 
 
 def _qualified_name(target) -> str:
@@ -286,6 +320,28 @@ class Coupling:
     def shape(self, node: Node) -> tuple[int, ...]:
         return tuple(_tensor_meta(node).shape)
 
+    def normalizes(self, layout: Layout, node: Node, kind: str, dim: int, layer: str = "", op: str = "") -> None:
+        """`node` computes statistics across the channels of `layout` (dim `dim` of its input)."""
+        offset = 0
+        for seg in layout:
+            key = ("norm", node.name, dim, offset)
+            self._add(key, kind="norm", norm=Normalizer(node.name, kind, layer, op or _describe_in(node, self.gm), dim,
+                                                        offset, seg.repeat), label=f"{node.name}[{dim}]@{offset}")
+            self.graph.add_edge(key, seg.atom, op=node.name)
+            offset += seg.size * seg.repeat
+
+    def whole_groups(self, a: Layout, b: Layout | None, groups: int, node: Node, what: str) -> None:
+        """The channels of `a` (and of `b`, which `node` maps group to group) move in whole
+        groups of `groups` equal parts: a grouped conv's input and output, a GroupNorm's."""
+        layouts = [a] if b is None else [a, b]
+        if any(len(lay) != 1 or lay[0].repeat != 1 for lay in layouts):
+            self.fix(layouts, f"{what} over concatenated or flattened channels")
+            return
+        for lay in layouts:
+            self.graph.nodes[lay[0].atom].setdefault("groups", []).append((groups, what))
+        if b is not None:
+            self.graph.add_edge(a[0].atom, b[0].atom, op=node.name, groups=groups)
+
     def produces(self, layout: Layout, path: str) -> None:
         """Layer `path`'s outputs define these channels (the group names it as a producer)."""
         self.graph.nodes[layout[0].atom]["producer"] = path
@@ -390,6 +446,19 @@ class Coupling:
         out = self.output(node, {d: [xin[d]] for d in range(len(xin)) if d not in padded})
         self.fix([out[d] for d in padded], reason)
 
+    def _sizes(self, node: Node, out: tuple[Layout, ...], sizes: list | None) -> None:
+        """The sizes a reshape or expand was asked for, per output dim: a size read from another
+        tensor (`x.shape[1]`, `x.size(1)`) couples that tensor's dim; a literal channel count
+        cannot follow a resized group, so its channels are fixed."""
+        if sizes is None or len(sizes) != len(out):
+            return
+        for d, size in enumerate(sizes):
+            source = _size_source(size)
+            if source is not None and source[0] in self.layouts and source[1] < len(self.layouts[source[0]]):
+                self._unify(out[d], self.layouts[source[0]][source[1]], node)
+            elif isinstance(size, int) and size > 1:
+                self.fix([out[d]], f"{node.name} hard-codes a size of {size}")
+
     def _reshape(self, node: Node) -> bool | None:
         x = node.args[0]
         if x not in self.layouts:
@@ -417,6 +486,7 @@ class Coupling:
                     fixed_out += outs
         out = self.output(node, coupled)
         self.fix([out[d] for d in fixed_out], f"reshape {node.name} splits channels")
+        self._sizes(node, out, _requested_sizes(node))
 
     def _permute(self, node: Node) -> bool | None:
         xin = self.layouts.get(node.args[0])
@@ -436,15 +506,35 @@ class Coupling:
 
     def _reduce(self, node: Node) -> bool | None:
         xin = self.layouts.get(node.args[0])
-        dim, keepdim = argument(node, 1, "dim"), argument(node, 2, "keepdim", False)
+        dim = argument(node, 1, "dim")
         if xin is None or not isinstance(dim, (int, list, tuple, type(None))):
             return False
+        reduced = set(range(len(xin))) if dim is None else set(_dims(dim, len(xin)))
+        for d in sorted(reduced):
+            self.normalizes(xin[d], node, "reduce", d)
         if dim is None:
             self.output(node, {})  # a full reduction keeps no dim
             return None
-        reduced = set(_dims(dim, len(xin)))
+        keepdim = len(_tensor_meta(node).shape) == len(xin)  # read from the shapes: var's arguments differ
         kept = [d for d in range(len(xin)) if keepdim or d not in reduced]
         self.output(node, {o: [xin[d]] for o, d in enumerate(kept) if d not in reduced})
+
+    def _along_dim(self, node: Node) -> bool | None:
+        """softmax / log_softmax / normalize: elementwise in shape, statistics along `dim`."""
+        xin = self.layouts.get(node.args[0])
+        if xin is None:
+            return False
+        if node.op == "call_module":
+            dim = getattr(self.gm.get_submodule(node.target), "dim", None)
+        else:
+            default = 1 if node.target is F.normalize else None
+            dim = argument(node, 2 if node.target is F.normalize else 1, "dim", default)
+        if dim is None:  # softmax's legacy implicit dim
+            dim = 0 if len(xin) in (0, 1, 3) else 1
+        if not isinstance(dim, int):
+            return False
+        self.normalizes(xin[dim % len(xin)], node, "reduce", dim % len(xin))
+        return self._pointwise(node, first_only=True)
 
     def _join(self, node: Node) -> bool | None:
         """`cat` puts the inputs' blocks side by side along `dim`; `stack` adds a new dim."""
@@ -466,6 +556,7 @@ class Coupling:
             return False
         a, b = (self.layouts[n] for n in operands)
         self._unify(a[-1], b[-2], node)  # the contracted dim: same channels on both sides
+        self.normalizes(a[-1], node, "contract", len(a) - 1)
         shape = _tensor_meta(node).shape
         ndim = len(shape)
         coupled = {ndim - 2: [a[-2]], ndim - 1: [b[-1]]}
@@ -514,13 +605,35 @@ class Coupling:
 
     # --- after the walk ---
     def check(self) -> None:
-        """Mark fixed what the walk got inconsistent: blocks of different sizes in one
-        component, or parameter slices that overlap or leave gaps along a dim."""
-        for component in nx.connected_components(self.graph):
-            atoms = sorted((k for k in component if k[0] == "tensor"), key=lambda k: self.graph.nodes[k]["order"])
+        """Mark fixed what the walk got inconsistent: blocks of different sizes holding the
+        same channels, or parameter slices that overlap or leave gaps along a dim. Give every
+        block its `unit` (channels that move as one: 1, or whole conv groups)."""
+        same = nx.Graph()  # "same channels" edges only: a grouped conv's edge maps groups, not channels
+        same.add_nodes_from(self.graph)
+        same.add_edges_from((a, b) for a, b, data in self.graph.edges(data=True) if "groups" not in data)
+        subs = [sorted((k for k in c if k[0] == "tensor"), key=lambda k: self.graph.nodes[k]["order"])
+                for c in nx.connected_components(same)]
+        subs = [atoms for atoms in subs if atoms]
+        counts, sub_of = [], {}
+        for i, atoms in enumerate(subs):
             sizes = sorted({self.graph.nodes[k]["size"] for k in atoms})
             if len(sizes) > 1:
                 self._fix_atoms(atoms[:1], f"inconsistent channel counts {sizes}")
+            parts = [g for k in atoms for g, _ in self.graph.nodes[k].get("groups", [])]
+            counts.append(math.gcd(*sizes, *parts))
+            sub_of.update((k, i) for k in atoms)
+        links = [(sub_of[a], sub_of[b]) for a, b, data in self.graph.edges(data=True) if "groups" in data]
+        changed = True
+        while changed:  # a grouped conv's input and output hold the same number of units
+            changed = False
+            for a, b in links:
+                n = math.gcd(counts[a], counts[b])
+                if (counts[a], counts[b]) != (n, n):
+                    counts[a] = counts[b] = n
+                    changed = True
+        for i, atoms in enumerate(subs):
+            for k in atoms:
+                self.graph.nodes[k]["unit"] = max(1, self.graph.nodes[k]["size"] // max(counts[i], 1))
         spans: dict[tuple[str, str, int], list[tuple[int, int, tuple]]] = {}
         for key, data in self.graph.nodes(data=True):
             if data["kind"] == "param":
@@ -574,7 +687,43 @@ def _resample(c: Coupling, node: Node) -> bool | None:  # interpolate/upsample: 
 
 
 def _pointwise_self(c: Coupling, node: Node) -> bool | None:
-    return c._pointwise(node, first_only=True)
+    if c._pointwise(node, first_only=True) is False:
+        return False
+    if node.op == "call_method" and node.target == "expand":
+        c._sizes(node, c.layouts[node], _requested_sizes(node))
+    return None
+
+
+def _requested_sizes(node: Node) -> list | None:
+    """The sizes a view/reshape/expand call asks for (None for flatten and friends)."""
+    if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
+        sizes = list(node.args[1:])
+    elif node.op == "call_function" and node.target is torch.reshape:
+        sizes = argument(node, 1, "shape")
+    else:
+        return None
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = list(sizes[0])
+    return list(sizes) if isinstance(sizes, (list, tuple)) else None
+
+
+def _size_source(size) -> tuple[Node, int] | None:
+    """(tensor, dim) when `size` is read from a tensor's shape: `x.shape[d]`, `x.size(d)`,
+    `x.size()[d]`."""
+    if not isinstance(size, Node) or size.op not in ("call_function", "call_method"):
+        return None
+    tensor, dim = None, None
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2 and isinstance(size.args[1], int):
+        tensor, dim = size.args
+    elif size.op == "call_function" and size.target is operator.getitem and isinstance(size.args[1], int):
+        shape = size.args[0]
+        if isinstance(shape, Node) and ((shape.op == "call_function" and shape.target is getattr
+                                         and shape.args[1] == "shape")
+                                        or (shape.op == "call_method" and shape.target == "size"
+                                            and len(shape.args) == 1)):
+            tensor, dim = shape.args[0], size.args[1]
+    meta = _tensor_meta(tensor)
+    return (tensor, dim % len(meta.shape)) if meta is not None and meta.shape else None
 
 
 for _targets, _rule_fn in (
@@ -587,6 +736,7 @@ for _targets, _rule_fn in (
     ({"permute", "transpose", "swapaxes", "t", torch.permute, torch.transpose, torch.swapaxes, torch.t},
      Coupling._permute),
     (_REDUCE_FUNCTIONS | _REDUCE_METHODS, Coupling._reduce),
+    (_ALONG_DIM_FUNCTIONS | _ALONG_DIM_METHODS | {nn.Softmax, nn.LogSoftmax}, Coupling._along_dim),
     (_JOIN_FUNCTIONS, Coupling._join),
     (_MATMUL_FUNCTIONS | {"matmul", "bmm", "mm"}, Coupling._matmul),
     ({operator.getitem}, Coupling._getitem),
@@ -599,6 +749,35 @@ for _cls, _k in _SPATIAL_MODULES:
     register_coupling_rule(_cls, _spatial(_k))
 
 _MAX_REASONS = 3
+
+
+# Functional layers whose parameters may be cut or masked where they are read: norms without
+# running statistics (a cut running mean would be a copy the in-place update never reaches).
+READ_BY_NORMS = {"layer_norm", "rms_norm", "group_norm"}
+
+
+def param_key(layer: str, param: str) -> str:
+    """"owner.param", or "param" for a parameter of the model itself (a ViT's cls_token)."""
+    return f"{layer}.{param}" if layer else param
+
+
+def parameter_reads(gm: GraphModule) -> dict[str, str]:
+    """Parameters and buffers the graph reads with get_attr outside weight chains (the model's
+    own cls_token, a layer scale, a functional norm's weight), each with why it cannot be cut
+    or masked where it is read, "" when it can: it feeds ops without parameters, or a norm
+    without running statistics."""
+    heads = {n for n in gm.graph.nodes if (n.meta.get("fxgrow") or {}).get("role") == "param"}
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node in heads:
+            continue
+        why = ""
+        for user in node.users:
+            call = layer_call(user, gm)
+            if call is not None and node in call.operands.values() and call.kind.name not in READ_BY_NORMS:
+                why = f"{node.target} is read by {call.kind.name} '{call.path}', which is not a targeted layer"
+        found[node.target] = found.get(node.target) or why
+    return found
 
 
 def coupling_graph(gm: GraphModule) -> nx.Graph:
@@ -634,12 +813,18 @@ def channel_groups(gm: GraphModule) -> list[ChannelGroup]:
             reasons = ["no producing layer"]  # a spatial or token dim, not channels
         if len(reasons) > _MAX_REASONS:
             reasons = reasons[:_MAX_REASONS] + [f"and {len(reasons) - _MAX_REASONS} more"]
+
+        def unit(key: tuple) -> int:  # a use's unit: its block's (whole conv groups, or 1)
+            return graph.nodes[next(iter(graph.neighbors(key)))]["unit"]
         groups.append(ChannelGroup(
             id=len(groups),
-            size=atoms[0]["size"],
-            uses=[graph.nodes[k]["use"] for k in component if k[0] == "param"],
+            size=atoms[0]["size"] // atoms[0]["unit"],
+            uses=[replace(graph.nodes[k]["use"], repeat=graph.nodes[k]["use"].repeat * unit(k))
+                  for k in component if k[0] == "param"],
             producers=producers,
             fixed=bool(reasons),
             reason="; ".join(reasons),
+            normalizers=[replace(graph.nodes[k]["norm"], repeat=graph.nodes[k]["norm"].repeat * unit(k))
+                         for k in component if k[0] == "norm"],
         ))
     return groups

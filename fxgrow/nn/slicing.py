@@ -6,12 +6,14 @@
 - `SliceProducer` (chain rank 30, last): cuts a weight or bias to the active channels of
   the coupled groups of each of its dims. A prefix is a `narrow` view, anything else an
   `index_select`: the sub-model runs physically smaller tensors, never masks.
-- `SlicedBatchNorm` / `SlicedLayerNorm`: the norm layer at its original path (same state
-  keys), normalizing the active channels with sliced affine parameters and statistics;
-  `per_width` keeps separate running statistics for each narrower width.
+- `SlicedBatchNorm` / `SlicedLayerNorm` / `SlicedRMSNorm` / `SlicedGroupNorm` /
+  `SlicedBatchNormAct`: the norm layer at its original path (same state keys), normalizing
+  the active channels with sliced affine parameters and statistics (a layer norm's mean and
+  variance are then those of the kept channels); `per_width` keeps separate running
+  statistics for each narrower width.
 - `DepthGate`: brackets a skippable residual block y = x + f(x). Off, the block runs on an
   empty batch (no FLOPs, no autograd graph) and hands on x unchanged.
-- `ConvGroups`: the `groups` of a sliced depthwise conv.
+- `ConvGroups`: the `groups` of a sliced grouped conv (or GroupNorm): whole groups are kept.
 """
 from __future__ import annotations
 
@@ -176,13 +178,16 @@ class SliceProducer(Producer, _Sliced):
 
 
 class ConvGroups(nn.Module):
-    """The `groups` argument of a depthwise conv whose channels are sliced: a depthwise conv
-    cut to k channels is a conv with k groups. Called with no input; returns an int."""
+    """The `groups` argument of a grouped conv (or GroupNorm) whose channels are sliced in
+    whole groups: cut to k of its `groups` groups it is a conv with k groups (a depthwise
+    conv cut to k channels has k). Called with no input; returns an int."""
 
-    def __init__(self, state: SubnetState, layout: DimLayout):
+    def __init__(self, state: SubnetState, layout: DimLayout, groups: int):
         super().__init__()
         self.state = state
-        self.by_width = tuple(len(layout.kept(state.active_sizes(i), state.full)) for i in range(state.num_widths))
+        per = layout.size // groups  # channels per group
+        self.by_width = tuple(len(layout.kept(state.active_sizes(i), state.full)) // per
+                              for i in range(state.num_widths))
 
     def forward(self) -> int:
         return self.by_width[self.state.width_index]
@@ -321,6 +326,79 @@ class SlicedLayerNorm(nn.LayerNorm, _Sliced):
         size = (weight if weight is not None else self._cut(torch.empty(self.normalized_shape))).shape[0]
         return self._plain(nn.LayerNorm(size, self.eps, self.elementwise_affine, bias=self.bias is not None),
                            {"weight": weight, "bias": bias})
+
+
+class SlicedRMSNorm(nn.RMSNorm, _Sliced):
+    """RMSNorm over the active features of its last dim (the root mean square over them)."""
+
+    def __init__(self, rms: nn.RMSNorm, state: SubnetState, layout: DimLayout):
+        if len(rms.normalized_shape) != 1:
+            raise ValueError("only RMSNorm over the last dim can be sliced")
+        super().__init__(rms.normalized_shape, rms.eps, rms.elementwise_affine, device=_device_of(rms),
+                         dtype=_dtype_of(rms))
+        self.load_state_dict(rms.state_dict())
+        self.train(rms.training)
+        self._build_cuts(state, [layout])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._cut(self.weight) if self.weight is not None else None
+        return F.rms_norm(x, x.shape[-1:], weight, self.eps)
+
+    def plain(self) -> nn.Module:
+        """The plain RMSNorm of the active width."""
+        weight = self._copy_cut(self.weight)
+        size = (weight if weight is not None else self._cut(torch.empty(self.normalized_shape))).shape[0]
+        return self._plain(nn.RMSNorm(size, self.eps, self.elementwise_affine), {"weight": weight})
+
+
+class SlicedGroupNorm(nn.GroupNorm, _Sliced):
+    """GroupNorm over the active channels: one group (statistics over every kept channel), or
+    the kept whole groups (each group's statistics unchanged)."""
+
+    def __init__(self, gn: nn.GroupNorm, state: SubnetState, layout: DimLayout):
+        super().__init__(gn.num_groups, gn.num_channels, gn.eps, gn.affine, device=_device_of(gn),
+                         dtype=_dtype_of(gn))
+        self.load_state_dict(gn.state_dict())
+        self.train(gn.training)
+        self._build_cuts(state, [layout])
+
+    def _groups(self, channels: int) -> int:
+        return 1 if self.num_groups == 1 else channels // (self.num_channels // self.num_groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._cut(self.weight) if self.weight is not None else None
+        bias = self._cut(self.bias) if self.bias is not None else None
+        return F.group_norm(x, self._groups(x.shape[1]), weight, bias, self.eps)
+
+    def plain(self) -> nn.Module:
+        """The plain GroupNorm of the active width."""
+        weight, bias = self._copy_cut(self.weight), self._copy_cut(self.bias)
+        size = (weight if weight is not None else self._cut(torch.empty(self.num_channels))).shape[0]
+        return self._plain(nn.GroupNorm(self._groups(size), size, self.eps, self.affine),
+                           {"weight": weight, "bias": bias})
+
+
+class SlicedBatchNormAct(SlicedBatchNorm2d):
+    """timm's BatchNormAct2d (a BatchNorm2d whose forward goes on through its `drop` and `act`
+    modules) over the active channels; `plain()` is a BatchNormAct2d again."""
+
+    def __init__(self, bn: nn.BatchNorm2d, state: SubnetState, layout: DimLayout, per_width: bool = False):
+        super().__init__(bn, state, layout, per_width)
+        self.drop, self.act = bn.drop, bn.act
+        self._kind = type(bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+    def plain(self) -> nn.Module:
+        bn = super().plain()
+        out = self._kind(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, apply_act=False)
+        out.load_state_dict(bn.state_dict())
+        out.drop, out.act = self.drop, self.act
+        return out.to(next(iter(bn.state_dict().values())).device).train(self.training)
+
+
+SLICED_NORMS = (SlicedBatchNorm, SlicedLayerNorm, SlicedRMSNorm, SlicedGroupNorm)  # each has `plain()`
 
 
 class DepthGate(nn.Module):

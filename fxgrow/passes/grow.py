@@ -23,7 +23,7 @@ from ..specs.base import At, PassSpec, resolve_time, time_type
 from ..train.callbacks import Callback, ModelChange, TrainContext
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
-from .grow_model import Grown, check_growable, grow_model, load_source, surviving_params
+from .grow_model import Grown, check_growable, check_growth_runs, grow_model, load_source, surviving_params
 
 MIXING = "template_mixing"  # growth widens template-mixed layers (MixtureGrowth)
 
@@ -207,6 +207,8 @@ class GrowPass(Pass):
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         if not any(p.kind == MIXING for p in ctx.applied):
             raise FxgrowError(f"grow needs a {MIXING} pass before it in `passes`")
+        if ctx.example_input is not None:  # what would fail at the growth step fails here (and in --dry-run)
+            check_growth_runs(gm, ctx.example_input, self.spec.factor)
 
     def match(self, gm: fx.GraphModule, ctx: PassContext) -> list[Match]:
         """The template-mixed layers (their channel groups are known only with shapes)."""

@@ -26,11 +26,13 @@ import torch
 from torch import fx, nn
 
 from ..analysis import channel_groups, propagate_shapes
+from ..analysis.coupling import param_key
 from ..errors import FxgrowError
-from ..fold import reverse_passes
+from ..fold import fold, reverse_passes
 from ..growth import Channels, Growth
-from ..ir import chain_shape, is_layer, layer_types, meta, replace_submodule, replace_tensor, weight_chains
-from ..layers import fill_value, kind_of, layer_call
+from ..ir import (chain_shape, fetch_attr, is_layer, layer_types, meta, replace_submodule, replace_tensor,
+                  weight_chains)
+from ..layers import fill_value, follow_input, kind_of, layer_call
 from .base import Pass, Pipeline
 
 
@@ -48,6 +50,57 @@ def check_growable(gm: nn.Module, carried: Sequence[str] = ()) -> None:
             why = "" if meta(node).get("pass") in carried else producer.growth_refusal()
             if why:
                 raise FxgrowError(f"grow cannot widen '{key}': {why}")
+
+
+@torch.no_grad()
+def check_growth_runs(gm: fx.GraphModule, example: torch.Tensor, factor: int) -> None:
+    """Refuse, before training, a model whose grown copy would not run: every free channel
+    group of the folded model widened `factor` times (tensors repeated, counted options and
+    norm shapes following), shapes propagated. What fails here would otherwise fail at the
+    growth step, after training started. With template mixing applied, every layer whose
+    channels grow must be mixed."""
+    plain = fold(gm)
+    out_before, groups, growing = _growing_groups(plain, example)
+    channels = Channels(groups)
+    if any(meta(n).get("pass") == "template_mixing" for n in gm.graph.nodes):
+        mixed = {c.layer for c in weight_chains(gm).values()
+                 if any(meta(p).get("pass") == "template_mixing" for p in c.producers)}
+        for layer in layer_types(plain):
+            if layer not in mixed and any(channels.grows(layer, "weight", d) for d in range(4)):
+                raise FxgrowError(f"grow needs every layer whose channels grow to be template-mixed: "
+                                  f"'{layer}' is not (add it to the template_mixing targets)")
+    _follow_inputs(plain, growing)
+    for (layer, param), dims in channels.slices.items():
+        key = param_key(layer, param)
+        value = fetch_attr(plain, key)
+        if sum(channels.grows(layer, param, d) for d in dims) > 1 and layer not in layer_types(plain):
+            raise FxgrowError(f"'{key}' would grow along {len(dims)} dims; only weights of template-mixed "
+                              "layers can")
+        for d in dims:
+            if channels.grows(layer, param, d):
+                value = value.index_select(d, channels.positions(layer, param, d, factor, value.shape[d])[1])
+        replace_tensor(plain, key, value)
+    _resize_layers(plain, Growth(plain, channels, [], factor, {}, torch.Generator()))
+    plain.recompile()
+    try:
+        propagate_shapes(plain, example)
+    except FxgrowError as e:
+        raise FxgrowError(f"the model cannot grow: its grown copy would not run "
+                          f"({str(e).splitlines()[0]})") from None
+    if _output_shapes(plain) != out_before:
+        raise FxgrowError(f"growth would change the output shape: {out_before} -> {_output_shapes(plain)}")
+
+
+def _growing_groups(gm: fx.GraphModule, example: torch.Tensor) -> tuple[list, list, list]:
+    """(output shapes, channel groups, the groups that grow) of `gm`; none growing is an error."""
+    propagate_shapes(gm, example)
+    groups = channel_groups(gm)
+    growing = [grp for grp in groups if not grp.fixed]
+    if not growing:
+        reasons = "; ".join(f"{grp.size} channels of {', '.join(grp.producers) or 'the input'}: {grp.reason}"
+                            for grp in groups)
+        raise FxgrowError(f"no channel group can grow ({reasons})")
+    return _output_shapes(gm), groups, growing
 
 
 def load_source(path: str | Path, reference: dict[str, torch.Tensor], where: str = "fuse") -> dict[str, torch.Tensor]:
@@ -135,14 +188,7 @@ def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], facto
     if uncarried:
         raise FxgrowError(f"grow: the model was rewritten by {', '.join(uncarried)}, which growth must take off "
                           "and put back; hand the pass to growth (grow_model(..., carried=[the pass]))")
-    propagate_shapes(new, example)
-    out_before = _output_shapes(new)
-    groups = channel_groups(new)
-    growing = [grp for grp in groups if not grp.fixed]
-    if not growing:
-        reasons = "; ".join(f"{grp.size} channels of {', '.join(grp.producers) or 'the input'}: "
-                            f"{grp.reason}" for grp in groups)
-        raise FxgrowError(f"no channel group can grow ({reasons})")
+    out_before, groups, growing = _growing_groups(new, example)
     chains = weight_chains(new)
     shapes = {key: chain_shape(new, chain) for key, chain in chains.items()}
     growth = Growth(new, Channels(groups), sources, g,
@@ -155,6 +201,7 @@ def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], facto
         if module is not new.get_submodule(path):
             replace_submodule(new, path, module)
     generated = {key for key, chain in chains.items() if chain.head.target != key}  # heads of their own
+    _follow_inputs(new, growing)
     _widen_tensors(new, growth, generated)
     _sum_biases(new, growth)
     _resize_layers(new, growth)
@@ -185,6 +232,7 @@ def _widen_tensors(gm: fx.GraphModule, growth: Growth, generated: set[str]) -> N
     b mod n for anything else."""
     sources, g, n, channels = growth.sources, growth.factor, growth.sources_count, growth.channels
     weight_layers = set(layer_types(gm))
+    read_by = _functional_kinds(gm)
     for (layer, param), dims in channels.slices.items():
         key = f"{layer}.{param}" if layer else param
         growing = [d for d in dims if channels.grows(layer, param, d)]
@@ -199,7 +247,7 @@ def _widen_tensors(gm: fx.GraphModule, growth: Growth, generated: set[str]) -> N
         _check_plain(gm, key)
         dim, old = growing[0], sources[0][key]
         band, index = channels.positions(layer, param, dim, g, old.shape[dim])
-        fill = fill_value(_owner(gm, layer), param)
+        fill = fill_value(_owner(gm, layer), param) if key not in read_by else read_by[key].fills.get(param)
         default = None if fill is None else torch.full_like(old, fill)
         stacked = torch.stack([sources[b][key] if b < n else default if default is not None
                                else sources[b % n][key] for b in range(g)])
@@ -224,9 +272,9 @@ def _resize_layers(gm: fx.GraphModule, growth: Growth) -> None:
     """Options that count channels (a depthwise conv's groups) grow with them; module
     attributes that describe widths follow the tensors."""
     for node in gm.graph.nodes:
-        call = layer_call(node, gm) if is_layer(node) else None
+        call = layer_call(node, gm) if node.op == "call_function" else None
         for option, (role, dim) in (call.kind.channel_options(call) if call else {}).items():
-            if growth.channels.grows(call.path, role, dim):
+            if role in call.params and growth.channels.grows(*call.params[role], dim):
                 call.set_option(option, call.options[option] * growth.factor)
     chains = weight_chains(gm)
     for path, module in gm.named_modules():
@@ -239,6 +287,29 @@ def _resize_layers(gm: fx.GraphModule, growth: Growth) -> None:
             if f"{path}.{role}" in chains:
                 shapes[role] = chain_shape(gm, chains[f"{path}.{role}"])
         kind.resize(module, shapes)
+
+
+def _follow_inputs(gm: fx.GraphModule, growing: list) -> None:
+    """A functional layer norm over growing channels reads its normalized_shape from its
+    input (a literal one was frozen at trace time). It then normalizes over the grown width:
+    statistics over the new channels too, so growth through it does not keep the function."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name in dict.fromkeys(n.node for grp in growing for n in grp.normalizers):
+        call = layer_call(nodes[name], gm) if name in nodes else None
+        if call is not None and call.functional:
+            follow_input(call)
+
+
+def _functional_kinds(gm: fx.GraphModule) -> dict[str, Any]:
+    """{parameter key: layer kind} of the parameters functional layers read with get_attr
+    (a traced-through LayerNorm's weight): their fills are the kind's."""
+    out = {}
+    for node in gm.graph.nodes:
+        call = layer_call(node, gm) if node.op == "call_function" and not is_layer(node) else None
+        if call is not None:
+            for role, owner_param in call.params.items():
+                out[param_key(*owner_param)] = call.kind
+    return out
 
 
 # --- small helpers -------------------------------------------------------------------------------

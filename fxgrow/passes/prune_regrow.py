@@ -27,7 +27,8 @@ from ..train.callbacks import Callback, ModelChange, TrainContext
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
 from .prune_regrow_filters import (ChannelUses, filter_groups, keep_channels_group, keep_channels_total,
-                                   prune_channels, prunable_channel_uses, regrow_channels)
+                                   mask_normalizers, masked_norms, prune_channels, prunable_channel_uses,
+                                   regrow_channels)
 from .prune_regrow_masks import MaskedWeight, masked_weights, prune_global, prune_layer, regrow, top_k_mask
 
 SAME_AS_FINAL = object()  # preset value: initial_sparsity equals final_sparsity
@@ -265,8 +266,10 @@ class PruneRegrowPass(Pass):
                                                     chain.key, spec.granularity), self.kind)
         record = PruneRegrowRecord(tuple(m.layer for m in matches))
         if spec.granularity == "filter":
-            record.channel_uses = prunable_channel_uses(gm, ctx.example_input, ctx.where,
-                                                        ctx.analyzed(gm).channel_groups())
+            groups = ctx.analyzed(gm).channel_groups()
+            record.channel_uses = prunable_channel_uses(gm, ctx.example_input, ctx.where, groups)
+            if mask_normalizers(gm, groups, record.channel_uses):
+                ctx.analyzed(gm).invalidate()  # norms replaced: the graph changed beyond weight chains
         if spec.initial_sparsity > 0:
             apply_initial_layout(masked_weights(gm), spec.initial_sparsity, spec.init_distribution, ctx.seed)
         return record
@@ -342,14 +345,16 @@ class PruneRegrowCallback(Callback):
 
     def on_train_end(self, ctx: TrainContext) -> None:
         weights = masked_weights(ctx.model)
-        filters = filter_groups(weights, self.channel_uses) if self.spec.granularity == "filter" else None
+        filters = (filter_groups(weights, self.channel_uses, masked_norms(ctx.model))
+                   if self.spec.granularity == "filter" else None)
         self.last = {**(self.last or {}), **self.measure(weights, filters)}
 
     # -- one event
     def event(self, ctx: TrainContext, t: int) -> dict[str, Any]:
         s, spec, opt = self.schedule, self.spec, ctx.optimizer
         weights = masked_weights(ctx.model)
-        filters = filter_groups(weights, self.channel_uses) if spec.granularity == "filter" else None
+        filters = (filter_groups(weights, self.channel_uses, masked_norms(ctx.model))
+                   if spec.granularity == "filter" else None)
         sparsity = s.sparsity_at(t)
         pruned = dropped = moved = 0
         if s.is_prune_event(t):

@@ -6,9 +6,13 @@ channel in every block it passes). Its remaining uses (biases, BN parameters) th
 longer reach the output, so `export_pruned` can remove the channel physically.
 
 A group is prunable when the coupling analysis did not fix it, every conv/linear weight
-in it is masked (targeted), and its other parameters are biases or per-channel norm
-parameters (a LayerNorm or GroupNorm over the channels would see a removed channel).
-Each group keeps at least one channel, so the network stays connected.
+in it is masked (targeted), and its other parameters touch one channel each: biases, norm
+parameters, parameters the graph reads directly (a layer scale, a ViT's cls_token and
+pos_embed). A norm whose statistics run across the group's channels (LayerNorm, RMSNorm,
+GroupNorm(1), functional or not) becomes a `MaskedNorm` that leaves the pruned channels out
+of them; any other op computing across the channels (a hand-written mean, a softmax, a
+matmul) makes the group unprunable, naming it. A grouped conv's channels are whole conv
+groups. Each group keeps at least one channel, so the network stays connected.
 
 Scores: a channel's magnitude is the L1 norm of its output-side weights (dim-0 slices)
 divided by their count, so one global threshold compares layers of different fan-in;
@@ -17,18 +21,21 @@ of the dense gradient over all its masked slices.
 """
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
 from ..analysis import channel_groups, propagate_shapes
+from ..analysis.coupling import READ_BY_NORMS, param_key, parameter_reads, register_coupling_rule
 from ..errors import FxgrowError, SpecError
 from ..fold import fold
-from ..ir import fetch_attr, replace_tensor
-from ..layers import kind_of
+from ..ir import META, fetch_attr, replace_tensor
+from ..layers import kind_of, layer_call, normalized_dims
 from ..nn.mask import MaskProducer
+from ..nn.masked_norm import MaskedNorm
 from .prune_regrow_masks import MaskedWeight, drop_count, top_k_mask
 
 
@@ -47,6 +54,7 @@ class FilterGroup:
     id: int
     size: int
     slices: list[ChannelSlice]
+    norms: list[tuple[MaskedNorm, int, int]] = field(default_factory=list)  # (norm, offset, repeat)
 
     def rows(self, tensor: torch.Tensor, s: ChannelSlice) -> torch.Tensor:
         """`tensor` (shaped like s.weight) as one row per channel of this group."""
@@ -87,8 +95,9 @@ def prunable_channel_uses(gm: fx.GraphModule, example: torch.Tensor | None, wher
         groups = channel_groups(gm)
     uses: ChannelUses = {key: [] for key in masks}
     reasons: dict[str, list[str]] = {key.rpartition(".")[0]: [] for key in masks}
+    reads = parameter_reads(gm)
     for group in groups:
-        why = _unprunable(gm, group, masks)
+        why = _unprunable(gm, group, masks, reads)
         for use in group.uses:
             if use.layer in reasons and why:
                 reasons[use.layer].append(f"group of {group.size} channels: {why}")
@@ -107,27 +116,128 @@ def prunable_channel_uses(gm: fx.GraphModule, example: torch.Tensor | None, wher
     return uses
 
 
-def _unprunable(gm: fx.GraphModule, group, masks: dict[str, MaskProducer]) -> str:
+_MASKABLE = set(READ_BY_NORMS) | {"masked_norm"}  # normalizers MaskedNorm covers (or already is)
+
+
+def _unprunable(gm: fx.GraphModule, group, masks: dict[str, MaskProducer], reads: dict[str, str]) -> str:
     """Why channels of `group` cannot be removed, or "" when they can."""
     if group.fixed:
         return group.reason
     for use in group.uses:
-        module = gm.get_submodule(use.layer)
-        kind = kind_of(module)
+        module = _owner(gm, use.layer)
+        kind = kind_of(module) if use.layer and module is not None else None
+        key = param_key(use.layer, use.param)
         if kind is not None and kind.targetable:
-            if use.param == "weight" and f"{use.layer}.weight" not in masks:
+            if use.param == "weight" and key not in masks:
                 return f"'{use.layer}' uses these channels but is not targeted"
-        elif not (kind is not None and kind.channelwise):
+        elif kind is not None and (kind.channelwise or kind.name in READ_BY_NORMS):
+            continue  # per-channel statistics or affine parameters (a norm's statistics: below)
+        elif key in reads:
+            if reads[key]:
+                return reads[key]
+        else:
             return f"'{use.layer}' ({type(module).__name__}) mixes channels"
+    for n in group.normalizers:
+        if n.kind not in _MASKABLE:
+            return f"{n.op} computes across these channels"
     return ""
 
 
-def filter_groups(weights: list[MaskedWeight], uses: ChannelUses) -> list[FilterGroup]:
-    """The prunable groups over the masked weights of the current model."""
+def _owner(gm: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return gm.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+# --- norms over pruned channels ---------------------------------------------------------------
+
+def mask_normalizers(gm: fx.GraphModule, groups: list, uses: ChannelUses) -> int:
+    """Put a `MaskedNorm` in place of every norm whose statistics run across the channels of
+    a prunable group (`uses`, from `prunable_channel_uses`). Returns how many."""
+    prunable = {gid for entries in uses.values() for gid, *_ in entries}
+    by_node: dict[str, list] = {}
+    for group in groups:
+        if group.id in prunable:
+            for n in group.normalizers:
+                if n.kind in READ_BY_NORMS:
+                    by_node.setdefault(n.node, []).append((group, n))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, found in by_node.items():
+        node = nodes[name]
+        call = layer_call(node, gm)
+        x_meta = node.args[0].meta.get("tensor_meta")
+        ndim, dims = len(x_meta.shape), {n.dim for _, n in found}
+        if len(dims) != 1:
+            raise FxgrowError(f"{found[0][1].op} normalizes pruned channels along {len(dims)} dims")
+        dim = dims.pop()
+        if call.kind.name == "group_norm":
+            normalized = tuple(range(1 - ndim, 0))
+        else:
+            normalized = tuple(range(-normalized_dims(call.options.get("normalized_shape")), 0))
+        eps = call.module.eps if call.module is not None else call.options.get("eps")
+        if eps is None and call.kind.name != "rms_norm":
+            eps = 1e-5  # F.layer_norm's and F.group_norm's default
+        segments = [(g.id, g.size, n.offset, n.repeat) for g, n in found]
+        norm = MaskedNorm(call.kind.name, normalized, dim - ndim, x_meta.shape[dim], eps, segments, call.path)
+        path = f"{META}.{call.path}.norm_mask" if call.path else f"{META}.{name}_norm_mask"
+        gm.add_submodule(path, norm.to(node.args[0].meta.get("tensor_meta").dtype))
+        with gm.graph.inserting_before(node):
+            operands = [_operand(gm, call, role) for role in ("weight", "bias")]
+            masked = gm.graph.call_module(path, (call.x, *operands))
+        masked.meta.update(node.meta)
+        masked.meta[META] = {"role": "norm_mask", "pass": "prune_regrow", "source": call.path}
+        node.replace_all_uses_with(masked)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    return len(by_node)
+
+
+def _operand(gm: fx.GraphModule, call, role: str) -> fx.Node | None:
+    """The tensor a norm reads as `role`: its operand node, or a read of the module's own."""
+    if call.functional:
+        return call.operands.get(role)
+    if role not in call.params:
+        return None
+    return gm.graph.get_attr(param_key(*call.params[role]))
+
+
+def masked_norms(model: nn.Module) -> list[MaskedNorm]:
+    return [m for m in model.modules() if isinstance(m, MaskedNorm)]
+
+
+def _couple_masked_norm(c, node: fx.Node) -> bool | None:
+    """A MaskedNorm keeps its input's channels, reads its weight and bias along the normalized
+    dims (the channel dim alone for a group norm) and normalizes across the channels."""
+    norm, xin = c.gm.get_submodule(node.target), c.layouts.get(node.args[0])
+    if xin is None:
+        return False
+    ndim = len(xin)
+    out = c.output(node, {d: [xin[d]] for d in range(ndim)})
+    along = [norm.channel_dim] if norm.kind == "group_norm" else list(norm.dims)
+    for operand in node.args[1:]:
+        if isinstance(operand, fx.Node) and operand in c.layouts:
+            for layout, d in zip(c.layouts[operand], along):
+                c._unify(layout, out[d % ndim], node)
+    c.normalizes(xin[norm.channel_dim % ndim], node, "masked_norm", norm.channel_dim % ndim, norm.layer,
+                 f"masked {norm.kind} '{norm.layer}'")
+    return None
+
+
+register_coupling_rule(MaskedNorm, _couple_masked_norm)
+
+
+def filter_groups(weights: list[MaskedWeight], uses: ChannelUses,
+                  norms: list[MaskedNorm] = ()) -> list[FilterGroup]:
+    """The prunable groups over the masked weights (and masked norms) of the current model."""
     groups: dict[int, FilterGroup] = {}
     for w in weights:
         for gid, size, dim, offset, repeat in uses.get(w.key, []):
             groups.setdefault(gid, FilterGroup(gid, size, [])).slices.append(ChannelSlice(w, dim, offset, repeat))
+    for norm in norms:
+        for gid, _, offset, repeat in norm.segments:
+            if gid in groups:
+                groups[gid].norms.append((norm, offset, repeat))
     return [groups[k] for k in sorted(groups)]
 
 
@@ -155,6 +265,9 @@ def set_channels(groups: list[FilterGroup], active: dict[int, torch.Tensor], opt
                     shape[s.dim] = -1
                     keep &= along.view(shape)
         changed += w.set_active(keep, optimizer)
+    for g in groups:  # the norms over these channels leave the pruned ones out of their statistics
+        for norm, offset, repeat in g.norms:
+            norm.set_kept(offset, current[g.id].repeat_interleave(repeat))
     return changed
 
 
@@ -230,7 +343,11 @@ def export_pruned(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
     propagate_shapes(gm, example)
     coupled = channel_groups(gm)
     groups = filter_groups(masked_weights(gm), prunable_channel_uses(gm, example, "export", coupled))
-    plain = fold(gm)
+    work = copy.deepcopy(gm)
+    for node in list(work.graph.nodes):  # the pruned channels go: each norm is plain over what remains
+        if node.op == "call_module" and isinstance(work.get_submodule(node.target), MaskedNorm):
+            work.get_submodule(node.target).fold_call(work, node, masked=False)
+    plain = fold(work, inplace=True)
     indices: dict[tuple[str, str, int], dict[int, tuple[torch.Tensor, int]]] = {}
     for g in groups:
         channels = g.active().nonzero().flatten().cpu()
@@ -241,15 +358,30 @@ def export_pruned(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
         for use in match.uses:
             end = use.offset + g.size * use.repeat
             indices.setdefault((use.layer, use.param, use.dim), {})[use.offset] = (use.indices(channels), end)
+    before: dict[str, tuple[int, ...]] = {}
     for (layer, param, dim), parts in indices.items():
-        key = f"{layer}.{param}" if layer else param
+        key = param_key(layer, param)
         tensor = fetch_attr(plain, key)
+        before.setdefault(key, tuple(tensor.shape))
         keep = _merge(parts, tensor.shape[dim])
         replace_tensor(plain, key, tensor.index_select(dim, keep.to(tensor.device)))
     for module in plain.modules():
         _fix_sizes(module)
+    _fix_counted_options(plain, before)
     plain.recompile()
     return plain
+
+
+def _fix_counted_options(gm: fx.GraphModule, before: dict[str, tuple[int, ...]]) -> None:
+    """Options of functional layers that count channels (a traced-through GroupNorm's
+    num_groups) follow their tensors: whole groups went, each keeps its width."""
+    for node in gm.graph.nodes:
+        call = layer_call(node, gm) if node.op == "call_function" else None
+        for option, (role, dim) in (call.kind.channel_options(call) if call is not None else {}).items():
+            key = param_key(*call.params[role]) if role in call.params else None
+            if key in before:
+                per = before[key][dim] // call.options[option]
+                call.set_option(option, fetch_attr(gm, key).shape[dim] // per)
 
 
 def _merge(parts: dict[int, tuple[torch.Tensor, int]], length: int) -> torch.Tensor:

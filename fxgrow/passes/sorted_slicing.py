@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,17 +22,18 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import fx, nn
 
+from ..analysis.coupling import param_key
 from ..analysis.shapes import graph_checks
 from ..errors import FxgrowError, SpecError
-from ..ir import META, insert_producer, is_layer, replace_submodule, weight_chains
-from ..layers import kind_of, layer_call
-from ..nn.slicing import ConvGroups, DepthGate, SlicedBatchNorm, SlicedLayerNorm, SliceProducer, SubnetState
+from ..ir import META, fetch_attr, insert_producer, is_layer, meta, replace_submodule, replace_tensor, weight_chains
+from ..layers import follow_input, kind_of, layer_call
+from ..nn.slicing import SLICED_NORMS, ConvGroups, DepthGate, SliceProducer, SubnetState
 from ..specs.base import PassSpec, StrictModel
 from ..subnets import evaluate_grid, find_state, recalibrate
 from ..train.callbacks import Callback
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
-from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks
+from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks, width_share
 
 # --- spec -------------------------------------------------------------------------------
 
@@ -120,6 +122,7 @@ class SlicingRecord(Record):
     points: list[tuple[float, int]] = field(default_factory=list)
     sliced: list[int] = field(default_factory=list)           # channel groups sliced
     full_width: dict[int, str] = field(default_factory=dict)  # group -> why it stays at full width
+    share_at_half: float = 1.0  # parameters the width-0.5 sub-model keeps, of the whole model's
 
 
 @register_pass
@@ -136,6 +139,13 @@ class SortedSlicingPass(Pass):
                               "channel groups and residual blocks")
         if find_state(gm) is not None or any(p.kind == self.kind for p in ctx.applied):
             raise FxgrowError("the model is sliced already: use one sorted_slicing pass")
+        if self.spec.width is not None:  # which groups can be cut, and how much that saves (dry runs too)
+            groups = ctx.analyzed(gm).channel_groups()
+            plan = plan_slicing(gm, groups, {m.layer for m in self.match(gm, ctx)})
+            _require_a_sliced_group(plan)
+            share, lost = width_share(gm, groups, plan, 0.5, self.spec.width.multiple_of)
+            if share > WARN_SHARE:
+                warnings.warn(_width_warning(share, lost, plan, groups), stacklevel=2)
 
     def rewrite(self, gm: fx.GraphModule, matches: list[Match], ctx: PassContext) -> SlicingRecord:
         spec: SortedSlicingSpec = self.spec
@@ -159,11 +169,12 @@ class SortedSlicingPass(Pass):
         if spec.weights is not None and len(spec.weights) != len(points):
             raise SpecError([(f"{ctx.where}.weights", f"{len(spec.weights)} weights for {len(points)} grid points")])
 
+        share = 1.0
         if spec.width is not None:
-            plan = plan_slicing(gm, analysis.channel_groups(), {m.layer for m in matches})
-            if not plan.sliced:
-                reasons = "; ".join(f"group {g}: {r}" for g, r in plan.kept.items()) or "no channel groups"
-                raise FxgrowError(f"sorted_slicing: no channel group can be sliced ({reasons})")
+            groups = analysis.channel_groups()
+            plan = plan_slicing(gm, groups, {m.layer for m in matches})
+            _require_a_sliced_group(plan)
+            share = width_share(gm, groups, plan, 0.5, spec.width.multiple_of)[0]
         else:
             plan = SlicePlan([], {}, {}, {})
         state = SubnetState(fractions, {g.id: g.size for g in plan.sliced},
@@ -175,7 +186,7 @@ class SortedSlicingPass(Pass):
         gm.graph.lint()
         _check_every_point(gm, state, ctx.example_input)
         return SlicingRecord(tuple(m.layer for m in matches), blocks=[b.name for b in blocks], points=points,
-                             sliced=[g.id for g in plan.sliced], full_width=dict(plan.kept))
+                             sliced=[g.id for g in plan.sliced], full_width=dict(plan.kept), share_at_half=share)
 
     def _depths(self, blocks: list[Block], ctx: PassContext) -> list[int]:
         spec = self.spec.depth
@@ -201,19 +212,42 @@ class SortedSlicingPass(Pass):
         chains = weight_chains(gm)
         for key, layouts in plan.chains.items():
             insert_producer(gm, chains[key], SliceProducer(state, layouts), self.kind)
-        # Options that count channels (a depthwise conv's groups) follow the cut.
-        for node in gm.graph.nodes:
-            call = layer_call(node, gm) if is_layer(node) else None
-            for option, (role, dim) in (call.kind.channel_options(call) if call else {}).items():
-                layout = next((lay for lay in plan.chains.get(f"{call.path}.{role}", []) if lay.dim == dim), None)
+        # Options that count channels (a grouped conv's groups) follow the cut; a functional
+        # layer norm's normalized_shape follows its input.
+        follow = set(plan.follow)
+        for node in list(gm.graph.nodes):
+            call = layer_call(node, gm)
+            if call is not None and node.name in follow:
+                follow_input(call)
+            if call is None or not (is_layer(node) or call.functional):
+                continue
+            for option, (role, dim) in call.kind.channel_options(call).items():
+                key = param_key(*call.params[role]) if role in call.params else ""
+                layout = next((lay for lay in plan.chains.get(key, plan.params.get(key, [])) if lay.dim == dim), None)
                 if layout is None:
                     continue
                 path = f"{META}.{call.path.replace('.', '_')}.{option}"
-                gm.add_submodule(path, ConvGroups(state, layout))
+                gm.add_submodule(path, ConvGroups(state, layout, call.options[option]))
                 with gm.graph.inserting_before(node):
                     counted = gm.graph.call_module(path, ())
                 counted.meta[META] = {"role": option, "pass": self.kind, "source": call.path}
                 call.set_option(option, counted)
+        self._slice_reads(gm, plan, state)  # last: functional layers are found by their get_attr operands
+
+    def _slice_reads(self, gm: fx.GraphModule, plan: SlicePlan, state: SubnetState) -> None:
+        """Parameters the graph reads directly (a layer scale, cls_token, a functional norm's
+        weight) are cut right after the read; `reverse` bakes the cut into the parameter."""
+        for node in list(gm.graph.nodes):
+            if node.op != "get_attr" or node.target not in plan.params:
+                continue
+            path = f"{META}.{node.target.replace('.', '_')}_read_slice"
+            gm.add_submodule(path, SliceProducer(state, plan.params[node.target]))
+            users = list(node.users)
+            with gm.graph.inserting_after(node):
+                cut = gm.graph.call_module(path, (node,))
+            for user in users:
+                user.replace_input_with(node, cut)
+            cut.meta[META] = {"role": "read_slice", "pass": self.kind, "source": node.target}
 
     def _slice_norms(self, gm: fx.GraphModule, plan: SlicePlan, state: SubnetState) -> None:
         for path, layout in plan.norms.items():
@@ -248,7 +282,8 @@ class SortedSlicingPass(Pass):
     def callbacks(self, gm: fx.GraphModule, record: SlicingRecord, ctx: PassContext) -> list[Callback]:
         summary = {"blocks": record.blocks,
                    "groups": {"sliced": record.sliced,
-                              "full_width": {str(g): why for g, why in record.full_width.items()}}}
+                              "full_width": {str(g): why for g, why in record.full_width.items()}},
+                   "params_share_at_width_0.5": round(record.share_at_half, 4)}
         return [SortedSlicingCallback(self.spec, summary)]
 
     def describe(self, gm: nn.Module) -> list[dict[str, Any]]:
@@ -292,6 +327,10 @@ class SortedSlicingPass(Pass):
                 value = module()
                 for user in list(node.users):  # an int argument again
                     user.replace_input_with(node, value)
+            elif isinstance(module, SliceProducer) and meta(node).get("role") == "read_slice":
+                if module.cuts[state.width_index]:  # the parameter itself is cut: the read is plain again
+                    replace_tensor(gm, node.args[0].target, module._copy_cut(fetch_attr(gm, node.args[0].target)))
+                node.replace_all_uses_with(node.args[0])
             elif isinstance(module, SliceProducer) and module.cuts[state.width_index]:
                 frozen = True
                 continue
@@ -302,12 +341,34 @@ class SortedSlicingPass(Pass):
             graph.erase_node(node)
             taken_off.add(node.target)
         for path, module in list(gm.named_modules()):
-            if isinstance(module, (SlicedBatchNorm, SlicedLayerNorm)):
+            if isinstance(module, SLICED_NORMS):
                 replace_submodule(gm, path, module.plain())
         graph.lint()
         for path in taken_off | (set() if frozen else {f"{META}.subnet"}):
             gm.delete_submodule(path)
         gm.recompile()
+
+
+WARN_SHARE = 0.5  # a net cut everywhere keeps about a quarter at width 0.5: warn above a half
+
+
+def _require_a_sliced_group(plan: SlicePlan) -> None:
+    if not plan.sliced:
+        reasons = "; ".join(f"group {g}: {r}" for g, r in plan.kept.items()) or "no channel groups"
+        raise FxgrowError(f"sorted_slicing: no channel group can be sliced ({reasons})")
+
+
+def _width_warning(share: float, lost: dict[int, int], plan: SlicePlan, groups: list, most: int = 5) -> str:
+    """Width 0.5 keeps `share` of the parameters: name the groups left whole that cost most."""
+    by_id = {g.id: g for g in groups}
+    ranked = sorted(lost, key=lambda g: -lost[g])
+    named = [f"group {g} ({by_id[g].size} channels of {', '.join(by_id[g].producers[:2])}): "
+             f"{plan.kept.get(g, by_id[g].reason)}" for g in ranked[:most]]
+    more = f"; and {len(ranked) - most} more" if len(ranked) > most else ""
+    where = "; ".join(named) + more if named else (
+        "most parameters sit where channels are never cut (the model input's and outputs' channels)")
+    return (f"sorted_slicing: width 0.5 keeps {share:.0%} of the parameters (a model cut everywhere keeps about "
+            f"25%); left at full width: {where}")
 
 
 def _erase_descendants(graph: fx.Graph, enter: fx.Node) -> None:

@@ -3,6 +3,7 @@ channel groups can be sliced with the layout of every tensor dim that indexes th
 from __future__ import annotations
 
 import collections
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -10,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..analysis.coupling import ChannelGroup
-from ..ir import chain_shape, weight_chains
+from ..analysis.coupling import ChannelGroup, param_key, parameter_reads
+from ..ir import chain_shape, fetch_attr, weight_chains
 from ..layers import kind_of
-from ..nn.slicing import DimLayout, Segment
+from ..nn.slicing import DimLayout, Segment, active_channels
 
 # --- skippable residual blocks ------------------------------------------------------------
 
@@ -147,40 +148,126 @@ class SlicePlan:
     kept: dict[int, str]                      # group id -> why it stays at full width
     chains: dict[str, list[DimLayout]]        # "layer.param" -> layouts of its sliced dims
     norms: dict[str, DimLayout]               # norm module path -> layout of its channel dim
+    params: dict[str, list[DimLayout]] = field(default_factory=dict)  # read directly (get_attr): cut there
+    follow: list[str] = field(default_factory=list)  # functional norm nodes whose normalized_shape follows x
 
 
 def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str]) -> SlicePlan:
     """Slice every group that is not fixed and whose every use is a chain of a targeted
-    layer or a BatchNorm/LayerNorm called as a module."""
+    layer, a norm called as a module (with a sliced twin), or a parameter the graph reads
+    directly (a layer scale, a cls_token, a functional norm's weight), cut where it is read."""
     chains = weight_chains(gm)
-    norm_calls = {n.target for n in gm.graph.nodes if n.op == "call_module"
-                  and _sliceable_norm(gm.get_submodule(n.target))}
+    modules = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    norm_calls = {path for path, m in modules.items() if _sliceable_norm(m)}
+    reads = parameter_reads(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
     sliced, kept = [], {}
     for g in groups:
         if g.fixed:
             kept[g.id] = g.reason
             continue
-        blocker = next((u for u in g.uses if not (
-            (u.layer in layers and f"{u.layer}.{u.param}" in chains)
-            or u.layer in norm_calls)), None)
-        if blocker is not None:
-            kept[g.id] = (f"{blocker.layer}.{blocker.param} is not a targeted layer or a norm module"
-                          if blocker.layer not in layers else f"{blocker.layer}.{blocker.param} cannot be sliced")
+        why = next((r for r in (_blocker(u, layers, chains, norm_calls, reads, modules) for u in g.uses) if r), "")
+        why = why or next((r for r in (_norm_blocker(n, nodes, modules, norm_calls) for n in g.normalizers) if r), "")
+        if why:
+            kept[g.id] = why
             continue
         sliced.append(g)
     dims: dict[str, dict[int, list[Segment]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    normalized: dict[str, tuple[int, set[Segment]]] = {}  # norm module -> (size, segments) of what it normalizes
+    plan = SlicePlan(sliced, kept, {}, {})
     for g in sliced:
         for u in g.uses:
-            dims[f"{u.layer}.{u.param}"][u.dim].append(Segment(g.id, u.offset, u.repeat))
-    plan = SlicePlan(sliced, kept, {}, {})
+            dims[param_key(u.layer, u.param)][u.dim].append(Segment(g.id, u.offset, u.repeat))
+        for n in g.normalizers:
+            node = nodes[n.node]
+            if node.op == "call_module":  # a norm module, with or without affine parameters
+                size = _shape(node.args[0])[n.dim]
+                normalized.setdefault(n.layer, (size, set()))[1].add(Segment(g.id, n.offset, n.repeat))
+            elif node.op == "call_function" and n.kind in ("layer_norm", "rms_norm") and n.node not in plan.follow:
+                plan.follow.append(n.node)
+    for path, (size, segments) in normalized.items():
+        plan.norms[path] = DimLayout(0, size, tuple(sorted(segments, key=lambda s: s.offset)))
     for key, by_dim in dims.items():
         layer, _, param = key.rpartition(".")
-        # the tensor a chain produces (template mixing stores no `weight`), or a norm's own
-        shape = chain_shape(gm, chains[key]) if key in chains else getattr(gm.get_submodule(layer), param).shape
+        # the tensor a chain produces (template mixing stores no `weight`), or the parameter itself
+        shape = chain_shape(gm, chains[key]) if key in chains else fetch_attr(gm, key).shape
         layouts = [DimLayout(d, shape[d], tuple(sorted(segs, key=lambda s: s.offset)))
                    for d, segs in sorted(by_dim.items())]
-        if layer in norm_calls:
-            plan.norms.setdefault(layer, layouts[0])
-        else:
+        if key in chains:
             plan.chains[key] = layouts
+        elif layer in norm_calls:
+            plan.norms[layer] = layouts[0]
+        else:
+            plan.params[key] = layouts
     return plan
+
+
+def _blocker(u, layers: set[str], chains: dict, norm_calls: set[str], reads: dict[str, str],
+             modules: dict[str, nn.Module]) -> str:
+    """Why use `u` keeps its group at full width ("" when it can be cut)."""
+    key = param_key(u.layer, u.param)
+    if u.layer in layers:  # a targeted layer: its tensors are (or, before the rewrite, become) chains
+        return ""
+    if key in chains:
+        return f"'{u.layer}' is not a targeted layer"
+    if u.layer in norm_calls:
+        return ""
+    if u.layer in modules:
+        return _module_blocker(u.layer, modules[u.layer])
+    if key in reads:
+        return reads[key]
+    return f"{key} is not a targeted layer or a norm module"
+
+
+def _norm_blocker(n, nodes: dict[str, fx.Node], modules: dict[str, nn.Module], norm_calls: set[str]) -> str:
+    """Why normalizer `n` keeps its group at full width ("" when slicing keeps it exact: it
+    then normalizes over the kept channels)."""
+    node = nodes[n.node]
+    if node.op == "call_module" and n.layer not in norm_calls:
+        return _module_blocker(n.layer, modules[n.layer])
+    return ""
+
+
+def _module_blocker(path: str, module: nn.Module) -> str:
+    kind = kind_of(module)
+    what = f"'{path}' ({type(module).__name__})"
+    if kind is None:
+        return f"{what} is not a layer fxgrow knows"
+    if kind.targetable:
+        return f"{what} is not a targeted layer"
+    if kind.sliced is None:
+        return f"{kind.name} {what} has no sliced twin"
+    return f"{kind.name} {what} cannot be sliced as it is configured"
+
+
+def width_share(gm: fx.GraphModule, groups: list[ChannelGroup], plan: SlicePlan, fraction: float = 0.5,
+                multiple_of: int = 1) -> tuple[float, dict[int, int]]:
+    """The share of the model's parameters (effective weights: a chain counts as the tensor
+    it produces) the sub-model at width `fraction` keeps, and per group left at full width
+    the parameters it would have cut."""
+    chains = weight_chains(gm)
+    sizes = {key: tuple(chain_shape(gm, c)) for key, c in chains.items()}
+    heads = {c.head.target for c in chains.values()}
+    for name, p in gm.named_parameters():
+        if not name.startswith("fxgrow.") and name not in sizes and name not in heads:
+            sizes[name] = tuple(p.shape)
+    sliced = {g.id for g in plan.sliced}
+    cut: dict[tuple[str, int], int] = collections.Counter()
+    lost: dict[int, int] = collections.Counter()
+    for g in groups:
+        if g.fixed and (not g.producers or g.reason in ("model input", "model output")):
+            continue  # the input's and outputs' channels, token and spatial dims: never cut
+        gone = g.size - active_channels(g.size, fraction, multiple_of)
+        for u in g.uses:
+            key = param_key(u.layer, u.param)
+            if key in sizes:
+                if g.id in sliced:
+                    cut[(key, u.dim)] += gone * u.repeat
+                else:
+                    lost[g.id] += math.prod(sizes[key]) * gone * u.repeat // sizes[key][u.dim]
+    total = kept = 0.0
+    for key, shape in sizes.items():
+        n = math.prod(shape)
+        share = math.prod((size - cut.get((key, d), 0)) / size for d, size in enumerate(shape) if size)
+        total, kept = total + n, kept + n * share
+    return (kept / total if total else 1.0), dict(lost)
