@@ -8,6 +8,7 @@ from torch import fx
 
 from ..ir import is_layer, meta
 from ..layers import kind_of
+from ..specs.base import _pattern_matches
 
 
 def _layer(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -53,3 +54,17 @@ def input_layers(gm: fx.GraphModule) -> list[str]:
 def output_layers(gm: fx.GraphModule) -> list[str]:
     """Layers whose result reaches the model's output through no other layer (the classifier)."""
     return _reached(gm, [n for n in gm.graph.nodes if n.op == "output"], forward=False)
+
+
+def named_layers(gm: fx.GraphModule, names: list[str], layers: list[str]) -> list[str]:
+    """The `layers` a spec list names: `first` (input_layers), `last` (output_layers), module
+    paths or `re:` patterns. A name that selects none of `layers` is a ValueError."""
+    ends = {"first": set(input_layers(gm)), "last": set(output_layers(gm))} if names else {}
+
+    def picks(name: str, layer: str) -> bool:
+        return layer in ends[name] if name in ends else _pattern_matches(name, layer)
+
+    for name in names:
+        if not any(picks(name, layer) for layer in layers):
+            raise ValueError(f"{name!r} names none of the layers ({', '.join(layers) or 'none'})")
+    return [layer for layer in layers if any(picks(name, layer) for name in names)]

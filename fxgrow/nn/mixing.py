@@ -268,29 +268,35 @@ def _orthogonal_to(existing: list[torch.Tensor], k: int, generator: torch.Genera
 
 
 class _Coefficients:
-    """Hands out new alphas; remembers, per bank and template set, the alphas using it."""
+    """Hands out new alphas; remembers the alphas using each template set, per layer
+    (`scope: layer`, the authors' scope: a layer's members are orthogonalised among
+    themselves) or per bank (`bank`: against every layer mixing that bank's set, which with
+    share: pairs and K = 2 leaves no room: two diagonal alphas already span R^2)."""
 
-    def __init__(self, how: str, noise: float, generator: torch.Generator):
-        self.how, self.noise, self.generator = how, noise, generator
+    def __init__(self, how: str, noise: float, generator: torch.Generator, scope: str = "layer"):
+        self.how, self.noise, self.generator, self.scope = how, noise, generator, scope
         self.used: dict[tuple[str, int], list[torch.Tensor]] = {}
 
     @classmethod
     def noting_sources(cls, growth: "Growth") -> "_Coefficients":
         out = cls(growth.options.get("new_coefficients", "orthogonal"), growth.options.get("noise", 0.0),
-                  growth.generator)
+                  growth.generator, growth.options.get("orthogonal_scope", "layer"))
         for path, m in growth.model.named_modules():
             if isinstance(m, MixProducer):
                 grid = _plan_grid(path, m, growth)
                 for (r, c), alpha in grid.sourced.items():
-                    out.note(m.bank, grid.set_of(r, c), alpha)
+                    out.note(m, grid.set_of(r, c), alpha)
         return out
 
-    def note(self, bank: str, template_set: int, alpha: torch.Tensor) -> None:
-        self.used.setdefault((bank, template_set), []).append(alpha.detach().flatten())
+    def _key(self, producer: MixProducer, template_set: int) -> tuple[str, int]:
+        return (producer.source if self.scope == "layer" else producer.bank), template_set
 
-    def new(self, bank: str, template_set: int, k: int, copy_of: torch.Tensor) -> torch.Tensor:
+    def note(self, producer: MixProducer, template_set: int, alpha: torch.Tensor) -> None:
+        self.used.setdefault(self._key(producer, template_set), []).append(alpha.detach().flatten())
+
+    def new(self, producer: MixProducer, template_set: int, k: int, copy_of: torch.Tensor) -> torch.Tensor:
         if self.how == "orthogonal":
-            alpha = _orthogonal_to(self.used.get((bank, template_set), []), k, self.generator)
+            alpha = _orthogonal_to(self.used.get(self._key(producer, template_set), []), k, self.generator)
         elif self.how == "random":
             alpha = torch.randn(k, generator=self.generator, dtype=torch.float64)
         elif self.how == "copy":
@@ -301,7 +307,7 @@ class _Coefficients:
             raise ValueError(f"unknown new_coefficients {self.how!r}")
         if self.noise:
             alpha = alpha + self.noise * torch.randn(k, generator=self.generator, dtype=torch.float64)
-        self.note(bank, template_set, alpha)
+        self.note(producer, template_set, alpha)
         return alpha
 
 
@@ -368,11 +374,13 @@ def _grown_producer(grid: _Grid, growth: "Growth", coefficients: _Coefficients) 
         for c in range(grid.cols):
             if (r, c) not in grid.sourced:
                 s = grid.set_of(r, c)
-                alpha[r, c] = coefficients.new(p.bank, s, k, alpha[grid.source_block(s)])
+                alpha[r, c] = coefficients.new(p, s, k, alpha[grid.source_block(s)])
     index = None
     if n > 1 and grid.set_index != list(range(n)):
         index = torch.tensor(grid.set_index, dtype=torch.long, device=device)
     perm_out, perm_in = (None if q is None else q.to(device) for q in grid.perms)
-    return MixProducer(alpha.to(device=device, dtype=p.alpha.dtype), p.block_shape, bank=p.bank,
-                       source=p.source, sets=n, set_axis=grid.set_axis, set_index=index,
-                       perm_out=perm_out, perm_in=perm_in)
+    grown = MixProducer(alpha.to(device=device, dtype=p.alpha.dtype), p.block_shape, bank=p.bank,
+                        source=p.source, sets=n, set_axis=grid.set_axis, set_index=index,
+                        perm_out=perm_out, perm_in=perm_in)
+    grown.alpha.requires_grad_(p.alpha.requires_grad)  # frozen coefficients stay frozen
+    return grown

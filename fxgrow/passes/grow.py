@@ -10,16 +10,21 @@ again before the checkpoint's model state loads.
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
+import yaml
 from pydantic import Field, field_validator, model_validator
 from torch import fx, nn
 
 from ..analysis import forward_flops
+from ..analysis.ends import named_layers
 from ..errors import FxgrowError
 from ..ir import layer_types, meta, weight_chains
-from ..specs.base import At, PassSpec, resolve_time, time_type
+from ..nn.mixing import mix_producers
+from ..specs.base import At, PassSpec, StrictModel, check_layer_patterns, resolve_time, time_type
 from ..train.callbacks import Callback, ModelChange, TrainContext
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
@@ -41,6 +46,34 @@ def _flops_fraction(at) -> float | None:
     return at.flops_fraction if isinstance(at, GrowAt) else None
 
 
+class LrRestartSpec(StrictModel):
+    """MixtureGrowth's learning-rate restart at growth (`--lr_growing`; timm's CosineLRScheduler
+    stepped once per epoch from the growth epoch): epoch j after growth trains at
+    warmup_start + j (base - warmup_start) / warmup_epochs during the warm-up, then, with
+    T = (epochs after growth) // cycles, i = j // T and t = j - i T, at
+    min + (base * cycle_decay^i - min) (1 + cos(pi t / T)) / 2 while i < cycles, min after.
+    The warm-up overlaps the first cycle, as timm's warmup_prefix: False. Defaults are the
+    authors' (lr_growing 1e-4 in their CIFAR runs has to be given: `base`)."""
+
+    base: float = Field(gt=0, description="the lr right after growth (the authors' lr_growing)")
+    min: float = Field(3e-5, ge=0)
+    cycles: int = Field(4, ge=1)
+    cycle_decay: float = Field(0.5, gt=0)
+    warmup_epochs: int = Field(1, ge=0)
+    warmup_start: float = Field(1e-5, ge=0)
+
+    def lr(self, epoch: int, epochs_after: int) -> float:
+        """The learning rate of epoch `epoch` after growth, of `epochs_after`."""
+        period = epochs_after // self.cycles
+        if self.warmup_epochs and epoch < self.warmup_epochs:
+            return self.warmup_start + epoch * (self.base - self.warmup_start) / self.warmup_epochs
+        i, t = divmod(epoch, period)
+        if i >= self.cycles:
+            return self.min
+        top = self.base * self.cycle_decay ** i
+        return self.min + 0.5 * (top - self.min) * (1 + math.cos(math.pi * t / period))
+
+
 class GrowSpec(PassSpec):
     kind: Literal["grow"] = "grow"
     factor: int = Field(2, ge=2, description="g: every growing channel group becomes g times wider")
@@ -52,7 +85,21 @@ class GrowSpec(PassSpec):
         "source net 0 is this run's model, the fused ones follow on the diagonal"))
     layout: Literal["vertical", "horizontal"] = "vertical"
     new_coefficients: Literal["orthogonal", "random", "copy"] = "orthogonal"
+    orthogonal_scope: Literal["layer", "bank"] = Field(
+        "layer", description="orthogonal new alphas: against the alphas of the same layer over the same template "
+                             "set (the authors' scope), or of every layer sharing the bank")
     noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to every new alpha")
+    lr: LrRestartSpec | None = Field(None, description="restart the learning rate at growth (lr_growing); "
+                                                       "default: the run's schedule goes on")
+    freeze_coefficients: list[str] = Field(default_factory=list, description=(
+        "layers whose alphas stop training at growth (the authors' --freeze_first_last_growing: "
+        "[first, last]); module paths or re: patterns too"))
+
+    @field_validator("freeze_coefficients")
+    @classmethod
+    def _valid_names(cls, value: list[str]) -> list[str]:
+        check_layer_patterns(value, ("first", "last"))
+        return value
 
     @field_validator("fuse", mode="before")
     @classmethod
@@ -111,10 +158,38 @@ class GrowCallback(Callback):
         if self.growth_step is not None and self.growth_step >= total:
             raise FxgrowError(f"grow.at: growth at step {self.growth_step} never happens: training "
                               f"takes {total} steps")
+        if self.spec.lr is not None and self.growth_step is not None:
+            self._restart_period(ctx, self.growth_step)  # fails now, not at growth
         if self.spec.fuse and not getattr(ctx, "resumed", False):
             reference = ctx.model.state_dict()
             for i, path in enumerate(self.spec.fuse):
                 load_source(path, reference, f"grow.fuse.{i}")
+                _warn_same_seed(path, ctx.seed, i)
+
+    # --- the learning rate after growth ---
+    def lr_factor(self, ctx: TrainContext, factor: Callable[[int], float]) -> Callable[[int], float]:
+        """With `lr`, steps from the growth step on follow the restart (per epoch since
+        growth), as a multiple of the optimizer's base lr; before it, the run's schedule."""
+        restart = self.spec.lr
+        if restart is None:
+            return factor
+
+        def after_growth(t: int) -> float:
+            start = self.growth_step
+            if start is None or t < start:
+                return factor(t)
+            epochs_after = self._restart_period(ctx, start) * restart.cycles
+            return restart.lr((t - start) // ctx.steps_per_epoch, epochs_after) / ctx.optimizer.defaults["lr"]
+
+        return after_growth
+
+    def _restart_period(self, ctx: TrainContext, start: int) -> int:
+        epochs_after = (ctx.total_steps - start) // ctx.steps_per_epoch
+        period = epochs_after // self.spec.lr.cycles
+        if period < 1:
+            raise FxgrowError(f"grow.lr: {epochs_after} epochs after growth cannot hold {self.spec.lr.cycles} "
+                              "cosine cycles; lower grow.lr.cycles")
+        return period
 
     def on_step_start(self, ctx: TrainContext) -> None:
         if self.grown:
@@ -155,18 +230,32 @@ class GrowCallback(Callback):
         generator = torch.Generator().manual_seed(stable_seed(int(seed), int(step or 0), self.name))
         device = next(iter(own.values())).device
         example = torch.zeros((2, *input_shape), dtype=getattr(torch, input_dtype), device=device)
-        return grow_model(model, sources, self.spec.factor, example, layout=self.spec.layout,
-                          new_coefficients=self.spec.new_coefficients, noise=self.spec.noise,
-                          generator=generator, carried=self.carried)
+        grown = grow_model(model, sources, self.spec.factor, example, layout=self.spec.layout,
+                           new_coefficients=self.spec.new_coefficients, noise=self.spec.noise,
+                           generator=generator, carried=self.carried, orthogonal_scope=self.spec.orthogonal_scope)
+        if self.spec.freeze_coefficients:  # the authors' --freeze_first_last_growing
+            producers = mix_producers(grown.model)
+            layers = [p.source.rsplit(".", 1)[0] for p in producers.values()]
+            try:
+                frozen = set(named_layers(grown.model, self.spec.freeze_coefficients, layers))
+            except ValueError as e:
+                raise FxgrowError(f"grow.freeze_coefficients: {e}") from None
+            for p in producers.values():
+                if p.source.rsplit(".", 1)[0] in frozen:
+                    p.alpha.requires_grad_(False)
+        return grown
 
     def _grow(self, ctx: TrainContext) -> None:
         old = ctx.model
         grown = self._build(old, ctx.seed, self.input_shape, self.input_dtype, structure_only=False)
         new, info = grown
+        _warn_identical(grown.growth.sources, self.spec.fuse)
         params = surviving_params(old, new)
         ctx.replace_model(new, ModelChange(params, cause=self.name, fresh=grown.fresh))
         self.grown = True
         self.info = {"step": ctx.step, "epoch": ctx.epoch, **info, "kept_optimizer_state": sorted(params),
+                     "frozen_coefficients": sorted(p.source for p in mix_producers(new).values()
+                                                   if not p.alpha.requires_grad),
                      "fused": list(self.spec.fuse), "blocks": [row for table in self.tables for row in table(new)]}
         ctx.log({"split": "grow", "factor": info["factor"], "sources": info["sources"],
                  "params_before": info["params_before"], "params_after": info["params_after"],
@@ -194,6 +283,33 @@ class GrowCallback(Callback):
         at = self.spec.at
         return {"at": at.model_dump(exclude_none=True) if isinstance(at, GrowAt) else at, "growth_step": self.growth_step,
                 "grown": self.grown, **self.info}
+
+
+def _warn_same_seed(run: str, seed: int, index: int) -> None:
+    """A fused run trained with this run's seed (read from its spec.yaml) is, on the same data,
+    the same network: fusing it adds nothing. The authors train net 2 from its own random
+    init in the same process, so their two nets always differ."""
+    path = Path(run)
+    spec_file = (path if path.is_dir() else path.parent) / "spec.yaml"
+    try:
+        their = (yaml.safe_load(spec_file.read_text()) or {}).get("train", {}).get("seed", 0)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return
+    if their == seed:
+        warnings.warn(f"grow.fuse.{index}: {run} was trained with this run's seed ({seed}); on the same data "
+                      "it is the same network as this run's, and fusing it adds nothing: train net 2 with "
+                      "another seed", stacklevel=3)
+
+
+def _warn_identical(sources: list[dict[str, torch.Tensor]], fuse: list[str]) -> None:
+    """Two source nets equal tensor for tensor (e.g. the same spec, seed and data)."""
+    for i in range(1, len(sources)):
+        for j in range(i):
+            if sources[i].keys() == sources[j].keys() and all(torch.equal(sources[i][k], sources[j][k])
+                                                               for k in sources[i]):
+                other = "this run's model" if j == 0 else f"fused run {fuse[j - 1]}"
+                warnings.warn(f"grow: fused run {fuse[i - 1]} is identical to {other} at growth (same seed and "
+                              "data?): the grown net's diagonal blocks are copies of one net", stacklevel=3)
 
 
 @register_pass
