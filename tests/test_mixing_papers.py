@@ -317,3 +317,64 @@ def test_fusing_a_twin_warns_and_another_seed_does_not(tmp_path):
         warnings.simplefilter("error")
         run(tmp_path, "grown_other", [mix, {"kind": "grow", "at": 4, "fuse": [str(tmp_path / "other")]}], 6,
             seed=0, **constant)
+
+
+# --- growing more than once (fxgrow's own design) ----------------------------------------------------
+
+@pytest.mark.parametrize("build, shape", [(lambda: wrn(10, 0.5, stem=4), (1, 8, 8)),
+                                          (lambda: Pair(), (8,))])
+def test_a_grown_net_grows_again_blockwise(build, shape):
+    """A once-grown (fused) net grown again with zeroed new blocks computes exactly what it did;
+    two grown nets fused into a second growth sum their logits, as two small nets do the first."""
+    from tests.test_grow import trained_like
+
+    x = torch.randn(4, *shape)
+    once = []
+    for seed in (0, 2):
+        nets = [trained_like(mixed(build(), x, seed=s), s) for s in (seed, seed + 1)]
+        once.append(trained_like(grow_model(nets[0], [n.state_dict() for n in nets], 2, x).model, seed).eval())
+    alone, _ = grow_model(once[0], [once[0].state_dict()], 2, x, new_coefficients="zero")
+    torch.testing.assert_close(alone.eval()(x), once[0](x), rtol=1e-5, atol=1e-5)
+    fused, _ = grow_model(once[0], [n.state_dict() for n in once], 2, x, new_coefficients="zero")
+    torch.testing.assert_close(fused.eval()(x), once[0](x) + once[1](x), rtol=1e-5, atol=1e-5)
+    grids = {p.grid for p in mix_producers(fused).values()}
+    assert (4, 4) in grids and {p.sets for p in mix_producers(fused).values()} == {4}
+    # orthogonal new coefficients again: per layer and set, against what that layer already mixes
+    again, _ = grow_model(once[0], [once[0].state_dict()], 2, x)
+    assert {p.grid for p in mix_producers(again).values()} >= {(4, 4)}
+
+
+def test_growing_twice_in_training_and_across_resume(tmp_path):
+    passes = [{"kind": "template_mixing"}, {"kind": "grow", "at": 3, "again": [6]}]
+    spec = parse_spec({"name": "twice", "model": MLP_SPEC, "passes": passes,
+                       "train": {"data": SYNTH, "steps": 10, "batch_size": 16, "progress": "none",
+                                 "checkpoint_every_steps": 4}})
+
+    def trainer(out, extra=(), resume=None):
+        torch.manual_seed(0)
+        result = api.compile_spec(spec, api.build_model(spec))
+        return Trainer(result.graph_module, spec.train, [*extra, *result.callbacks], out_dir=out,
+                       spec_dump=api.spec_dump(spec), resume=resume)
+
+    whole = trainer(tmp_path / "whole")
+    report = whole.fit()
+    assert report["grow"]["growths"] == 2 and report["grow"]["growth_steps"] == [3, 6]
+    assert [w["after"] for w in report["grow"]["again"][0]["widths"]] == [32, 32]  # 8 -> 16 -> 32 hidden units
+    assert report["template_mixing"]["reference_steps"] == 3  # net 1's schedule: before the first growth
+
+    class Stop(Callback):
+        name = "stop"
+
+        def after_step(self, ctx):
+            if ctx.step == 9:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "cut", [Stop()]).fit()  # its last checkpoint: step 8, after both growths
+    resumed = trainer(tmp_path / "cut", resume=tmp_path / "cut")
+    resumed.fit()
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    with pytest.raises(SpecError, match="come one after another|lr restart"):
+        parse_spec({"passes": [{"kind": "template_mixing"},
+                               {"kind": "grow", "at": 3, "again": [6], "lr": {"base": 0.01}}]})

@@ -24,7 +24,7 @@ from ..analysis.ends import named_layers
 from ..errors import FxgrowError
 from ..ir import layer_types, meta, weight_chains
 from ..nn.mixing import mix_producers
-from ..specs.base import At, PassSpec, StrictModel, check_layer_patterns, resolve_time, time_type
+from ..specs.base import At, PassSpec, StrictModel, Time, check_layer_patterns, resolve_time, time_type
 from ..train.callbacks import Callback, ModelChange, TrainContext
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
@@ -80,6 +80,9 @@ class GrowSpec(PassSpec):
     at: time_type(GrowAt) = Field(description=(
         "when to grow: an int counts optimizer steps, a float in [0, 1] is a fraction of training, "
         "or {step|epoch|fraction|flops_fraction: ...}"))
+    again: list[Time] = Field(default_factory=list, description=(
+        "later growths, each by `factor` again, from this run's model alone (fxgrow's own design: the "
+        "authors' code grows once)"))
     fuse: list[str] = Field(default_factory=list, description=(
         "run folders or checkpoint.pt files of other trained small runs of the same spec; "
         "source net 0 is this run's model, the fused ones follow on the diagonal"))
@@ -114,6 +117,13 @@ class GrowSpec(PassSpec):
         return data
 
     @model_validator(mode="after")
+    def _one_restart(self) -> "GrowSpec":
+        if self.again and (_flops_fraction(self.at) is not None or self.lr is not None):
+            raise ValueError("growing again takes times in steps, epochs or fractions, and no lr restart "
+                             "(at.flops_fraction and lr describe one growth)")
+        return self
+
+    @model_validator(mode="after")
     def _sources_fit(self) -> "GrowSpec":
         if len(self.fuse) + 1 > self.factor:
             raise ValueError(f"{len(self.fuse)} fused runs plus this one are more source nets "
@@ -144,8 +154,9 @@ class GrowCallback(Callback):
                  tables: Sequence[Callable[[nn.Module], list[dict[str, Any]]]] = ()):
         self.spec = spec
         self.carried, self.tables = list(carried), list(tables)
-        self.growth_step: int | None = None
-        self.grown = False
+        self.growth_step: int | None = None  # the first growth
+        self.steps: list[int] = []           # every growth (the first, then `again`)
+        self.done = 0                        # growths done
         self.input_shape: list[int] | None = None
         self.input_dtype = "float32"
         self.info: dict[str, Any] = {}
@@ -158,6 +169,11 @@ class GrowCallback(Callback):
         if self.growth_step is not None and self.growth_step >= total:
             raise FxgrowError(f"grow.at: growth at step {self.growth_step} never happens: training "
                               f"takes {total} steps")
+        self.steps = ([self.growth_step] if self.growth_step is not None else []) + \
+            [resolve_time(t, total, ctx.steps_per_epoch) for t in self.spec.again]
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:])) or (self.steps and self.steps[-1] >= total):
+            raise FxgrowError(f"grow.again: the growths fall at steps {self.steps}; they must come one after "
+                              f"another, before the end of training ({total} steps)")
         if self.spec.lr is not None and self.growth_step is not None:
             self._restart_period(ctx, self.growth_step)  # fails now, not at growth
         if self.spec.fuse and not getattr(ctx, "resumed", False):
@@ -191,15 +207,20 @@ class GrowCallback(Callback):
                               "cosine cycles; lower grow.lr.cycles")
         return period
 
+    @property
+    def grown(self) -> bool:
+        return self.done > 0
+
     def on_step_start(self, ctx: TrainContext) -> None:
-        if self.grown:
+        if self.steps and self.done >= len(self.steps):
             return
         if self.input_shape is None:
             x = ctx.batch[0]
             self.input_shape, self.input_dtype = list(x.shape[1:]), str(x.dtype).removeprefix("torch.")
         if self.growth_step is None:
             self.growth_step = self._flops_step(ctx)
-        if ctx.step >= self.growth_step:
+            self.steps = [self.growth_step]
+        if ctx.step >= self.steps[self.done]:
             self._grow(ctx)
 
     def _flops_step(self, ctx: TrainContext) -> int:
@@ -217,12 +238,13 @@ class GrowCallback(Callback):
 
     # --- how ---
     def _build(self, model: fx.GraphModule, seed: int, input_shape: list[int], input_dtype: str,
-               growth_step: int | None = None, structure_only: bool = True) -> Grown:
-        """The grown model. `structure_only` (resume, FLOPs): every source is `model` itself,
-        no files are read; the values do not matter (a checkpoint's load next, or none)."""
-        n = 1 + len(self.spec.fuse)
+               growth_step: int | None = None, structure_only: bool = True, index: int = 0) -> Grown:
+        """The grown model (growth `index`: 0 fuses `fuse`, later ones grow this run's model
+        alone). `structure_only` (resume, FLOPs): every source is `model` itself, no files are
+        read; the values do not matter (a checkpoint's load next, or none)."""
+        n = 1 + len(self.spec.fuse) if index == 0 else 1
         own = model.state_dict()
-        if structure_only:
+        if structure_only or index > 0:
             sources = [own] * n
         else:
             sources = [own] + [load_source(p, own, f"grow.fuse.{i}") for i, p in enumerate(self.spec.fuse)]
@@ -246,43 +268,54 @@ class GrowCallback(Callback):
         return grown
 
     def _grow(self, ctx: TrainContext) -> None:
-        old = ctx.model
-        grown = self._build(old, ctx.seed, self.input_shape, self.input_dtype, structure_only=False)
+        old, index = ctx.model, self.done
+        grown = self._build(old, ctx.seed, self.input_shape, self.input_dtype, self.steps[index],
+                            structure_only=False, index=index)
         new, info = grown
-        _warn_identical(grown.growth.sources, self.spec.fuse)
+        if index == 0:
+            _warn_identical(grown.growth.sources, self.spec.fuse)
         params = surviving_params(old, new)
         ctx.replace_model(new, ModelChange(params, cause=self.name, fresh=grown.fresh))
-        self.grown = True
-        self.info = {"step": ctx.step, "epoch": ctx.epoch, **info, "kept_optimizer_state": sorted(params),
-                     "frozen_coefficients": sorted(p.source for p in mix_producers(new).values()
-                                                   if not p.alpha.requires_grad),
-                     "fused": list(self.spec.fuse), "blocks": [row for table in self.tables for row in table(new)]}
+        self.done += 1
+        record = {"step": ctx.step, "epoch": ctx.epoch, **info, "kept_optimizer_state": sorted(params),
+                  "frozen_coefficients": sorted(p.source for p in mix_producers(new).values()
+                                                if not p.alpha.requires_grad),
+                  "fused": list(self.spec.fuse) if index == 0 else [],
+                  "blocks": [row for table in self.tables for row in table(new)]}
+        if index == 0:
+            self.info = record
+        else:
+            self.info.setdefault("again", []).append(record)
         ctx.log({"split": "grow", "factor": info["factor"], "sources": info["sources"],
                  "params_before": info["params_before"], "params_after": info["params_after"],
                  "widths": [[w["before"], w["after"]] for w in info["widths"]]})
 
     # --- resume ---
     def state_dict(self) -> dict[str, Any]:
-        return {"grown": self.grown, "growth_step": self.growth_step, "input_shape": self.input_shape,
-                "input_dtype": self.input_dtype, "info": self.info}
+        return {"grown": self.grown, "done": self.done, "growth_step": self.growth_step, "steps": self.steps,
+                "input_shape": self.input_shape, "input_dtype": self.input_dtype, "info": self.info}
 
     def replay_structure(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
-        """The grown structure, when the checkpoint was written after growth."""
-        if not state or not state["grown"]:
-            return model
-        return self._build(model, 0, state["input_shape"], state["input_dtype"], state["growth_step"]).model
+        """The grown structure, when the checkpoint was written after growth (once per growth done)."""
+        done = state.get("done", int(bool(state.get("grown")))) if state else 0
+        steps = state.get("steps") or [state.get("growth_step")] if state else []
+        for index in range(done):
+            model = self._build(model, 0, state["input_shape"], state["input_dtype"], steps[index],
+                                index=index).model
+        return model
 
     def load_state_dict(self, state: dict[str, Any], ctx: TrainContext | None = None) -> None:
         if not state:
             return
         self.growth_step, self.input_shape = state["growth_step"], state["input_shape"]
         self.input_dtype, self.info = state["input_dtype"], state["info"]
-        self.grown = state["grown"]
+        self.done = state.get("done", int(bool(state.get("grown"))))
+        self.steps = state.get("steps") or ([self.growth_step] if self.growth_step is not None else [])
 
     def report(self) -> dict[str, Any]:
         at = self.spec.at
         return {"at": at.model_dump(exclude_none=True) if isinstance(at, GrowAt) else at, "growth_step": self.growth_step,
-                "grown": self.grown, **self.info}
+                "growth_steps": self.steps, "grown": self.grown, "growths": self.done, **self.info}
 
 
 def _warn_same_seed(run: str, seed: int, index: int) -> None:
