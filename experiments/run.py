@@ -9,7 +9,8 @@ Each arm is a spec file of that folder (a valid fxgrow spec at the CPU size) plu
 `set` (dotted-path values, e.g. `passes.0.final_sparsity: 0.95`) and its own per-size
 overlay, applied in that order, the more specific last: study size, `set`, arm size.
 Overlays are deep-merged; under `passes` they are keyed by pass kind and merged into every
-pass of that kind.
+pass of that kind. A `null` value removes the key (e.g. `train.epochs: null` next to
+`train.steps`).
 
 Each run goes through `fxgrow.api.run` into `<out>/<study>/<size>/<arm>/seed<k>/`; the table
 (mean +- std of test accuracy over seeds, plus the study's columns) is written to
@@ -49,7 +50,9 @@ def deep_merge(base: Any, overlay: Any) -> Any:
         return copy.deepcopy(overlay)
     out = copy.deepcopy(base)
     for key, value in overlay.items():
-        if key == "passes" and isinstance(out.get(key), list):
+        if value is None:
+            out.pop(key, None)
+        elif key == "passes" and isinstance(out.get(key), list):
             out[key] = [deep_merge(p, value[p["kind"]]) if p.get("kind") in value else p for p in out[key]]
         else:
             out[key] = deep_merge(out.get(key), value) if key in out else copy.deepcopy(value)
@@ -63,6 +66,8 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
     if isinstance(node, list):
         node[int(last)] = value
+    elif value is None:
+        node.pop(last, None)
     else:
         node[last] = value
 
@@ -209,7 +214,7 @@ def arm_rows(study, arms, results):
     ref_flops = mean([train_flops(r) for r in results.get(reference, [])]) if reference else None
     columns = ["arm", "accuracy %", "Δ vs baseline (points)", "params", *extra, "train s"]
     if reference:
-        columns.insert(-1, "flops_norm")
+        columns[-1:-1] = ["flops_norm", "flops_norm_all"]
     rows = []
     for arm in arms:
         if arm.get("helper"):
@@ -225,8 +230,9 @@ def arm_rows(study, arms, results):
             values = [v for v in (dig(r, path) for r in reports) if v is not None]
             row[column] = format_value(values)
         if reference:
-            spent = [train_flops(r) for r in reports]
-            row["flops_norm"] = f"{mean(spent) / ref_flops:.3f}" if ref_flops and None not in spent else ""
+            for column, which in (("flops_norm", "counted"), ("flops_norm_all", "all")):
+                spent = [train_flops(r, which) for r in reports]
+                row[column] = f"{mean(spent) / ref_flops:.3f}" if ref_flops and None not in spent else ""
         row["train s"] = f"{mean([r['wall_time_s'] for r in reports]):.1f}" if reports else ""
         rows.append(row)
     return {"columns": columns, "rows": rows}
@@ -279,12 +285,16 @@ def format_value(values: list[Any]) -> str:
     return str(values[0])
 
 
-def train_flops(report: dict[str, Any]) -> float | None:
-    """Training FLOPs the run spent, the runs it fused included."""
+def train_flops(report: dict[str, Any], which: str = "counted") -> float | None:
+    """Training FLOPs as MixtureGrowth counts them (`counted`: the fused runs and this run after
+    growth; a run that never grew, all of it), or every small net's too (`all`)."""
     section = report.get("template_mixing")
     if not section or "train_flops" not in section:
         return None
-    return section["train_flops"] + sum(f or 0.0 for f in section.get("fused_train_flops", []))
+    key = "counted_train_flops" if which == "counted" else "all_nets_train_flops"
+    if key in section:
+        return section[key]
+    return section["train_flops"] + sum(f or 0.0 for f in section.get("fused_train_flops", []))  # before issue 16
 
 
 def markdown(record: dict[str, Any]) -> str:

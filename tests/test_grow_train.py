@@ -62,11 +62,15 @@ def test_fused_growth_on_digits_ends_at_least_as_accurate(tmp_path):
     report = grown[0]
     assert report["grow"]["sources"] == 2 and report["grow"]["step"] == (epochs // 2) * (1437 // 64)
     assert [w["after"] for w in report["grow"]["widths"]] == [16, 16]
-    # FLOPs: both small nets' training counts; relative to the grown net trained from scratch
+    # FLOPs, as MixtureGrowth normalises them: net 2 and the grown net, over the grown net trained
+    # from scratch for net 1's schedule (net 1, this run before growth, is the given net); and every net
     section = report["template_mixing"]
     net2 = json.loads((tmp_path / "net2_0" / "report.json").read_text())["template_mixing"]["train_flops"]
     assert section["fused_train_flops"] == [net2]
-    assert section["flops_norm"] == pytest.approx((section["train_flops"] + net2) / section["reference_flops"])
+    after = section["train_flops"] - section["train_flops_before_growth"]
+    assert section["reference_steps"] == report["grow"]["step"]
+    assert section["flops_norm"] == pytest.approx((net2 + after) / section["reference_flops"])
+    assert section["flops_norm_all_nets"] == pytest.approx((section["train_flops"] + net2) / section["reference_flops"])
 
 
 def test_single_net_growth_accounts_flops_and_reports(tmp_path):
@@ -76,10 +80,11 @@ def test_single_net_growth_accounts_flops_and_reports(tmp_path):
     x = torch.zeros(64, 1, 8, 8)
     small_model = api.compile_spec(spec, api.build_model(spec)).graph_module
     small = forward_flops(small_model, x) / 64
-    big = report["template_mixing"]["reference_flops"] / (3 * 64 * steps)
+    big = report["template_mixing"]["reference_flops"] / (3 * 64 * steps // 2)  # the target over net 1's steps
     section = report["template_mixing"]
     assert section["train_flops"] == pytest.approx(3 * 64 * steps / 2 * (small + big))
-    assert section["flops_norm"] == pytest.approx((small / big + 1) / 2)
+    assert section["flops_norm"] == pytest.approx(1.0)  # the given net 1 not counted: the grown net's 5 steps
+    assert section["flops_norm_all_nets"] == pytest.approx(small / big + 1)
     assert 3.5 < big / small < 4.5  # width x2: about 4x the FLOPs
     flops = [r["train_flops"] for r in records(tmp_path, "flops")]
     assert flops == sorted(flops) and flops[-1] == section["train_flops"]

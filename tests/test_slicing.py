@@ -125,7 +125,10 @@ def test_layout_keeps_each_groups_prefix_in_place():
     ({"depth": {"blocks": [-1, 2]}}, "passes.0.depth.blocks", ">= 0"),
     ({}, "passes.0", "nothing to slice"),
     ({"width": {"fractions": [0.5, 1.0]}, "sampling": "weighted"}, "passes.0", "weights"),
-    ({"width": {"fractions": [0.5, 1.0]}, "mode": "sandwich", "accumulate": 1}, "passes.0", "accumulate"),
+    ({"width": {"fractions": [0.5, 1.0]}, "mode": "sandwich", "sub_models_per_batch": 1}, "passes.0",
+     "sub_models_per_batch"),
+    ({"width": {"fractions": [0.5, 1.0]}, "accumulate_batches": 0}, "passes.0.accumulate_batches", "greater than or equal to 1"),
+    ({"width": {"fractions": [0.5, 1.0]}, "accumulate": 2, "sub_models_per_batch": 2}, "passes.0", "old name"),
     ({"width": {"fractions": [0.5, 1.0]}, "depth": {"blocks": [1, 2, 3]}, "grid": "list"}, "passes.0", "pairs"),
 ])
 def test_spec_errors_name_the_field(fields, path, words):
@@ -426,16 +429,45 @@ POINTS = [(w, d) for w in (0.25, 0.5, 1.0) for d in (1, 3)]
 
 
 def plan(**fields):
+    """The plan of one batch a step (accumulate_batches: 1)."""
     fields.setdefault("width", {"fractions": [0.25, 0.5, 1.0]})
-    return SortedSlicingCallback(SortedSlicingSpec(**fields)).plan
+    full = SortedSlicingCallback(SortedSlicingSpec(**fields)).plan
+    return lambda points, seed, step: full(points, seed, step)[0]
 
 
 def test_plan_is_a_function_of_seed_and_step():
-    p = plan(accumulate=3)
+    p = plan(sub_models_per_batch=3)
     assert p(POINTS, 0, 7) == p(POINTS, 0, 7)
     draws = {tuple(p(POINTS, 0, s)) for s in range(50)}
     assert len(draws) > 25 and all(len(d) == 3 for d in draws)
     assert [p(POINTS, 1, s) for s in range(5)] != [p(POINTS, 0, s) for s in range(5)]
+
+
+def test_old_accumulate_is_sub_models_per_batch():
+    with pytest.warns(DeprecationWarning, match="sub_models_per_batch"):
+        old = SortedSlicingSpec(width={"fractions": [0.5, 1.0]}, accumulate=3)
+    assert old.draws == 3 and old.accumulate_batches == 1
+
+
+def test_accumulated_batches_each_get_their_own_draw():
+    """k batches a step: the first batch draws what a one-batch step draws, the next ones
+    continue the step's generator."""
+    full = SortedSlicingCallback(SortedSlicingSpec(width={"fractions": [0.25, 0.5, 1.0]}, accumulate_batches=4)).plan
+    one = plan()
+    for s in range(20):
+        batches = full(POINTS, 0, s)
+        assert len(batches) == 4 and all(len(b) == 1 for b in batches) and batches[0] == one(POINTS, 0, s)
+    assert len({tuple(map(tuple, full(POINTS, 0, s))) for s in range(20)}) == 20
+    assert any(len(set(map(tuple, full(POINTS, 0, s)))) > 1 for s in range(20))
+
+
+@pytest.mark.parametrize("fields, reduction", [({}, "mean"), ({"mode": "summation"}, "sum"),
+                                               ({"mode": "summation", "loss_reduction": "mean"}, "mean"),
+                                               ({"sub_models_per_batch": 2, "loss_reduction": "sum"}, "sum")])
+def test_loss_reduction_defaults(fields, reduction):
+    cb = SortedSlicingCallback(SortedSlicingSpec(width={"fractions": [0.5, 1.0]}, **fields))
+    assert cb.spec.reduction == reduction
+    assert cb.loss_scale(None, 0, 3) == (1.0 if reduction == "sum" else None)  # None: the loop's mean
 
 
 def test_uniform_and_weighted_sampling_frequencies():
@@ -450,7 +482,7 @@ def test_uniform_and_weighted_sampling_frequencies():
 
 
 def test_sandwich_runs_largest_smallest_and_random_middles():
-    p = plan(mode="sandwich", accumulate=4)
+    p = plan(mode="sandwich", sub_models_per_batch=4)
     for s in range(20):
         got = p(POINTS, 0, s)
         assert got[:2] == [(1.0, 3), (0.25, 1)] and len(got) == 4

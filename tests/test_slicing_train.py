@@ -3,6 +3,8 @@ after a resume, a real digits run whose every sub-model keeps 90% of the largest
 and BatchNorm recalibration on the trained model."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -53,9 +55,9 @@ def rewrite(model, x, **fields):
     return result.graph_module, result.callbacks
 
 
-@pytest.mark.parametrize("mode,accumulate", [("stochastic", 3), ("sandwich", 4), ("summation", 1)])
-def test_each_step_runs_the_planned_sub_models(tmp_path, mode, accumulate):
-    gm, callbacks = rewrite(ResNetTiny(c=4, in_ch=1), torch.randn(2, 1, 8, 8), mode=mode, accumulate=accumulate,
+@pytest.mark.parametrize("mode,draws", [("stochastic", 3), ("sandwich", 4), ("summation", 1)])
+def test_each_step_runs_the_planned_sub_models(tmp_path, mode, draws):
+    gm, callbacks = rewrite(ResNetTiny(c=4, in_ch=1), torch.randn(2, 1, 8, 8), mode=mode, sub_models_per_batch=draws,
                             width={"fractions": [0.5, 1.0]}, depth={"blocks": [1, 3]})
     recorder = Recorder()
     Trainer(gm, train_spec(seed=3), [*callbacks, recorder], out_dir=tmp_path).fit()
@@ -63,7 +65,7 @@ def test_each_step_runs_the_planned_sub_models(tmp_path, mode, accumulate):
     points = list(find_state(gm).points)
     assert sorted(recorder.runs) == [0, 1, 2, 3]
     for step, ran in recorder.runs.items():
-        assert ran == slicing.plan(points, 3, step)
+        assert ran == slicing.plan(points, 3, step)[0]
         if mode == "stochastic":
             assert len(ran) == 3
         elif mode == "sandwich":
@@ -75,11 +77,73 @@ def test_each_step_runs_the_planned_sub_models(tmp_path, mode, accumulate):
     assert any(len(set(ran)) > 1 for ran in recorder.runs.values())
 
 
+class GradProbe(Callback):
+    """Per step: the weights before it, each batch with the sub-models run on it, and the
+    accumulated gradient of every parameter the step used."""
+
+    name = "probe"
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def on_step_start(self, ctx):
+        self.steps.append({"state": {k: v.clone() for k, v in ctx.model.state_dict().items()}, "batches": []})
+
+    def on_micro_step(self, ctx, index):
+        if index == 0:
+            self.steps[-1]["batches"].append((ctx.batch, []))
+        self.steps[-1]["batches"][-1][1].append(find_state(ctx.model).point)
+
+    def after_backward(self, ctx):
+        self.steps[-1]["grads"] = {n: p.grad.clone() for n, p in ctx.model.named_parameters() if p.grad is not None}
+
+
+def reference_grads(gm, step, weight):
+    """sum over batches and their sub-models of weight(batch count, sub-model count) x
+    each sub-model's loss gradient, from the step's starting weights."""
+    gm.load_state_dict(step["state"])
+    gm.zero_grad(set_to_none=True)
+    state = find_state(gm)
+    for (x, y), points in step["batches"]:
+        for point in points:
+            state.activate(*point)
+            loss = torch.nn.functional.cross_entropy(gm(x), y)
+            (loss * weight(len(step["batches"]), len(points))).backward()
+    state.activate(*state.largest)
+    return {n: p.grad for n, p in gm.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("fields, weight", [
+    ({"mode": "summation"}, lambda k, n: 1.0),                                   # the paper's sum
+    ({"mode": "summation", "loss_reduction": "mean"}, lambda k, n: 1.0 / n),
+    ({"sub_models_per_batch": 3}, lambda k, n: 1.0 / n),                          # k sub-models, one batch
+    ({"accumulate_batches": 2}, lambda k, n: 1.0 / k),                            # SortedNet's gacc = 2
+    ({"mode": "summation", "accumulate_batches": 2}, lambda k, n: 1.0 / k),
+])
+def test_the_step_gradient_is_the_declared_combination(tmp_path, fields, weight):
+    torch.manual_seed(0)
+    gm, callbacks = rewrite(MLP(), torch.randn(2, 1, 8, 8), width={"fractions": [0.25, 0.5, 1.0]}, **fields)
+    probe = GradProbe()
+    trainer = Trainer(gm, train_spec(epochs=1, batch_size=8), [*callbacks, probe], out_dir=tmp_path)  # 8 batches
+    trainer.fit()
+    k = fields.get("accumulate_batches", 1)
+    assert trainer.steps_per_epoch == 8 // k and len(probe.steps) == 8 // k
+    assert all(len(step["batches"]) == k for step in probe.steps)
+    if fields.get("mode") == "summation":  # some step ran a varying number of sub-models
+        assert len({len(points) for step in probe.steps for _, points in step["batches"]}) > 1
+    check = copy.deepcopy(gm)
+    for step in probe.steps:
+        expected = reference_grads(check, step, weight)
+        assert expected.keys() == step["grads"].keys()
+        for name, grad in step["grads"].items():
+            torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_sampling_is_reproducible_across_resume(tmp_path):
     def run(out, extra=(), resume=None):
         torch.manual_seed(0)
         gm, callbacks = rewrite(MLP(), torch.randn(2, 1, 8, 8), width={"fractions": [0.25, 0.5, 0.75, 1.0]},
-                                accumulate=2)
+                                sub_models_per_batch=2)
         recorder = Recorder()
         spec = train_spec(epochs=3, checkpoint=True, checkpoint_every_steps=3)
         trainer = Trainer(gm, spec, [*callbacks, recorder, *extra], out_dir=out, resume=resume)
@@ -128,7 +192,7 @@ def digits_run(tmp_path_factory):
     """4 widths x 2 depths of a residual CNN trained at once on digits (CPU, ~10 s)."""
     torch.manual_seed(0)
     gm, callbacks = rewrite(ResNetTiny(c=16, in_ch=1), torch.randn(2, 1, 8, 8),
-                            width={"fractions": [0.25, 0.5, 0.75, 1.0]}, depth={"blocks": [1, 3]}, accumulate=2)
+                            width={"fractions": [0.25, 0.5, 0.75, 1.0]}, depth={"blocks": [1, 3]}, sub_models_per_batch=2)
     spec = TrainSpec(data="digits", epochs=12, batch_size=64, optimizer={"lr": 0.1}, progress="none",
                      checkpoint=False)
     trainer = Trainer(gm, spec, callbacks, out_dir=tmp_path_factory.mktemp("digits"))

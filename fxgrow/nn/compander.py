@@ -1,8 +1,9 @@
 """Weight compander (ALGORITHMS.md section 2): w = psi(v) = a * f(v / b), f in {atan, asinh, erf}.
 
 The producer holds (a, b) and computes psi. The functions here are the math the pass and
-its training callback share: psi, its derivative, its inverse (for the init), and a
-many-tensor form of psi and psi' for the per-step corrections.
+its training callback share: psi, its derivative, its inverse (for the init, which starts
+no weight where psi is flat), and a many-tensor form of psi and psi' for the per-step
+corrections.
 """
 from __future__ import annotations
 
@@ -39,20 +40,35 @@ def psi_prime(v: torch.Tensor, a: Scalar, b: Scalar, function: str) -> torch.Ten
     return (a / b) * _TWO_OVER_SQRT_PI * torch.exp(-x * x)
 
 
-# |w / a| is clamped to these before inverting, where the inverse would be infinite.
-INVERSE_LIMIT = {"atan": math.pi / 2 - 1e-3, "asinh": math.inf, "erf": 1 - 1e-6}
+# No weight starts where psi is flat: psi'(v) >= MIN_SLOPE * psi'(0) at every initial v.
+# Without this the inverse of a weight at or beyond psi's range is a v where psi' is ~1e-6:
+# the weight can never move again (under SGD its steps in w scale with psi'(v)^2).
+MIN_SLOPE = 0.1
+
+
+def start_limit(function: str, min_slope: float = MIN_SLOPE) -> float:
+    """The largest |w / a| a weight may start at: where psi'(v) / psi'(0) = min_slope.
+    atan: 1 / (1 + u^2); erf: exp(-u^2); asinh: 1 / sqrt(1 + u^2), u = v / b."""
+    if not 0 < min_slope < 1:
+        raise ValueError(f"min_slope must lie in (0, 1), got {min_slope}")
+    if function == "atan":
+        return math.atan(math.sqrt(1 / min_slope - 1))
+    if function == "erf":
+        return math.erf(math.sqrt(math.log(1 / min_slope)))
+    return math.asinh(math.sqrt(1 / min_slope ** 2 - 1))
 
 
 def psi_inverse(w: torch.Tensor, a: float, b: float, function: str,
-                overwrite: bool = False) -> tuple[torch.Tensor, int]:
-    """v with psi(v) == w, in w's dtype, and how many entries of w lay outside psi's range
-    and were clamped to its edge. Computed in float64 on a copy; with `overwrite`, in w's
-    own dtype in place of w (a fresh tensor the caller gives up: the weights of a large
-    model are hundreds of MB, and each float64 pass over them costs)."""
+                overwrite: bool = False, min_slope: float = MIN_SLOPE) -> tuple[torch.Tensor, int]:
+    """v with psi(v) == w, in w's dtype, and how many entries of w lay beyond the start
+    limit (`start_limit`) and were moved to it (to +-a * limit, keeping their sign).
+    Computed in float64 on a copy; with `overwrite`, in w's own dtype in place of w (a
+    fresh tensor the caller gives up: the weights of a large model are hundreds of MB, and
+    each float64 pass over them costs)."""
     inplace = not (torch.is_grad_enabled() and w.requires_grad)
     x = w if overwrite and inplace else w.to(torch.float64, copy=True)
     x = x.div_(a) if inplace else x / a
-    limit = INVERSE_LIMIT[function]
+    limit = start_limit(function, min_slope)
     clamped = 0
     lo, hi = torch.aminmax(x.detach()) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
     if float(hi) > limit or float(lo) < -limit:  # one pass; counting takes two more
@@ -64,9 +80,9 @@ def psi_inverse(w: torch.Tensor, a: float, b: float, function: str,
     return x.to(w.dtype), clamped
 
 
-def inverse_needs_a(w: torch.Tensor, function: str) -> float:
-    """The smallest `a` for which no entry of w is clamped by the inverse."""
-    return float(w.abs().max()) / INVERSE_LIMIT[function]
+def inverse_needs_a(w: torch.Tensor, function: str, min_slope: float = MIN_SLOPE) -> float:
+    """The smallest `a` for which no entry of w is moved by the inverse."""
+    return float(w.abs().max()) / start_limit(function, min_slope)
 
 
 def psi_and_prime_many(vs: list[torch.Tensor], a: Scalar, b: Scalar, function: str

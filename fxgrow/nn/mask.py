@@ -11,7 +11,9 @@ class MaskProducer(Producer):
     """Multiplies the chain's value by a 0/1 mask of the same shape.
 
     The mask has the weight's dtype (one same-dtype multiply, forward and backward) and is
-    a buffer, so checkpoints hold it and `fold` bakes exact zeros into the weight.
+    a buffer, so checkpoints hold it and `fold` bakes exact zeros into the weight. `fired`
+    marks every position that has been active since the initial layout (In-Time
+    Over-Parameterization's exploration rate); it does not take part in the forward.
 
     Regrowth needs dL/dw at masked positions too (the *dense* gradient), which the
     parameter's gradient no longer has. With `capture` set, forward hooks the output
@@ -27,6 +29,8 @@ class MaskProducer(Producer):
                  device: torch.device | str | None = None, source: str = "", granularity: str = "element"):
         super().__init__()
         self.register_buffer("mask", torch.ones(shape, dtype=dtype, device=device))
+        # Every position active at some point since training started (ITOP's exploration rate).
+        self.register_buffer("fired", torch.ones(shape, dtype=torch.bool, device=device))
         self.source = source          # "layer.param" this mask belongs to (for reports)
         # "filter": the mask removes whole channels of coupled groups (see prune_regrow_filters)
         self.granularity = granularity
@@ -69,6 +73,9 @@ class MaskProducer(Producer):
         grown = weight.place([s[f"{path}.mask"] for s in growth.sources], fill=1.0)
         new = MaskProducer(grown.shape, grown.dtype, grown.device, self.source, self.granularity)
         new.mask.copy_(grown)
+        # a new block has fired where its relayout activates it (set_active records that)
+        fired = [s.get(f"{path}.fired", s[f"{path}.mask"] != 0) for s in growth.sources]
+        new.fired.copy_(weight.place([f.to(grown.dtype) for f in fired], fill=0.0) != 0)
         return new
 
     def extra_repr(self) -> str:

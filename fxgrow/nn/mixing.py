@@ -58,11 +58,11 @@ class TemplateBank(nn.Module):
         return f"sets={self.sets}, K={self.per_set}, shape={tuple(self.templates.shape[1:])}"
 
     def grow(self, growth: "Growth", path: str) -> nn.Module:
-        """Source net i's templates become template set i."""
+        """Source net i's template sets become sets i * S .. (i + 1) * S - 1 (S = its sets)."""
         if growth.sources_count == 1:
             return self
         key = f"{path}.templates"
-        return TemplateBank(torch.cat([s[key] for s in growth.sources]), sets=growth.sources_count)
+        return TemplateBank(torch.cat([s[key] for s in growth.sources]), sets=growth.sources_count * self.sets)
 
 
 class MixProducer(Producer):
@@ -158,14 +158,9 @@ class MixProducer(Producer):
     def solve_for(cls, gm: nn.Module, targets: dict[str, torch.Tensor]) -> dict[str, float]:
         return retarget(gm, targets, measure=False)
 
-    def growth_refusal(self) -> str:
-        if self.grid != (1, 1) or self.sets != 1:
-            return "it has grown already; growing twice is not supported"
-        return ""
-
     def grow(self, growth: "Growth", path: str) -> nn.Module:
-        if self.growth_refusal():
-            raise FxgrowError(f"'{self.source}': {self.growth_refusal()}")
+        """Every block of the grid widens (a grown producer grows again: fxgrow's own design,
+        the authors' code grows once)."""
         # Orthogonal new alphas must see every source alpha of their template set, so the
         # first producer to grow notes those of all mixed weights.
         coefficients = growth.shared(_Coefficients, lambda: _Coefficients.noting_sources(growth))
@@ -268,29 +263,35 @@ def _orthogonal_to(existing: list[torch.Tensor], k: int, generator: torch.Genera
 
 
 class _Coefficients:
-    """Hands out new alphas; remembers, per bank and template set, the alphas using it."""
+    """Hands out new alphas; remembers the alphas using each template set, per layer
+    (`scope: layer`, the authors' scope: a layer's members are orthogonalised among
+    themselves) or per bank (`bank`: against every layer mixing that bank's set, which with
+    share: pairs and K = 2 leaves no room: two diagonal alphas already span R^2)."""
 
-    def __init__(self, how: str, noise: float, generator: torch.Generator):
-        self.how, self.noise, self.generator = how, noise, generator
+    def __init__(self, how: str, noise: float, generator: torch.Generator, scope: str = "layer"):
+        self.how, self.noise, self.generator, self.scope = how, noise, generator, scope
         self.used: dict[tuple[str, int], list[torch.Tensor]] = {}
 
     @classmethod
     def noting_sources(cls, growth: "Growth") -> "_Coefficients":
         out = cls(growth.options.get("new_coefficients", "orthogonal"), growth.options.get("noise", 0.0),
-                  growth.generator)
+                  growth.generator, growth.options.get("orthogonal_scope", "layer"))
         for path, m in growth.model.named_modules():
             if isinstance(m, MixProducer):
                 grid = _plan_grid(path, m, growth)
                 for (r, c), alpha in grid.sourced.items():
-                    out.note(m.bank, grid.set_of(r, c), alpha)
+                    out.note(m, grid.set_of(r, c), alpha)
         return out
 
-    def note(self, bank: str, template_set: int, alpha: torch.Tensor) -> None:
-        self.used.setdefault((bank, template_set), []).append(alpha.detach().flatten())
+    def _key(self, producer: MixProducer, template_set: int) -> tuple[str, int]:
+        return (producer.source if self.scope == "layer" else producer.bank), template_set
 
-    def new(self, bank: str, template_set: int, k: int, copy_of: torch.Tensor) -> torch.Tensor:
+    def note(self, producer: MixProducer, template_set: int, alpha: torch.Tensor) -> None:
+        self.used.setdefault(self._key(producer, template_set), []).append(alpha.detach().flatten())
+
+    def new(self, producer: MixProducer, template_set: int, k: int, copy_of: torch.Tensor) -> torch.Tensor:
         if self.how == "orthogonal":
-            alpha = _orthogonal_to(self.used.get((bank, template_set), []), k, self.generator)
+            alpha = _orthogonal_to(self.used.get(self._key(producer, template_set), []), k, self.generator)
         elif self.how == "random":
             alpha = torch.randn(k, generator=self.generator, dtype=torch.float64)
         elif self.how == "copy":
@@ -301,58 +302,87 @@ class _Coefficients:
             raise ValueError(f"unknown new_coefficients {self.how!r}")
         if self.noise:
             alpha = alpha + self.noise * torch.randn(k, generator=self.generator, dtype=torch.float64)
-        self.note(bank, template_set, alpha)
+        self.note(producer, template_set, alpha)
         return alpha
 
 
 @dataclass
 class _Grid:
-    """One mixed weight's block grid once grown."""
+    """One mixed weight's block grid once grown. An old grid of R0 x C0 blocks (1 x 1 before
+    the first growth) becomes g*R0 x g*C0 along growing dims: block (b*R0 + r, b'*C0 + c) is
+    old block (r, c) of band (b, b'), band-major; `perms` put it in the grown graph's order."""
 
-    producer: MixProducer           # the ungrown one
+    producer: MixProducer           # the one before this growth
     rows: int
     cols: int
-    set_axis: str                   # the template set is picked by the row or by the column
-    set_index: list[int]            # the set of each row (or column)
+    sets: list[list[int]]           # the template set of every block
     perms: tuple[torch.Tensor | None, torch.Tensor | None]
     sourced: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # block -> source alphas
+    # every block -> the alphas of the old block it continues, in the source net that owns it (for `copy`)
+    likes: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     def set_of(self, r: int, c: int) -> int:
-        return self.set_index[r] if self.set_axis == "row" else self.set_index[c]
+        return self.sets[r][c]
 
-    def source_block(self, i: int) -> tuple[int, int]:
-        """Where source net i's own block sits: the diagonal, or down the single column,
-        or along the single row."""
-        if self.rows == self.cols:
-            return i, i
-        return (i, 0) if self.cols == 1 else (0, i)
+
+def _grown_perm(weight, dim: int, producer: MixProducer, blocks: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The grown dim's permutation into the band-major block grid, and the (band, old block,
+    index in block) of every grown position, as band * blocks + old block, for the grid."""
+    size = producer.block_shape[dim]
+    old_perm = (producer.perm_out, producer.perm_in)[dim]
+    band, old = weight.positions(dim, blocks * size)
+    q = old if old_perm is None else old_perm.cpu()[old]  # the old grown order -> the old band-major grid
+    perm = (band * blocks + q // size) * size + q % size
+    return (None if torch.equal(perm, torch.arange(len(perm))) else perm), perm
 
 
 def _plan_grid(path: str, producer: MixProducer, growth: "Growth") -> _Grid:
     weight, g, n = growth.weight(path), growth.factor, growth.sources_count
     shape = producer.block_shape
-    rows = g if weight.grows(0) else 1
-    cols = g if len(shape) > 1 and weight.grows(1) else 1
+    r0, c0 = producer.grid
+    grows = (weight.grows(0), len(shape) > 1 and weight.grows(1))
     perms = []
-    for dim, bands in ((0, rows), (1, cols)):
-        if bands == 1:
-            perms.append(None)
+    for dim, blocks in ((0, r0), (1, c0)):
+        if not grows[dim]:
+            perms.append((producer.perm_out, producer.perm_in)[dim] if dim < len(shape) else None)
             continue
         fixed = weight.fixed_reasons(dim)
         if fixed:
             raise FxgrowError(f"'{producer.source}' dim {dim} mixes growing and fixed channel groups "
                               f"({'; '.join(fixed)})")
-        band, old = weight.positions(dim, shape[dim])
-        perm = band * shape[dim] + old  # index into the band-major block grid
-        perms.append(None if torch.equal(perm, torch.arange(len(perm))) else perm)
+        perms.append(_grown_perm(weight, dim, producer, blocks)[0])
+    rows, cols = (g * r0 if grows[0] else r0), (g * c0 if grows[1] else c0)
     layout = growth.options.get("layout", "vertical")
-    set_axis = "row" if cols == 1 else "col" if rows == 1 else ("row" if layout == "vertical" else "col")
-    set_index = [b % n for b in range(rows if set_axis == "row" else cols)]
-    grid = _Grid(producer, rows, cols, set_axis, set_index, tuple(perms))
+    old_sets, per_source = producer.block_sets(), producer.sets
     k = producer.alpha.shape[-1]
-    for i in range(min(n, max(rows, cols))):
-        grid.sourced[grid.source_block(i)] = growth.sources[i][f"{path}.alpha"].view(k).to(torch.float64).cpu()
+    sets = [[0] * cols for _ in range(rows)]
+    grid = _Grid(producer, rows, cols, sets, tuple(perms))
+    for big_r in range(rows):
+        for big_c in range(cols):
+            (br, r), (bc, c) = divmod(big_r, r0), divmod(big_c, c0)
+            if grows[0] and grows[1]:
+                source = br if br == bc else None
+                owner = br if layout == "vertical" else bc
+            else:  # one growing dim: its band is the source
+                source = owner = br if grows[0] else bc
+            owner = (source if source is not None and source < n else owner) % n
+            sets[big_r][big_c] = owner * per_source + old_sets[r][c] if n > 1 else old_sets[r][c]
+            grid.likes[big_r, big_c] = growth.sources[owner][f"{path}.alpha"].view(r0, c0, k)[r, c].to(
+                torch.float64).cpu()
+            if source is not None and source < n:
+                grid.sourced[big_r, big_c] = grid.likes[big_r, big_c]
     return grid
+
+
+def _set_layout(grid: _Grid) -> tuple[str, list[int]]:
+    """The block sets as MixProducer holds them: one per row or one per column."""
+    if all(len(set(row)) == 1 for row in grid.sets):
+        return "row", [row[0] for row in grid.sets]
+    columns = list(zip(*grid.sets))
+    if all(len(set(col)) == 1 for col in columns):
+        return "col", [col[0] for col in columns]
+    raise FxgrowError(f"'{grid.producer.source}': growing again in another layout would mix template sets "
+                      "within rows and columns; grow every time with the same layout")
 
 
 def _grown_producer(grid: _Grid, growth: "Growth", coefficients: _Coefficients) -> MixProducer:
@@ -360,19 +390,20 @@ def _grown_producer(grid: _Grid, growth: "Growth", coefficients: _Coefficients) 
     device = p.alpha.device
     k = p.alpha.shape[-1]
     alpha = torch.zeros(grid.rows, grid.cols, k, dtype=torch.float64)
-    for r in range(grid.rows):
-        for c in range(grid.cols):
-            if (r, c) in grid.sourced:
-                alpha[r, c] = grid.sourced[r, c]
-    for r in range(grid.rows):  # `copy` takes the alphas of source net s's own block
+    for (r, c), source in grid.sourced.items():
+        alpha[r, c] = source
+    for r in range(grid.rows):  # `copy` takes the alphas of the owning source net's block
         for c in range(grid.cols):
             if (r, c) not in grid.sourced:
-                s = grid.set_of(r, c)
-                alpha[r, c] = coefficients.new(p.bank, s, k, alpha[grid.source_block(s)])
-    index = None
-    if n > 1 and grid.set_index != list(range(n)):
-        index = torch.tensor(grid.set_index, dtype=torch.long, device=device)
+                alpha[r, c] = coefficients.new(p, grid.set_of(r, c), k, grid.likes[r, c])
+    sets = p.sets * n if n > 1 else p.sets
+    axis, index = _set_layout(grid)
+    set_index = None
+    if sets > 1 and index != list(range(sets)):
+        set_index = torch.tensor(index, dtype=torch.long, device=device)
     perm_out, perm_in = (None if q is None else q.to(device) for q in grid.perms)
-    return MixProducer(alpha.to(device=device, dtype=p.alpha.dtype), p.block_shape, bank=p.bank,
-                       source=p.source, sets=n, set_axis=grid.set_axis, set_index=index,
-                       perm_out=perm_out, perm_in=perm_in)
+    grown = MixProducer(alpha.to(device=device, dtype=p.alpha.dtype), p.block_shape, bank=p.bank,
+                        source=p.source, sets=sets, set_axis=axis, set_index=set_index,
+                        perm_out=perm_out, perm_in=perm_in)
+    grown.alpha.requires_grad_(p.alpha.requires_grad)  # frozen coefficients stay frozen
+    return grown

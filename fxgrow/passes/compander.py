@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
@@ -20,7 +20,7 @@ from torch import fx
 from ..errors import FxgrowError
 from ..ir import WeightChain, evaluate_chain, fetch_attr, insert_producer, weight_chains
 from ..nn.base import can_solve
-from ..nn.compander import CompanderScale, CompandProducer, inverse_needs_a, psi_inverse
+from ..nn.compander import MIN_SLOPE, CompanderScale, CompandProducer, inverse_needs_a, psi_inverse, start_limit
 from ..specs.base import PassSpec
 from ..train.callbacks import Callback
 from .base import Match, Pass, PassContext, Record, register_pass
@@ -41,8 +41,11 @@ class CompanderSpec(PassSpec):
         None, description="effective: decay psi(v) (default for fixed a, b); raw: decay v "
                           "(default, and the only choice, for learnable a, b)")
     adaptive_fix: bool = Field(False, description="Adam/AdamW: moments from dL/dw, step times psi'(v)")
+    min_slope: float = Field(
+        MIN_SLOPE, gt=0, lt=1, description="no weight starts where psi'(v) < min_slope * psi'(0): a weight "
+                                           "beyond that edge (or psi's range) starts at the edge, with its sign")
     max_clamped_fraction: float = Field(
-        0.01, ge=0, le=1, description="fail when the inverse init clamps more than this share of a layer")
+        0.01, ge=0, le=1, description="fail when the inverse init moves more than this share of a layer")
 
     @field_validator("weight_decay")
     @classmethod
@@ -62,6 +65,7 @@ class CompanderSpec(PassSpec):
         return self.weight_decay or ("raw" if self.learnable != "none" else "effective")
 
     def check_train(self, train) -> list[tuple[str, str]]:
+        """(Adam/AdamW without adaptive_fix is allowed, with a warning when training starts.)"""
         if self.adaptive_fix and train.optimizer.name not in ADAPTIVE_OPTIMIZERS:
             return [("adaptive_fix", f"applies to Adam/AdamW only (train.optimizer.name is "
                                      f"{train.optimizer.name!r})")]
@@ -70,7 +74,9 @@ class CompanderSpec(PassSpec):
 
 @dataclass
 class CompanderRecord(Record):
-    clamped: dict[str, int] = field(default_factory=dict)  # per weight: entries the inverse init clamped
+    clamped: dict[str, int] = field(default_factory=dict)  # per weight: entries the inverse init moved to the edge
+    # per weight with moved entries: their flat "index", "start" value (+-edge) and "shift" (max |w - start|)
+    starts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @register_pass
@@ -99,7 +105,7 @@ class CompanderPass(Pass):
         out_of_range: list[str] = []  # every layer, in one error (a dry run shows them all)
         with torch.no_grad():
             for members in by_head.values():
-                targets = {c.key: self._inverse(c.key, evaluate_chain(gm, c), record.clamped, bool(c.producers),
+                targets = {c.key: self._inverse(c.key, evaluate_chain(gm, c), record, bool(c.producers),
                                                 out_of_range) for c in members}
                 if out_of_range:
                     continue
@@ -119,24 +125,39 @@ class CompanderPass(Pass):
         return record
 
     def callbacks(self, gm: fx.GraphModule, record: "CompanderRecord", ctx: PassContext) -> list[Callback]:
-        return [CompanderCallback(self.spec, dict(record.clamped))]
+        return [CompanderCallback(self.spec, dict(record.clamped), dict(record.starts))]
 
-    def _inverse(self, key: str, w: torch.Tensor, clamped_counts: dict[str, int],
-                 overwrite: bool = False, out_of_range: list[str] | None = None) -> torch.Tensor:
-        a, b = self.spec.initial_ab
-        v, clamped = psi_inverse(w, a, b, self.spec.function, overwrite)
-        clamped_counts[key] = clamped
-        if clamped > self.spec.max_clamped_fraction * w.numel():
-            message = (f"{clamped} of {w.numel()} weights of '{key}' lie outside the range of "
-                       f"{a} * {self.spec.function}(v / b): raise `a` to at least "
-                       f"{inverse_needs_a(w, self.spec.function):.3g} or exclude the layer")
+    def _inverse(self, key: str, w: torch.Tensor, record: CompanderRecord, overwrite: bool = False,
+                 out_of_range: list[str] | None = None) -> torch.Tensor:
+        """v = psi^-1(w). A weight beyond the start edge (where psi' falls below min_slope of
+        its peak, or beyond psi's range) starts at the edge: a start where psi' ~ 0 would
+        freeze it for good. How many moved and how far is recorded; too many is an error."""
+        spec = self.spec
+        a, b = spec.initial_ab
+        edge = a * start_limit(spec.function, spec.min_slope)
+        lo, hi = torch.aminmax(w.detach()) if w.numel() else (w.new_zeros(()), w.new_zeros(()))
+        beyond = original = None
+        if float(hi) > edge or float(lo) < -edge:  # which ones, before an in-place inverse overwrites w
+            beyond = (w.detach().abs() > edge).flatten().nonzero().flatten()
+            original = w.detach().flatten()[beyond].double()
+        v, clamped = psi_inverse(w, a, b, spec.function, overwrite, spec.min_slope)
+        record.clamped[key] = clamped
+        if clamped > spec.max_clamped_fraction * w.numel():
+            message = (f"{clamped} of {w.numel()} weights of '{key}' lie beyond |w| = {edge:.4g}, where "
+                       f"{a} * {spec.function}(v / b) has less than min_slope = {spec.min_slope} of its "
+                       f"slope at 0: raise `a` to at least "
+                       f"{inverse_needs_a(w, spec.function, spec.min_slope):.4g} or exclude the layer")
             if out_of_range is None:
                 raise FxgrowError(message)
             out_of_range.append(message)
             return v
-        if clamped:
-            warnings.warn(f"compander: clamped {clamped} of {w.numel()} weights of '{key}' to the "
-                          f"range of psi; outputs change slightly", stacklevel=3)
+        if clamped and beyond is not None:
+            start = original.sign() * edge
+            shift = float((original - start).abs().max())
+            record.starts[key] = {"index": beyond.cpu(), "start": start.cpu(), "shift": shift}
+            warnings.warn(f"compander: {clamped} of {w.numel()} weights of '{key}' start at |w| = {edge:.4g} "
+                          f"(moved by up to {shift:.3g}): beyond it psi' < {spec.min_slope} of its peak and they "
+                          "would barely train; outputs change slightly", stacklevel=3)
         return v
 
     def _check_upstream(self, gm: fx.GraphModule, chain: WeightChain) -> None:

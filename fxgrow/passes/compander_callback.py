@@ -22,6 +22,7 @@ alphas, and `adaptive_fix` is rejected at rewrite time.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,15 +88,24 @@ def _adaptive(optimizer: torch.optim.Optimizer) -> bool:
 
 
 class CompanderCallback(Callback):
+    """Learnable a and b are kept positive: psi is odd in each, so a sign flip would flip
+    every weight of the layer (and b = 0 divides by zero). After every optimizer step each is
+    projected back to at least 1e-3 of its initial value (the plain-parameter gradient
+    dynamics of the paper otherwise); the report counts the projections."""
+
     name = "compander"
 
-    def __init__(self, spec, clamped: dict[str, int]):
+    def __init__(self, spec, clamped: dict[str, int], starts: dict[str, dict[str, Any]] | None = None):
         self.function: str = spec.function
         self.learnable: str = spec.learnable
         self.decay: str = spec.decay_mode
         self.adaptive_fix: bool = spec.adaptive_fix
         self.initial_ab = spec.initial_ab
         self.clamped = clamped
+        self.starts = dict(starts or {})  # weights the init moved to the start edge (see CompanderPass._inverse)
+        self.start_moves: dict[str, Any] = {}  # how far they moved in training, measured at the end
+        self.projected = 0  # learnable a or b projected back to positive
+        self.floors = tuple(1e-3 * x for x in spec.initial_ab)
         self.scales: dict[str, tuple[float, float]] = {}  # last seen (a, b) per layer
         self._sites: list[Site] = []      # of the trained model: found at the start and when it is replaced
         self._armed: float | None = None  # lambda for the next optimizer step
@@ -129,6 +139,10 @@ class CompanderCallback(Callback):
         if self.adaptive_fix and not _adaptive(ctx.optimizer):
             raise ValueError(f"compander: adaptive_fix applies to Adam/AdamW, not "
                              f"{type(ctx.optimizer).__name__}")
+        if _adaptive(ctx.optimizer) and not self.adaptive_fix:
+            warnings.warn(f"compander: {type(ctx.optimizer).__name__} without adaptive_fix normalises dL/dv, so "
+                          "psi'(v) cancels and every step moves v by about lr wherever it is: the compander "
+                          "does not shape the updates (set adaptive_fix: true, or train with SGD)", stacklevel=2)
         self._attach(ctx)
 
     def on_model_replaced(self, ctx: TrainContext, old: nn.Module, new: nn.Module, change) -> None:
@@ -182,7 +196,17 @@ class CompanderCallback(Callback):
                 torch._foreach_sub_(vs, before)  # the step the optimizer took on dL/dw
                 torch._foreach_mul_(vs, ds)
                 torch._foreach_add_(vs, before)
+            if self.learnable != "none":
+                self._keep_scales_positive()
         self._pending = []
+
+    def _keep_scales_positive(self) -> None:
+        scales = {id(s.producer.scale): s.producer.scale for s in self._sites}.values()
+        for scale in scales:
+            for p, floor in ((scale.a, self.floors[0]), (scale.b, self.floors[1])):
+                if float(p) < floor:  # one sync per learnable scalar and step
+                    p.clamp_(min=floor)
+                    self.projected += 1
 
     # --- metrics and report ----------------------------------------------------------------
 
@@ -207,21 +231,42 @@ class CompanderCallback(Callback):
     def on_train_end(self, ctx: TrainContext) -> None:
         if self.learnable != "none":
             self.scales = {s.key: s.producer.scale.values() for s in self._sites}
+        self.start_moves = {}
+        with torch.no_grad():
+            for site in self._sites:
+                start = self.starts.get(site.key)
+                if start is None:
+                    continue
+                w = site.producer(site.v()).flatten()
+                index = start["index"].to(w.device)
+                if int(index.max()) >= w.numel():  # grown: the positions are others now
+                    self.start_moves[site.key] = "not measured: the weight changed shape (growth)"
+                    continue
+                moved = (w[index].double() - start["start"].to(w.device)).abs()
+                self.start_moves[site.key] = {"max": float(moved.max()), "mean": float(moved.mean())}
 
     def report(self) -> dict[str, Any]:
         a, b = self.initial_ab
         if self.learnable != "none" and self.scales:
             a = {k: v[0] for k, v in self.scales.items()}
             b = {k: v[1] for k, v in self.scales.items()}
-        return {"function": self.function, "learnable": self.learnable, "weight_decay": self.decay,
-                "adaptive_fix": self.adaptive_fix, "a": a, "b": b, "clamped": dict(self.clamped),
-                "clamped_total": sum(self.clamped.values())}
+        out = {"function": self.function, "learnable": self.learnable, "weight_decay": self.decay,
+               "adaptive_fix": self.adaptive_fix, "a": a, "b": b, "clamped": dict(self.clamped),
+               "clamped_total": sum(self.clamped.values())}
+        if self.starts:  # the weights that started at the edge: how far the init moved them, how far training did
+            out["clamped_start_shift"] = {k: v["shift"] for k, v in self.starts.items()}
+            out["clamped_moved_in_training"] = dict(self.start_moves)
+        if self.learnable != "none":
+            out["scale_projections"] = self.projected
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"clamped": dict(self.clamped)}
+        return {"clamped": dict(self.clamped), "starts": self.starts, "projected": self.projected}
 
     def load_state_dict(self, state: dict[str, Any], ctx: TrainContext | None = None) -> None:
         self.clamped = dict(state.get("clamped", self.clamped))
+        self.starts = dict(state.get("starts", self.starts))
+        self.projected = int(state.get("projected", 0))
 
 
 def _leaf_groups(sites: list[Site]) -> list[tuple[CompanderScale, list[nn.Parameter]]]:

@@ -170,7 +170,8 @@ class Grown:
 def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], factor: int,
                example: torch.Tensor, *, layout: str = "vertical",
                new_coefficients: str = "orthogonal", noise: float = 0.0,
-               generator: torch.Generator | None = None, carried: Sequence[Pass] = ()) -> Grown:
+               generator: torch.Generator | None = None, carried: Sequence[Pass] = (),
+               orthogonal_scope: str = "layer") -> Grown:
     """The grown copy of `gm` and a summary. `sources[i]` is the state_dict of source net i
     (same structure as `gm`; `sources[0]` is normally `gm.state_dict()`). `example` is an
     input batch (of at least one sample) for the shapes. `carried`: the reversible passes
@@ -192,7 +193,8 @@ def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], facto
     chains = weight_chains(new)
     shapes = {key: chain_shape(new, chain) for key, chain in chains.items()}
     growth = Growth(new, Channels(groups), sources, g,
-                    {"layout": layout, "new_coefficients": new_coefficients, "noise": noise}, generator,
+                    {"layout": layout, "new_coefficients": new_coefficients, "noise": noise,
+                     "orthogonal_scope": orthogonal_scope}, generator,
                     {node.target: (chain.layer, chain.param) for chain in chains.values() for node in chain.producers})
     # Every module that says how it grows, computed before any is installed (they read the ungrown model).
     grown = {path: module.grow(growth, path) for path, module in new.named_modules()
@@ -217,6 +219,7 @@ def grow_model(gm: fx.GraphModule, sources: list[dict[str, torch.Tensor]], facto
         Pipeline(list(carried))(new, example_input=example, inplace=True)
     info = {
         "factor": g, "sources": n, "layout": layout, "new_coefficients": new_coefficients,
+        "orthogonal_scope": orthogonal_scope,
         "widths": [{"group": grp.id, "before": grp.size, "after": grp.size * g,
                     "producers": grp.producers} for grp in growing],
         "params_before": sum(p.numel() for p in gm.parameters()),

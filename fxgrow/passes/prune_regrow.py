@@ -18,6 +18,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import fx
 
+from ..analysis.ends import output_layers
 from ..analysis.erk import layout_counts
 from ..errors import FxgrowError, SpecError
 from ..ir import chain_shape, fetch_attr, insert_producer, weight_chains
@@ -29,29 +30,41 @@ from .base import Match, Pass, PassContext, Record, register_pass
 from .prune_regrow_filters import (ChannelUses, filter_groups, keep_channels_group, keep_channels_total,
                                    mask_normalizers, masked_norms, prune_channels, prunable_channel_uses,
                                    regrow_channels)
+from .prune_regrow_counts import classifier_counts, keep_per_layer, keep_total
 from .prune_regrow_masks import MaskedWeight, masked_weights, prune_global, prune_layer, regrow, top_k_mask
+from .prune_regrow_scores import MomentumScores
 
 SAME_AS_FINAL = object()  # preset value: initial_sparsity equals final_sparsity
 
 # What each preset fixes. Setting one of these fields to another value is an error; every
-# other field keeps its ordinary default and may be set freely.
+# other field keeps its ordinary default (or the preset's, PRESET_DEFAULTS) and may be set freely.
 PRESET_FIELDS: dict[str, dict[str, Any]] = {
     # Dense-to-sparse GraNet: cubic pruning from dense, gradient regrowth every event.
     "granet": {"initial_sparsity": 0.0, "regrow": "gradient"},
-    # Sparse-to-sparse GraNet: start from an ERK layout at 50%; the paper ends pruning at
-    # the first learning-rate decay (half of training in its CIFAR step schedule).
-    "granet_sparse": {"initial_sparsity": 0.5, "init_distribution": "erk", "regrow": "gradient",
-                      "schedule": {"start": 0.0, "end": 0.5}},
+    # GraNet_uniform: every layer to the same sparsity, the classifier kept at density 0.2
+    # once the sparsity reaches 0.8 (classifier_density, see PRESET_DEFAULTS).
+    "granet_uniform": {"initial_sparsity": 0.0, "regrow": "gradient", "scope": "layer"},
+    # Sparse-to-sparse GraNet: start from an ERK layout at 50%.
+    "granet_sparse": {"initial_sparsity": 0.5, "init_distribution": "erk", "regrow": "gradient"},
     # Gradual magnitude pruning (Zhu & Gupta): the same schedule, no regrowth.
     "gmp": {"initial_sparsity": 0.0, "regrow": "none"},
     # RigL: constant sparsity on an ERK layout, gradient regrowth with drop fraction 0.3
-    # cosine-decayed, mask updates stopped at 3/4 of training.
+    # cosine-decayed to 0 over the update window (not over training), floor(r * nnz) per
+    # layer, mask updates stopped at 3/4 of training.
     "rigl": {"initial_sparsity": SAME_AS_FINAL, "init_distribution": "erk", "regrow": "gradient",
-             "regrow_fraction": {"initial": 0.3, "final": 0.0}, "regrow_until": "schedule_end",
-             "schedule": {"start": 0.0, "end": 0.75}},
+             "regrow_fraction": {"initial": 0.3, "final": 0.0, "over": "updates", "rounding": "floor"},
+             "regrow_until": "schedule_end", "schedule": {"start": 0.0, "end": 0.75}},
     # SET: constant sparsity on an ERK layout, random regrowth of a fixed 30%.
     "set": {"initial_sparsity": SAME_AS_FINAL, "init_distribution": "erk", "regrow": "random",
             "regrow_fraction": {"initial": 0.3, "final": 0.3}},
+}
+
+# A preset's defaults that the user may change.
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The paper ends pruning at the first learning-rate decay: half of training in its CIFAR
+    # step schedule; its ImageNet runs end at 30 of 100 epochs (schedule: {end: 0.3}).
+    "granet_sparse": {"schedule": {"start": 0.0, "end": 0.5}},
+    "granet_uniform": {"classifier_density": {"from_sparsity": 0.8, "density": 0.2}},
 }
 
 class PruneScheduleSpec(StrictModel):
@@ -72,25 +85,53 @@ class PruneScheduleSpec(StrictModel):
 
 
 class RegrowFractionSpec(StrictModel):
-    """r_t = final + (initial - final) * (1 + cos(pi t / T)) / 2: the fraction of each
-    layer's active weights dropped and regrown at an event."""
+    """r_t = final + (initial - final) * (1 + cos(pi min(t, H) / H)) / 2: the fraction of each
+    layer's active weights dropped and regrown at an event. H is T (`over: training`,
+    GraNet's cosine over all steps) or the last step a regrowth may happen (`over:
+    updates`, RigL's cosine over its update window, which reaches `final` there)."""
 
     initial: float = Field(0.5, ge=0, le=1)
     final: float = Field(0.005, ge=0, le=1)
     decay: Literal["cosine"] = "cosine"
+    over: Literal["training", "updates"] = "training"
+    rounding: Literal["ceil", "floor"] = Field(
+        "ceil", description="weights dropped per layer: ceil(r * nnz) (GraNet) or floor(r * nnz) (RigL)")
+
+
+class ClassifierDensitySpec(StrictModel):
+    """GraNet_uniform's rule: once the target sparsity reaches `from_sparsity`, the
+    classifier (the one masked layer feeding the model output) keeps `density` of its
+    weights and every other layer the same density, so the overall count stays exact."""
+
+    from_sparsity: float = Field(0.8, ge=0, le=1)
+    density: float = Field(0.2, gt=0, le=1)
+
+
+class MomentumSpec(StrictModel):
+    """regrow: momentum grows where |m| is largest, m an exponential moving average of the
+    dense gradient kept by the callback (m <- beta m + (1 - beta) g every step; RigL's
+    SparseMomentumOptimizer, decay 0.9). `normalized` scores m / (sqrt(u) + 1e-8), u the
+    same average of g^2 (GraNet's score under Adam)."""
+
+    beta: float = Field(0.9, ge=0, lt=1)
+    normalized: bool = False
+    beta2: float = Field(0.999, ge=0, lt=1)
 
 
 class PruneRegrowSpec(PassSpec):
     kind: Literal["prune_regrow"] = "prune_regrow"
-    preset: Literal["granet", "granet_sparse", "gmp", "rigl", "set"] | None = None
+    preset: Literal["granet", "granet_uniform", "granet_sparse", "gmp", "rigl", "set"] | None = None
     final_sparsity: float = Field(0.9, ge=0, lt=1)
     initial_sparsity: float = Field(0.0, ge=0, lt=1)
     schedule: PruneScheduleSpec = Field(default_factory=PruneScheduleSpec)
     scope: Literal["global", "layer"] = "global"
-    regrow: Literal["gradient", "random", "none"] = "gradient"
+    regrow: Literal["gradient", "momentum", "random", "none"] = "gradient"
     regrow_fraction: RegrowFractionSpec = Field(default_factory=RegrowFractionSpec)
     regrow_until: Literal["end", "schedule_end"] = "end"
-    init_distribution: Literal["erk", "uniform"] = "erk"
+    momentum: MomentumSpec = Field(default_factory=MomentumSpec)
+    init_distribution: Literal["erk", "er", "uniform"] = "erk"
+    erk_power_scale: float = Field(1.0, ge=0, description="ERK's exponent: 1 is ERK, 0 uniform (RigL's)")
+    classifier_density: ClassifierDensitySpec | None = None
     granularity: Literal["element", "filter"] = "element"
 
     @model_validator(mode="before")
@@ -101,7 +142,8 @@ class PruneRegrowSpec(PassSpec):
                 or data["preset"] not in PRESET_FIELDS:
             return data
         data = dict(data)
-        for name, value in PRESET_FIELDS[data["preset"]].items():
+        preset = {**PRESET_DEFAULTS.get(data["preset"], {}), **PRESET_FIELDS[data["preset"]]}
+        for name, value in preset.items():
             if value is SAME_AS_FINAL:  # the default final_sparsity when the user gave none
                 value = data.get("final_sparsity", cls.model_fields["final_sparsity"].default)
             if isinstance(value, dict):
@@ -111,7 +153,7 @@ class PruneRegrowSpec(PassSpec):
                 data[name] = value
         return data
 
-    @field_validator("initial_sparsity", "schedule", "regrow", "regrow_fraction", "regrow_until",
+    @field_validator("initial_sparsity", "schedule", "scope", "regrow", "regrow_fraction", "regrow_until",
                      "init_distribution")
     @classmethod
     def _agrees_with_preset(cls, value: Any, info: ValidationInfo) -> Any:
@@ -136,12 +178,26 @@ class PruneRegrowSpec(PassSpec):
                 raise ValueError(f"initial_sparsity must be <= final_sparsity ({final})")
         return value
 
+    @field_validator("classifier_density")
+    @classmethod
+    def _uniform_from_dense(cls, value: ClassifierDensitySpec | None, info: ValidationInfo):
+        if value is not None and (info.data.get("scope") != "layer" or info.data.get("initial_sparsity", 0) > 0):
+            raise ValueError("classifier_density is GraNet_uniform's rule: it needs scope: layer and a dense "
+                             "start (initial_sparsity: 0)")
+        return value
+
     @field_validator("granularity")
     @classmethod
     def _filters_start_dense(cls, value: str, info: ValidationInfo) -> str:
         if value == "filter" and info.data.get("initial_sparsity", 0) > 0:
             raise ValueError("filter granularity prunes from a dense start: initial_sparsity must be 0 "
                              "(an initial channel layout is not defined)")
+        fraction = info.data.get("regrow_fraction")
+        if value == "filter" and (info.data.get("regrow") == "momentum" or info.data.get("classifier_density")
+                                  or (fraction is not None and fraction.rounding == "floor")):
+            raise ValueError("filter granularity regrows ceil(r * active channels) by gradient or at random, with "
+                             "one sparsity for every channel group (no regrow: momentum, rounding: floor or "
+                             "classifier_density)")
         return value
 
     def check_train(self, train) -> list[tuple[str, str]]:
@@ -172,6 +228,8 @@ class Schedule:
     regrow_initial: float
     regrow_final: float
     regrow_until: int     # last time a regrowth may happen
+    regrow_horizon: int | None = None  # H of the fraction's cosine; None: total_steps
+    regrow_rounding: str = "ceil"      # of the per-layer drop count
 
     def sparsity_at(self, t: int) -> float:
         """s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (tf - t0))**p, p = 3 (cubic) or 1."""
@@ -204,7 +262,9 @@ class Schedule:
         return [t for t in range(self.start + 1, self.total_steps + 1) if self.is_event(t)]
 
     def regrow_fraction(self, t: int) -> float:
-        cos = (1 + math.cos(math.pi * t / self.total_steps)) / 2
+        """final + (initial - final) * (1 + cos(pi min(t, H) / H)) / 2."""
+        horizon = self.regrow_horizon or self.total_steps
+        cos = (1 + math.cos(math.pi * min(t, horizon) / horizon)) / 2
         return self.regrow_final + (self.regrow_initial - self.regrow_final) * cos
 
 
@@ -221,9 +281,10 @@ def resolve_schedule(spec: PruneRegrowSpec, total_steps: int, steps_per_epoch: i
         raise FxgrowError(f"schedule.every ({sched.every} steps) is longer than the pruning window "
                           f"({start}..{end} steps): pruning would happen in one shot; lower it")
     until = total_steps if spec.regrow_until == "end" else end
+    fraction = spec.regrow_fraction
     schedule = Schedule(spec.initial_sparsity, spec.final_sparsity, start, end, sched.every, sched.shape,
-                        total_steps, spec.regrow, spec.regrow_fraction.initial, spec.regrow_fraction.final,
-                        until)
+                        total_steps, spec.regrow, fraction.initial, fraction.final, until,
+                        until if fraction.over == "updates" else total_steps, fraction.rounding)
     if not schedule.events():
         raise FxgrowError(f"no mask update happens in this run ({total_steps} steps, schedule.every = "
                           f"{sched.every}): lower schedule.every")
@@ -235,6 +296,7 @@ def resolve_schedule(spec: PruneRegrowSpec, total_steps: int, steps_per_epoch: i
 @dataclass
 class PruneRegrowRecord(Record):
     channel_uses: ChannelUses = field(default_factory=dict)  # filter granularity: the prunable groups per mask
+    classifier: str | None = None  # classifier_density: the masked weight feeding the model output
 
 
 @register_pass
@@ -270,24 +332,47 @@ class PruneRegrowPass(Pass):
             record.channel_uses = prunable_channel_uses(gm, ctx.example_input, ctx.where, groups)
             if mask_normalizers(gm, groups, record.channel_uses):
                 ctx.analyzed(gm).invalidate()  # norms replaced: the graph changed beyond weight chains
+        if spec.classifier_density is not None:
+            record.classifier = find_classifier(gm, [m.layer for m in matches], ctx.where)
+            weights = masked_weights(gm)
+            shapes = [w.mask.shape for w in weights]
+            index = [w.key for w in weights].index(record.classifier)
+            classifier_counts(shapes, max(spec.final_sparsity, spec.classifier_density.from_sparsity), index,
+                              spec.classifier_density.density)  # refuses an infeasible final sparsity now
         if spec.initial_sparsity > 0:
-            apply_initial_layout(masked_weights(gm), spec.initial_sparsity, spec.init_distribution, ctx.seed)
+            apply_initial_layout(masked_weights(gm), spec.initial_sparsity, spec.init_distribution, ctx.seed,
+                                 spec.erk_power_scale)
         return record
 
     def callbacks(self, gm: fx.GraphModule, record: "PruneRegrowRecord", ctx: PassContext) -> list[Callback]:
-        return [PruneRegrowCallback(self.spec, record.channel_uses)]
+        return [PruneRegrowCallback(self.spec, record.channel_uses, record.classifier)]
+
+
+def find_classifier(gm: fx.GraphModule, layers: list[str], where: str) -> str:
+    """The one masked layer feeding the model output, as "layer.weight"; else a SpecError."""
+    ends = output_layers(gm)
+    if len(ends) != 1 or ends[0] not in layers:
+        found = ", ".join(ends) or "none"
+        raise SpecError([(f"{where}.classifier_density", "needs exactly one masked layer feeding the model output "
+                          f"(the classifier); the layers feeding it: {found}"
+                          + ("" if len(ends) != 1 else " (not among the targets)"))])
+    if len(layers) < 2:
+        raise SpecError([(f"{where}.classifier_density", "needs layers other than the classifier to prune")])
+    return f"{ends[0]}.weight"
 
 
 @torch.no_grad()
 def apply_initial_layout(weights: list[MaskedWeight], sparsity: float, distribution: str,
-                         seed: int) -> None:
-    """Random positions, exact per-layer counts from `layout_counts`; masked weights zeroed."""
-    counts = layout_counts([w.mask.shape for w in weights], sparsity, distribution)
+                         seed: int, power: float = 1.0) -> None:
+    """Random positions, exact per-layer counts from `layout_counts`; masked weights zeroed.
+    The exploration record (`fired`) starts at this layout."""
+    counts = layout_counts([w.mask.shape for w in weights], sparsity, distribution, power)
     g = torch.Generator().manual_seed(seed)
     for w, keep in zip(weights, counts):
         active = torch.zeros(w.mask.numel(), dtype=torch.bool)
         active[torch.randperm(w.mask.numel(), generator=g)[:keep]] = True
         w.set_active(active.view(w.mask.shape).to(w.mask.device), optimizer=None)
+        w.fired.copy_(w.active)
 
 
 # --- training-time behaviour ----------------------------------------------------------------
@@ -297,13 +382,17 @@ class PruneRegrowCallback(Callback):
 
     The dense gradient is captured only for steps that end in a gradient regrowth: the
     masks' `capture` flag is raised in `on_step_start` of such a step and lowered after the
-    event, so an ordinary step costs one integer test here."""
+    event, so an ordinary step costs one integer test here. `regrow: momentum` captures it
+    at every step until the last regrowth, for its moving average (`MomentumScores`)."""
 
     name = "prune_regrow"
 
-    def __init__(self, spec: PruneRegrowSpec, channel_uses: ChannelUses | None = None):
+    def __init__(self, spec: PruneRegrowSpec, channel_uses: ChannelUses | None = None, classifier: str | None = None):
         self.spec = spec
         self.channel_uses = dict(channel_uses or {})  # filter granularity: from the pass's record
+        self.classifier = classifier                  # classifier_density: "layer.weight"
+        self.momentum = (MomentumScores(spec.momentum.beta, spec.momentum.normalized, spec.momentum.beta2)
+                         if spec.regrow == "momentum" else None)
         self.schedule: Schedule | None = None
         self.events = 0
         self.moved = 0
@@ -323,18 +412,26 @@ class PruneRegrowCallback(Callback):
         fresh = {w.key: change.fresh(w.key) for w in weights}
         if any(f is not None for f in fresh.values()):
             self.relayout(ctx, weights, fresh)
+        if self.momentum is not None:  # a grown weight's average starts again
+            self.momentum.forget({w.key: tuple(w.mask.shape) for w in weights})
         if self._capturing:
             self._set_capture(new, True)
 
     def on_step_start(self, ctx: TrainContext) -> None:
-        self._time = ctx.step + 1
-        want = self.spec.regrow == "gradient" and self.schedule.is_regrow_event(self._time)
+        self._time = t = ctx.step + 1
+        s = self.schedule
+        if self.spec.regrow == "gradient":
+            want = s.is_regrow_event(t)
+        else:  # momentum: every step that feeds a later regrowth
+            want = self.spec.regrow == "momentum" and t <= min(s.regrow_until, s.total_steps - 1)
         if want or self._capturing:
             self._set_capture(ctx.model, want)
 
     def after_step(self, ctx: TrainContext) -> None:
         t = self._time if self._time is not None else ctx.step
         self._time = None
+        if self.momentum is not None and self._capturing:
+            self._update_momentum(masked_weights(ctx.model))
         if self.schedule.is_event(t):
             self.last = self.event(ctx, t)
             self.events += 1
@@ -347,7 +444,8 @@ class PruneRegrowCallback(Callback):
         weights = masked_weights(ctx.model)
         filters = (filter_groups(weights, self.channel_uses, masked_norms(ctx.model))
                    if self.spec.granularity == "filter" else None)
-        self.last = {**(self.last or {}), **self.measure(weights, filters)}
+        self.last = {**(self.last or {}), **self.measure(weights, filters),
+                     "exploration": {w.key: int(w.fired.sum()) / w.numel for w in weights}}
 
     # -- one event
     def event(self, ctx: TrainContext, t: int) -> dict[str, Any]:
@@ -361,7 +459,7 @@ class PruneRegrowCallback(Callback):
             if filters is not None:
                 pruned = prune_channels(filters, sparsity, spec.scope, opt)
             elif spec.scope == "global":
-                pruned = prune_global(weights, keep_total(weights, sparsity), opt)
+                pruned = prune_global(weights, keep_total([w.numel for w in weights], sparsity), opt)
             else:
                 pruned = sum(prune_layer(w, keep, opt) for w, keep in zip(weights, self.keep_per_layer(weights, sparsity)))
         fraction = None
@@ -371,15 +469,17 @@ class PruneRegrowCallback(Callback):
             generator = None
             if gradient:
                 self._reduce_dense_grads(weights, filters)
-            else:  # the same draws on every DDP rank and on resume
+            elif spec.regrow == "random":  # the same draws on every DDP rank and on resume
                 generator = torch.Generator(weights[0].mask.device).manual_seed(stable_seed(ctx.seed, t, self.name))
             if filters is not None:
                 dropped, moved = regrow_channels(filters, fraction, gradient, generator, opt)
             else:
                 for w in weights:
-                    if gradient and w.mask_module.dense_grad is None:
+                    score = (w.mask_module.dense_grad if gradient else
+                             self.momentum.score(w.key) if self.momentum is not None else None)
+                    if spec.regrow != "random" and score is None:
                         continue  # in a residual block no sub-model of this step ran: its mask stays
-                    d, m = regrow(w, fraction, w.mask_module.dense_grad if gradient else None, generator, opt)
+                    d, m = regrow(w, fraction, score, generator, opt, s.regrow_rounding)
                     dropped, moved = dropped + d, moved + m
         self.check(weights, filters, sparsity, t)
         return {"target_sparsity": sparsity, **self.measure(weights, filters),
@@ -403,7 +503,7 @@ class PruneRegrowCallback(Callback):
             new = fresh.get(w.key)
             new = torch.zeros_like(w.active) if new is None else new.to(w.active.device)
             scores.append(torch.where(new, v, torch.where(w.active, v + top, torch.full_like(v, -1.0))))
-        keeps = ([keep_total(weights, sparsity)] if self.spec.scope == "global"
+        keeps = ([keep_total([w.numel for w in weights], sparsity)] if self.spec.scope == "global"
                  else self.keep_per_layer(weights, sparsity))
         parts = [torch.cat([sc.flatten() for sc in scores])] if self.spec.scope == "global" else \
             [sc.flatten() for sc in scores]
@@ -418,12 +518,14 @@ class PruneRegrowCallback(Callback):
         return record
 
     def keep_per_layer(self, weights: list[MaskedWeight], sparsity: float) -> list[int]:
-        """Layer scope: each layer keeps its initial share, scaled to the overall target:
-        c_l - round(c_l * (s_t - s_i) / (1 - s_i)), c_l its initial kept count. With a
-        dense start this is every layer at s_t (n_l - round(s_t * n_l))."""
-        s_i = self.spec.initial_sparsity
-        initial = layout_counts([w.mask.shape for w in weights], s_i, self.spec.init_distribution)
-        return [c - round(c * (sparsity - s_i) / (1 - s_i)) for c in initial]
+        """Layer scope (`prune_regrow_counts.keep_per_layer`): each layer its initial share of
+        the target, or GraNet_uniform's classifier rule."""
+        spec, keys = self.spec, [w.key for w in weights]
+        rule = spec.classifier_density
+        return keep_per_layer([w.mask.shape for w in weights], sparsity, spec.initial_sparsity,
+                              spec.init_distribution, spec.erk_power_scale,
+                              keys.index(self.classifier) if self.classifier in keys else None,
+                              (rule.from_sparsity, rule.density) if rule is not None else None)
 
     def check(self, weights: list[MaskedWeight], filters, sparsity: float, t: int) -> None:
         """The invariant: the kept counts (weights, or channels) are what the target says."""
@@ -435,7 +537,7 @@ class PruneRegrowCallback(Callback):
         else:
             have = {w.key: w.nnz() for w in weights}
             want = (dict(zip(have, self.keep_per_layer(weights, sparsity))) if self.spec.scope == "layer"
-                    else {"all targeted weights": keep_total(weights, sparsity)})
+                    else {"all targeted weights": keep_total([w.numel for w in weights], sparsity)})
             unit = "weights"
         if len(want) == 1 and len(have) > 1:
             have = {next(iter(want)): sum(have.values())}
@@ -448,7 +550,9 @@ class PruneRegrowCallback(Callback):
     def measure(weights: list[MaskedWeight], filters=None) -> dict[str, Any]:
         counts = {w.key: (w.nnz(), w.numel) for w in weights}
         nnz, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+        fired = sum(int(w.fired.sum()) for w in weights)
         out = {"actual_sparsity": 1 - nnz / total, "weight_sparsity": 1 - nnz / total,
+               "exploration_rate": fired / total,
                "layers": {key: 1 - n / size for key, (n, size) in counts.items()}}
         if filters is not None:  # the sparsity counts channels
             active = {g.id: int(g.active().sum()) for g in filters}
@@ -473,6 +577,19 @@ class PruneRegrowCallback(Callback):
                 torch.distributed.all_reduce(w.mask_module.dense_grad)
                 w.mask_module.dense_grad.div_(torch.distributed.get_world_size())
 
+    def _update_momentum(self, weights: list[MaskedWeight]) -> None:
+        """This step's dense gradients into the moving averages (under DDP their mean over
+        ranks first, so every rank keeps the same averages)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for w in weights:
+            grad = w.mask_module.dense_grad
+            if grad is None:
+                continue
+            if distributed:
+                torch.distributed.all_reduce(grad)
+                grad.div_(torch.distributed.get_world_size())
+            self.momentum.update(w.key, grad)
+
     def _set_capture(self, model: torch.nn.Module, on: bool) -> None:
         for module in model.modules():
             if isinstance(module, MaskProducer):
@@ -484,20 +601,22 @@ class PruneRegrowCallback(Callback):
         last = self.last or {}
         measured = {k: last.get(k) for k in ("actual_sparsity", "weight_sparsity", "layers", "channels")
                     if k in last or k == "actual_sparsity"}
+        exploration = last.get("exploration", {})
         return {"final_sparsity": self.spec.final_sparsity, "granularity": self.spec.granularity, **measured,
+                "exploration_rate": last.get("exploration_rate"), "exploration": exploration,
+                "classifier": self.classifier, "regrow": self.spec.regrow,
                 "events": self.events, "moved": self.moved,
                 "schedule": None if self.schedule is None else
                 {"start": self.schedule.start, "end": self.schedule.end, "every": self.schedule.every,
                  "total_steps": self.schedule.total_steps}}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"events": self.events, "moved": self.moved, "last": self.last}
+        state = {"events": self.events, "moved": self.moved, "last": self.last}
+        if self.momentum is not None:
+            state["momentum"] = self.momentum.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any], ctx: TrainContext | None = None) -> None:
         self.events, self.moved, self.last = state["events"], state["moved"], state["last"]
-
-
-def keep_total(weights: list[MaskedWeight], sparsity: float) -> int:
-    """Global scope: N - round(s * N) weights stay active."""
-    n = sum(w.numel for w in weights)
-    return n - round(sparsity * n)
+        if self.momentum is not None:
+            self.momentum.load_state_dict(state.get("momentum", {}), getattr(ctx, "device", None))

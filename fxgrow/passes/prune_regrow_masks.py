@@ -66,7 +66,12 @@ class MaskedWeight:
                     if torch.is_tensor(state) and state.shape == self.param.shape:
                         state.masked_fill_(changed, 0)
         self.mask.copy_(active)
+        self.mask_module.fired |= active
         return n
+
+    @property
+    def fired(self) -> torch.Tensor:
+        return self.mask_module.fired
 
 
 def masked_weights(gm: nn.Module) -> list[MaskedWeight]:
@@ -110,21 +115,22 @@ def prune_layer(w: MaskedWeight, keep: int, optimizer=None) -> int:
     return w.set_active(top_k_mask(_ranked(w).flatten(), keep).view(w.mask.shape), optimizer)
 
 
-def drop_count(fraction: float, nnz: int) -> int:
-    """ceil(fraction * nnz), immune to float noise such as 0.005 * 1000 = 5.000000000000001."""
-    return math.ceil(round(fraction * nnz, 9))
+def drop_count(fraction: float, nnz: int, rounding: str = "ceil") -> int:
+    """ceil(fraction * nnz) (GraNet) or floor (RigL), immune to float noise such as
+    0.005 * 1000 = 5.000000000000001."""
+    return (math.ceil if rounding == "ceil" else math.floor)(round(fraction * nnz, 9))
 
 
 @torch.no_grad()
 def regrow(w: MaskedWeight, fraction: float, grad: torch.Tensor | None,
-           generator: torch.Generator | None = None, optimizer=None) -> tuple[int, int]:
-    """Drop the ceil(fraction * nnz) smallest-magnitude active weights, then activate as
-    many inactive positions (just-dropped ones included) with the largest |grad|, or at
-    random with `grad=None`. Positions grown from inactive start at zero with zero optimizer
+           generator: torch.Generator | None = None, optimizer=None, rounding: str = "ceil") -> tuple[int, int]:
+    """Drop the ceil (or floor) of fraction * nnz smallest-magnitude active weights, then
+    activate as many inactive positions (just-dropped ones included) with the largest |grad|
+    (any score: the gradient, a momentum), or at random with `grad=None`. Positions grown from inactive start at zero with zero optimizer
     state; a weight dropped and regrown keeps its value. Returns (dropped, moved): `moved`
     counts the positions that really changed hands."""
     active = w.active.flatten()
-    n = drop_count(fraction, int(active.sum()))
+    n = drop_count(fraction, int(active.sum()), rounding)
     if n == 0:
         return 0, 0
     magnitude = torch.where(active, w.value().abs().float().flatten(),

@@ -83,11 +83,31 @@ class SortedSlicingSpec(PassSpec):
     sampling: Literal["uniform", "weighted"] = "uniform"
     weights: list[float] | None = Field(None, description="one per grid point (grid order), for sampling: weighted")
     mode: Literal["stochastic", "summation", "sandwich"] = "stochastic"
-    accumulate: int | None = Field(
-        None, ge=1, description="sub-models drawn per optimizer step; default 1, sandwich 4 "
-                                "(the largest, the smallest and 2 random)")
+    sub_models_per_batch: int | None = Field(
+        None, ge=1, description="sub-models drawn for each batch, all run on that same batch; default 1, "
+                                "sandwich 4 (the largest, the smallest and 2 random)")
+    accumulate_batches: int = Field(
+        1, ge=1, description="SortedNet's gradient accumulation (gacc = k): one optimizer step takes k "
+                             "batches, each with its own draw, so an epoch has batches / k steps")
+    loss_reduction: Literal["sum", "mean"] | None = Field(
+        None, description="how the losses of one batch's sub-models combine: sum (default for summation, "
+                          "the paper's) or mean (default otherwise); the k batches of a step are averaged")
     bn: Literal["recalibrate", "per_width", "shared"] = "recalibrate"
     recalibrate_batches: int = Field(10, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """`accumulate` ran k sub-models on one batch; that is `sub_models_per_batch` now
+        (SortedNet's gradient accumulation over batches is `accumulate_batches`)."""
+        if isinstance(data, dict) and "accumulate" in data:
+            if "sub_models_per_batch" in data:
+                raise ValueError("accumulate is the old name of sub_models_per_batch: give one of them")
+            warnings.warn("sorted_slicing: `accumulate` is now `sub_models_per_batch` (k sub-models on one "
+                          "batch); SortedNet's gradient accumulation over k batches is `accumulate_batches`",
+                          DeprecationWarning, stacklevel=2)
+            data = {("sub_models_per_batch" if k == "accumulate" else k): v for k, v in data.items()}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "SortedSlicingSpec":
@@ -100,8 +120,9 @@ class SortedSlicingSpec(PassSpec):
                 raise ValueError("weights must be >= 0 with a positive sum")
         elif self.weights is not None:
             raise ValueError("weights apply to sampling: weighted only")
-        if self.mode == "sandwich" and self.accumulate is not None and self.accumulate < 2:
-            raise ValueError("sandwich runs the largest and the smallest sub-model: accumulate must be >= 2")
+        if self.mode == "sandwich" and self.sub_models_per_batch is not None and self.sub_models_per_batch < 2:
+            raise ValueError("sandwich runs the largest and the smallest sub-model: sub_models_per_batch "
+                             "must be >= 2")
         if (self.grid == "list" and self.width is not None and isinstance(self.depth, DepthSpec)
                 and self.depth.blocks != "all" and len(self.depth.blocks) != len(self.width.fractions)):
             raise ValueError(f"grid: list pairs widths with depths: {len(self.width.fractions)} fractions "
@@ -110,7 +131,14 @@ class SortedSlicingSpec(PassSpec):
 
     @property
     def draws(self) -> int:
-        return self.accumulate if self.accumulate is not None else (4 if self.mode == "sandwich" else 1)
+        """Sub-models drawn for each batch."""
+        if self.sub_models_per_batch is not None:
+            return self.sub_models_per_batch
+        return 4 if self.mode == "sandwich" else 1
+
+    @property
+    def reduction(self) -> str:
+        return self.loss_reduction or ("sum" if self.mode == "summation" else "mean")
 
 
 # --- the pass ----------------------------------------------------------------------------
@@ -461,15 +489,20 @@ class SortedSlicingCallback(Callback):
         self.spec = spec
         self.summary = summary or {}  # plain data about the rewrite, for the report
         self.grid: list[dict[str, Any]] = []
-        self._plan: list[tuple[float, int]] = []
+        self._plan: list[list[tuple[float, int]]] = []  # this step's sub-models, per batch
         self._recent: collections.deque[torch.Tensor] = collections.deque(maxlen=spec.recalibrate_batches)
         self._subnet: SubnetState | None = None  # the model's slicing state
 
     # sampling: a pure function of (seed, step)
-    def plan(self, points: list[tuple[float, int]], seed: int, step: int) -> list[tuple[float, int]]:
-        """The sub-models step `step` runs, in order."""
-        spec = self.spec
+    def plan(self, points: list[tuple[float, int]], seed: int, step: int) -> list[list[tuple[float, int]]]:
+        """The sub-models step `step` runs on each of its `accumulate_batches` batches, in
+        order (one generator for the step, drawing batch after batch)."""
         g = torch.Generator().manual_seed(stable_seed(seed, step, self.name))
+        return [self._draw(points, g) for _ in range(self.spec.accumulate_batches)]
+
+    def _draw(self, points: list[tuple[float, int]], g: torch.Generator) -> list[tuple[float, int]]:
+        """The sub-models one batch runs."""
+        spec = self.spec
         weights = torch.tensor(spec.weights if spec.weights is not None else [1.0] * len(points),
                                dtype=torch.float64)
         if spec.mode == "sandwich":
@@ -496,17 +529,27 @@ class SortedSlicingCallback(Callback):
     def on_step_start(self, ctx) -> None:
         state = self._state(ctx)
         self._plan = self.plan(list(state.points), ctx.seed, ctx.step)
-        if ctx.batch is not None and ctx.step >= ctx.total_steps - self.spec.recalibrate_batches:
-            self._recent.append(ctx.batch[0].detach())  # the last batches recalibrate BN at the end
 
     def on_model_replaced(self, ctx, old, new, change) -> None:
         self._subnet = None  # growth put slicing back on the grown model: a new state
 
+    def batches_per_step(self) -> int:
+        return self.spec.accumulate_batches
+
     def micro_steps(self, ctx) -> int:
-        return len(self._plan)
+        return len(self._batch_plan(ctx))
+
+    def loss_scale(self, ctx, index: int, count: int) -> float | None:
+        return 1.0 if self.spec.reduction == "sum" else None  # None: the loop's mean
 
     def on_micro_step(self, ctx, index: int) -> None:
-        self._state(ctx).activate(*self._plan[index % len(self._plan)])
+        if index == 0 and ctx.batch is not None and ctx.step >= ctx.total_steps - self.spec.recalibrate_batches:
+            self._recent.append(ctx.batch[0].detach())  # the last batches recalibrate BN at the end
+        plan = self._batch_plan(ctx)
+        self._state(ctx).activate(*plan[index % len(plan)])
+
+    def _batch_plan(self, ctx) -> list[tuple[float, int]]:
+        return self._plan[getattr(ctx, "batch_index", 0) % len(self._plan)]
 
     def after_step(self, ctx) -> None:
         state = self._state(ctx)
@@ -523,7 +566,9 @@ class SortedSlicingCallback(Callback):
         self.grid = evaluate_grid(model, ctx.evaluate, example, calibration=calibration or None)
 
     def report(self) -> dict[str, Any]:
-        return {"mode": self.spec.mode, "bn": self.spec.bn, **self.summary, "grid": self.grid}
+        return {"mode": self.spec.mode, "bn": self.spec.bn, "sub_models_per_batch": self.spec.draws,
+                "accumulate_batches": self.spec.accumulate_batches, "loss_reduction": self.spec.reduction,
+                **self.summary, "grid": self.grid}
 
     def state_dict(self) -> dict[str, Any]:
         # The batches kept for the final recalibration: a run resumed in its last steps

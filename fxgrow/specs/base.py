@@ -131,6 +131,21 @@ def _pattern_matches(pattern: str, name: str) -> bool:
     return pattern == name
 
 
+def check_layer_patterns(patterns: Iterable[str], words: tuple[str, ...] = ()) -> None:
+    """A spec field listing layers: module paths, `re:` patterns (checked like targets'), or
+    one of `words`; raises ValueError naming the bad entry."""
+    for p in patterns:
+        if p in words:
+            continue
+        if not p:
+            raise ValueError("empty name")
+        if p.startswith("re:"):
+            try:
+                check_regex(p[3:])
+            except ValueError as e:
+                raise ValueError(f"{short_repr(p)}: {e}") from None
+
+
 class Selectable(NamedTuple):
     """What targets see of one layer: the type names it answers to (its kind's, e.g. Linear,
     and its own class's, e.g. timm's Linear or a user's MyLinear), the module path it belongs
@@ -163,14 +178,7 @@ class Targets(StrictModel):
     @field_validator("names", "exclude")
     @classmethod
     def _valid_regex(cls, patterns: list[str]) -> list[str]:
-        for p in patterns:
-            if p.startswith("re:"):
-                try:
-                    check_regex(p[3:])
-                except ValueError as e:
-                    raise ValueError(f"{short_repr(p)}: {e}") from None
-            elif not p:
-                raise ValueError("empty name")
+        check_layer_patterns(patterns)
         return patterns
 
     def select(self, layers: Mapping[str, "str | Selectable"], where: str = "targets") -> list[str]:

@@ -2,8 +2,17 @@
 
 The loop knows these events, never the passes. Event order for one optimizer step:
 
-    on_step_start -> [for i in range(micro_steps): on_micro_step(i) -> forward -> backward]
+    on_step_start -> [for each of the step's batches b (ctx.batch, ctx.batch_index = b):
+                        [for i in range(micro_steps): on_micro_step(i) -> forward
+                         -> (loss * loss_scale(i, n) / batches_per_step).backward()]]
     -> after_backward -> optimizer.step() -> after_step
+
+An optimizer step takes `batches_per_step` consecutive batches (1 unless a callback asks
+for gradient accumulation over batches; an epoch then has batches // k optimizer steps)
+and runs `micro_steps` forward/backward passes on each (e.g. one per sub-model). Each
+micro-step's loss is multiplied by `loss_scale` (default 1/n: the mean over the batch's
+micro-steps) and divided by the number of batches (the k batches count as one k-times
+larger batch), so gradients accumulate into the one step.
 
 plus on_train_start / on_eval / on_epoch_end / on_train_end. Every hook receives the
 loop's `ctx` (see `TrainContext` below for what it offers).
@@ -55,6 +64,8 @@ class TrainContext(Protocol):
     total_steps: int            # T: optimizer steps the whole run will take
     steps_per_epoch: int
     batch: tuple[torch.Tensor, torch.Tensor] | None  # the current (inputs, targets)
+    batch_index: int            # which of the step's batches `batch` is (0 in on_step_start, after_step: the last)
+    batches_per_step: int       # batches each optimizer step takes (gradient accumulation); 1 by default
     loss: torch.Tensor | None   # the last micro-step's loss
     device: torch.device
     seed: int
@@ -87,14 +98,36 @@ class Callback:
 
     def on_step_start(self, ctx: TrainContext) -> None: ...
 
-    def micro_steps(self, ctx: TrainContext) -> int:
-        """How many forward/backward passes this optimizer step takes. Gradients
-        accumulate over them and each loss is divided by their number. The loop takes
-        the largest answer among callbacks."""
+    def batches_per_step(self) -> int:
+        """How many consecutive batches one optimizer step takes (gradient accumulation
+        over batches, e.g. SortedNet's gacc = k); a fact of the callback's spec, asked
+        once before training. Two callbacks asking for different counts above 1 is an
+        error."""
         return 1
 
+    def micro_steps(self, ctx: TrainContext) -> int:
+        """How many forward/backward passes the current batch (`ctx.batch_index`) takes.
+        Gradients accumulate over them. The loop takes the largest answer among
+        callbacks."""
+        return 1
+
+    def loss_scale(self, ctx: TrainContext, index: int, count: int) -> float | None:
+        """The factor micro-step `index` of the `count` on this batch multiplies its loss
+        by before backward (e.g. 1.0 for a sum of sub-model losses), or None for no
+        opinion. With no opinion anywhere it is 1/count (the mean); two callbacks giving
+        different factors is an error."""
+        return None
+
     def on_micro_step(self, ctx: TrainContext, index: int) -> None:
-        """Before micro-step `index` (e.g. pick the active sub-model)."""
+        """Before micro-step `index` on the current batch (e.g. pick the active sub-model)."""
+
+    def lr_factor(self, ctx: TrainContext, factor: Callable[[int], float]) -> Callable[[int], float]:
+        """The learning-rate multiplier (of every group's base lr) for optimizer step t:
+        return `factor` (the run's schedule) or a function wrapping it (growth restarts
+        it). Asked once, when training starts and before the first scheduler is built;
+        every rebuilt scheduler (resume, a replaced model) uses the result, so it must
+        depend only on t and this callback's state."""
+        return factor
 
     def after_backward(self, ctx: TrainContext) -> None:
         """Gradients are complete; the optimizer has not stepped yet."""

@@ -2,8 +2,8 @@
 
 It knows events (see `callbacks.py`), never passes. One optimizer step:
 
-    on_step_start -> zero grads -> [on_micro_step(i) -> forward -> backward] x n
-    -> after_backward -> clip -> optimizer.step -> scheduler.step -> step += 1 -> after_step
+    on_step_start -> zero grads -> [[on_micro_step(i) -> forward -> backward] x n] per batch
+    (k batches a step, see `Callback.batches_per_step`) -> after_backward -> clip -> optimizer.step -> scheduler.step -> step += 1 -> after_step
     -> log / eval / on_epoch_end / checkpoint when due
 
 The `Trainer` is itself the `TrainContext` callbacks receive.
@@ -135,6 +135,7 @@ class Trainer:
         self.scheduler = None
         self.step = self.epoch = self.total_steps = self.steps_per_epoch = 0
         self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.batch_index, self.batches_per_step = 0, 1
         self.loss: torch.Tensor | None = None
         self.seed = spec.seed
         self.resumed = False
@@ -218,9 +219,15 @@ class Trainer:
         self.objective = build_objective(spec.objective_name, data.num_classes)
         self._train_batches = Batches(data, "train", spec.batch_size, self.device, self.rank, self.world, spec.seed)
         self._test = Batches(data, "test", spec.eval_batch_size or spec.batch_size, self.device, self.rank, self.world)
-        self.steps_per_epoch = self._train_batches.steps_per_epoch
+        self.batches_per_step = self._ask_batches_per_step()
+        self.steps_per_epoch = self._train_batches.steps_per_epoch // self.batches_per_step
+        if self.steps_per_epoch == 0:
+            raise FxgrowError(f"an optimizer step takes {self.batches_per_step} batches, but an epoch has only "
+                              f"{self._train_batches.steps_per_epoch}")
         self.total_steps = spec.steps or spec.epochs * self.steps_per_epoch
         self._lr_factor = lr_factor(spec.schedule, self.total_steps, self.steps_per_epoch)
+        for cb in self.callbacks:
+            self._lr_factor = cb.lr_factor(self, self._lr_factor)
 
         if state is None:
             torch.manual_seed(spec.seed + self.rank)
@@ -323,13 +330,21 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def _ask_batches_per_step(self) -> int:
+        asked = {cb.name: int(cb.batches_per_step()) for cb in self.callbacks}
+        above = {name: k for name, k in asked.items() if k != 1}
+        if any(k < 1 for k in above.values()) or len(set(above.values())) > 1:
+            raise FxgrowError(f"callbacks ask for different batches per optimizer step: {above}")
+        return next(iter(above.values()), 1)
+
     def _train(self) -> None:
-        spe = self.steps_per_epoch
+        spe, k = self.steps_per_epoch, self.batches_per_step
         self._interval_start = train_started = time.perf_counter()
         while self.step < self.total_steps:
             self.epoch, start = divmod(self.step, spe)
-            for x, y in self._train_batches.epoch(self.epoch, start):
-                self._train_step(x, y)
+            batches = self._train_batches.epoch(self.epoch, start * k)
+            for _ in range(start, spe):  # the last batches % k of an epoch are left out
+                self._train_step([next(batches) for _ in range(k)])
                 end_of_epoch = self.step % spe == 0
                 last = self.step == self.total_steps
                 self._after_step_events(end_of_epoch, last)
@@ -337,25 +352,30 @@ class Trainer:
                     break
         self._train_time = time.perf_counter() - train_started
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         generator = step_generator(self.device, self.seed, self.step) if self.data.augment != "none" else None
-        self.batch = (self._prepare(x, generator), y)
+        batches = [(self._prepare(x, generator), y) for x, y in batches]
+        self.batch, self.batch_index = batches[0], 0
         for cb in self.callbacks:
             cb.on_step_start(self)
-        n = max([cb.micro_steps(self) for cb in self.callbacks], default=1)
         self.optimizer.zero_grad(set_to_none=True)
-        inputs, targets = self.batch
-        for i in range(n):
-            for cb in self.callbacks:
-                cb.on_micro_step(self, i)
-            # DDP all-reduces gradients in the last micro-step's backward only
-            with (self._ddp.no_sync() if self._ddp is not None and i < n - 1 else contextlib.nullcontext()):
-                with self._autocast():
-                    output = self._forward_checked(inputs)
-                loss, sums = self.objective.train_terms(output, targets, self.spec.label_smoothing)
-                (loss / n).backward()
-            self.loss = loss.detach()
-            self._meter.add(self.step + 1, sums)
+        for b, (inputs, targets) in enumerate(batches):
+            self.batch, self.batch_index = (inputs, targets), b
+            n = max([cb.micro_steps(self) for cb in self.callbacks], default=1)
+            for i in range(n):
+                for cb in self.callbacks:
+                    cb.on_micro_step(self, i)
+                scale = self._loss_scale(i, n)
+                # DDP all-reduces gradients in the step's last backward only
+                last = b == len(batches) - 1 and i == n - 1
+                with (self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext()):
+                    with self._autocast():
+                        output = self._forward_checked(inputs)
+                    loss, sums = self.objective.train_terms(output, targets, self.spec.label_smoothing)
+                    (loss / (n * len(batches)) if scale is None else loss * (scale / len(batches))).backward()
+                self.loss = loss.detach()
+                self._meter.add(self.step + 1, sums)
+            self._interval_samples += len(targets) * self.world
         for cb in self.callbacks:
             cb.after_backward(self)
         if self.spec.grad_clip is not None:
@@ -363,11 +383,18 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        self._interval_samples += len(targets) * self.world
         if self._check_every_step:
             self._check_finite()
         for cb in self.callbacks:
             cb.after_step(self)
+
+    def _loss_scale(self, index: int, count: int) -> float | None:
+        """The callbacks' factor for this micro-step's loss (see `Callback.loss_scale`);
+        None: the default mean (1/count)."""
+        asked = {cb.name: s for cb in self.callbacks if (s := cb.loss_scale(self, index, count)) is not None}
+        if len(set(asked.values())) > 1:
+            raise FxgrowError(f"callbacks scale micro-step {index}'s loss differently: {asked}")
+        return float(next(iter(asked.values()))) if asked else None
 
     def _forward_checked(self, inputs: torch.Tensor) -> Any:
         try:
