@@ -30,7 +30,7 @@ def test_every_layer_out_of_the_companders_range_is_in_one_error_and_apply_fails
     spec.write_text("model: {example_input: [1, 1, 8, 8]}\npasses:\n  - kind: compander\n    a: 0.02\n" + TRAIN)
     dry = cli("inspect", MLP, spec, "--dry-run")
     assert dry.exit_code == 1
-    listed = [line for line in dry.output.splitlines() if "lie outside the range" in line]
+    listed = [line for line in dry.output.splitlines() if "lie beyond |w| =" in line]
     assert [line.split("'")[1] for line in listed] == ["1.weight", "3.weight", "5.weight"], dry.output
     applied = cli("apply", spec, MLP, "--out", tmp_path / "run")
     assert applied.exit_code == 1 and all(line.strip() in applied.output for line in listed)

@@ -115,7 +115,7 @@ class CompanderPass(Pass):
                     for chain in members:
                         fetch_attr(gm, chain.head.target).copy_(targets[chain.key])
         if out_of_range:
-            raise FxgrowError(f"weights outside the range of {a} * {spec.function}(v / b) "
+            raise FxgrowError(f"weights beyond the start edge of {a} * {spec.function}(v / b) "
                               f"(more than {spec.max_clamped_fraction:.0%} of a layer; raise `a` or exclude the "
                               "layer):\n  " + "\n  ".join(out_of_range))
         shared = CompanderScale(a, b, learnable=True) if spec.learnable == "global" else None
