@@ -106,7 +106,7 @@ def _reference(name: str, steps: int | None) -> tuple[dict[str, torch.Tensor], d
 
 def reference(name: str, steps: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Final state_dict and report of fxgrow's own Trainer on case `name` (cached)."""
-    return _reference(name, steps)
+    return _reference(name, steps or CASES[name][2])
 
 
 def prepared_train():
