@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import fxgrow
+from examples.integrations.hf_sorted import Digits  # {"x": image, "labels": class} items
 from fxgrow.errors import FxgrowError
 from fxgrow.integrations.hf import FxgrowTrainer, FxgrowTrainerCallback
 from fxgrow.subnets import data_evaluator
@@ -28,17 +29,6 @@ from fxgrow.train.optim import build_scheduler, lr_factor, optimizer_options
 from tests.session_cases import EpochSampler, differences, digits, prepared_train, reference, spec_of, steps_per_epoch
 
 hf_logging.set_verbosity_error()
-
-
-class Digits(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "labels": self.y[i]}
 
 
 class FxgrowOrder:
@@ -81,7 +71,7 @@ class StopAt(TrainerCallback):
 
 
 def make(name: str, out: Path, steps: int | None = None, stock: bool = True, stop: int | None = None,
-         save: int | None = None, **arguments) -> tuple[fxgrow.Session, Trainer]:
+         save: int | None = None, eval_dataset=None, **arguments) -> tuple[fxgrow.Session, Trainer]:
     ref, spec = spec_of(name, steps)
     t = spec.train
     session = fxgrow.Session(spec, ref, evaluate=data_evaluator(digits(), t.batch_size, torch.device("cpu")))
@@ -96,11 +86,11 @@ def make(name: str, out: Path, steps: int | None = None, stock: bool = True, sto
     extra = [StopAt(stop)] if stop else []
     x, y = prepared_train()
     if stock:  # the bare callback; the optimizer from the passes' groups
-        trainer = StockTrainer(model=session.module, args=args, train_dataset=Digits(x, y),
+        trainer = StockTrainer(model=session.module, args=args, train_dataset=Digits(x, y), eval_dataset=eval_dataset,
                                optimizers=(cls(session.param_groups(), **kw), None),
                                callbacks=[FxgrowTrainerCallback(session), *extra])
     else:
-        trainer = OrderedFxgrowTrainer(session=session, args=args, train_dataset=Digits(x, y),
+        trainer = OrderedFxgrowTrainer(session=session, args=args, train_dataset=Digits(x, y), eval_dataset=eval_dataset,
                                        optimizer_cls_and_kwargs=(cls, kw), callbacks=extra)
     trainer.session = session
     return session, trainer
@@ -156,6 +146,17 @@ def test_hf_checkpoint_resume_equals_uninterrupted(tmp_path, name, at, total, st
         assert session.generation == 1 and report["grow"]["growth_step"] == 4
 
 
+def test_evaluation_mid_run_reaches_the_passes_and_changes_nothing(tmp_path):
+    """HF's evaluation every 4 steps: the compander logs its weights at each (on_evaluate ->
+    on_eval), the model runs in eval mode there (no step begins), the weights stay fxgrow's."""
+    x, y = digits().test
+    session, trainer = make("compander_sgd", tmp_path, eval_strategy="steps", eval_steps=4, label_names=["labels"],
+                            eval_dataset=Digits(digits().prepare(x), y))
+    train(trainer)
+    assert differences(reference("compander_sgd")[0], session.model.state_dict()) == []
+    assert [r["step"] for r in session.records if "compander" in r] == [0, 4, 8]
+
+
 def test_what_the_hf_trainer_cannot_do_is_refused(tmp_path):
     with pytest.raises(FxgrowError, match=r"runs 3 forward/backward passes per optimizer step \(sorted_slicing: its "
                                           r"sub-models\), and this driver runs one: a TrainerCallback cannot run more "
@@ -177,3 +178,18 @@ def test_what_the_hf_trainer_cannot_do_is_refused(tmp_path):
     with pytest.raises(FxgrowError, match=r"needs weight_decay=0.0 \(the spec's passes set it\), but its optimizer "
                                           r"group has weight_decay=0.01"):
         train(trainer)
+
+
+def test_the_hf_example_trains_sub_models_extracts_and_resumes(tmp_path):
+    from examples.integrations.hf_sorted import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        first = main(["--epochs", "1", "--save-steps", "11", "--out", str(tmp_path)])
+        resumed = main(["--epochs", "1", "--out", str(tmp_path), "--resume", str(tmp_path / "checkpoint-11")])
+    grid = first["report"]["sorted_slicing"]["grid"]
+    assert [row["width"] for row in grid] == [0.125, 0.25, 0.5, 1.0]
+    assert grid[-1]["accuracy"] > 0.5  # 22 steps on digits: learning happened
+    assert resumed["session"].resumed and resumed["report"]["sorted_slicing"]["grid"] == grid
+    assert differences(first["session"].model.state_dict(), resumed["session"].model.state_dict()) == []
+    assert sum(p.numel() for p in first["subnet"].parameters()) == grid[0]["params"]

@@ -49,6 +49,9 @@ class Lit(L.LightningModule):
     def training_step(self, batch, batch_idx):
         return self.fxgrow_loss(batch)
 
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.fxgrow_loss(batch))
+
     def configure_optimizers(self):
         t = self.session.spec.train
         cls, options = optimizer_options(t.optimizer)
@@ -105,7 +108,7 @@ def loader(spec: fxgrow.Spec, session: fxgrow.Session | None = None) -> torch.ut
 
 
 def run(name: str, steps: int | None = None, micro_steps: bool = False, callbacks=(), ckpt_path=None,
-        optimizer_params=None, stateful=False, **trainer_options) -> tuple[fxgrow.Session, FxgrowCallback]:
+        optimizer_params=None, stateful=False, validate=False, **trainer_options) -> tuple[fxgrow.Session, FxgrowCallback]:
     ref, spec = spec_of(name, steps)
     session = fxgrow.Session(spec, ref, evaluate=data_evaluator(digits(), spec.train.batch_size, torch.device("cpu")))
     session.seed_rngs()
@@ -117,7 +120,11 @@ def run(name: str, steps: int | None = None, micro_steps: bool = False, callback
     trainer = L.Trainer(**{**options, **trainer_options}, callbacks=[callback, *callbacks])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        trainer.fit(module, loader(spec, session if stateful else None), ckpt_path=ckpt_path)
+        val = None
+        if validate:
+            x, y = digits().test
+            val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(digits().prepare(x), y), batch_size=128)
+        trainer.fit(module, loader(spec, session if stateful else None), val, ckpt_path=ckpt_path)
     return session, callback
 
 
@@ -136,6 +143,14 @@ def test_lightning_equals_fxgrow_apply(name, micro_steps):
         assert report["sorted_slicing"]["grid"] == ref_report["sorted_slicing"]["grid"]
     if name == "mixing_grow":
         assert session.generation == 1 and report["grow"]["growth_step"] == 4
+
+
+def test_validation_mid_run_reaches_the_passes_and_changes_nothing():
+    """Lightning's validation every 4 steps: the compander logs its weights at each (on_eval),
+    the module runs in eval mode there (no step begins), and the weights stay fxgrow's."""
+    session, _ = run("compander_sgd", validate=True, val_check_interval=4, check_val_every_n_epoch=None)
+    assert differences(reference("compander_sgd")[0], session.model.state_dict()) == []
+    assert [r["step"] for r in session.records if "compander" in r] == [0, 4, 8]
 
 
 def test_the_compander_under_a_closure_needs_its_explicit_pre_step(monkeypatch):
@@ -202,3 +217,20 @@ def test_what_lightning_cannot_do_is_refused():
         run("compander_sgd", steps=2, accumulate_grad_batches=2)
     with pytest.raises(FxgrowError, match=r"needs weight_decay=0.0 \(the spec's passes set it\)"):
         run("compander_sgd", steps=2, optimizer_params=lambda s: s.module.parameters())
+
+
+def test_the_lightning_example_trains_prunes_and_resumes(tmp_path):
+    from examples.integrations.lightning_granet import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        first = main(["--epochs", "2", "--out", str(tmp_path)])
+        checkpoint = tmp_path / "epoch=0-step=22.ckpt"
+        resumed = main(["--epochs", "2", "--out", str(tmp_path / "resumed"), "--resume", str(checkpoint)])
+    for run in (first, resumed):
+        pruning = run["report"]["prune_regrow"]
+        assert pruning["schedule"]["total_steps"] == 44 and pruning["actual_sparsity"] == pytest.approx(0.9, abs=1e-3)
+        assert pruning["events"] == first["report"]["prune_regrow"]["events"] >= 3
+        assert run["metrics"]["accuracy"] > 0.5  # 44 steps on digits: learning happened
+    assert resumed["session"].resumed and resumed["session"].step == 44
+    assert (tmp_path / "folded_state_dict.pt").is_file()

@@ -228,3 +228,11 @@ def test_without_an_evaluator_the_grid_has_no_metrics_and_says_so():
         report = session.train_end()
     assert report["session"]["evaluate"].startswith("not given")
     assert all("accuracy" not in row and "params" in row for row in report["sorted_slicing"]["grid"])
+
+
+def test_the_plain_loop_example_prunes_and_learns(tmp_path):
+    from examples.integrations.plain_loop import main
+
+    run = main(["--epochs", "2", "--out", str(tmp_path)])
+    assert run["report"]["prune_regrow"]["events"] >= 1 and run["metrics"]["accuracy"] > 0.5  # 44 steps: learning happened
+    assert (tmp_path / "folded_state_dict.pt").is_file()

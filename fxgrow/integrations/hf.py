@@ -34,6 +34,8 @@ the model's state_dict (`model.safetensors`; session.module's extra state), whic
 loads before anything else, so a grown run regrows first. HF loads it non-strictly: the
 callback checks at on_train_begin that fxgrow's step is the Trainer's.
 
+To evaluate during training give `TrainingArguments(label_names=["labels"])` (HF finds no
+label argument in session.module's signature, and would then skip your compute_loss).
 HF's defaults differ from fxgrow's loop: `max_grad_norm=1.0` (fxgrow clips only with
 `train.grad_clip`), a linear schedule, the last partial batch kept, its own sampler order.
 """
