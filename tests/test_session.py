@@ -236,3 +236,14 @@ def test_the_plain_loop_example_prunes_and_learns(tmp_path):
     run = main(["--epochs", "2", "--out", str(tmp_path)])
     assert run["report"]["prune_regrow"]["events"] >= 1 and run["metrics"]["accuracy"] > 0.5  # 44 steps: learning happened
     assert (tmp_path / "folded_state_dict.pt").is_file()
+
+
+def test_fxgrow_never_imports_the_frameworks():
+    """Lightning and transformers take seconds to import: only fxgrow.integrations.<name> does."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fxgrow, fxgrow.session, fxgrow.integrations, fxgrow.cli.main; "
+            "print([m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -58,7 +58,8 @@ class MicroSteps:
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to back-propagate: gradients accumulate over the step's micro-steps,
-        each loss divided by their number. (Kept as ctx.loss, detached.)"""
+        each loss divided by their number. (Kept as ctx.loss, detached.) Every driver scales
+        here, so a scale a callback chooses per micro-step would reach all of them at once."""
         self._ctx.loss = loss.detach()
         return loss / self.n
 
