@@ -14,7 +14,10 @@ it took is multiplied by psi'(v): v <- v0 + (v - v0) * psi'(v0).
 Both run in optimizer step pre/post hooks, armed by `after_backward`: so the decay term
 and the division come after gradient clipping (which sees dL/dv, as for any parameter)
 and GradScaler unscaling, a skipped step does nothing, and the rescale happens before
-any `after_step` callback (e.g. growth replacing the model).
+any `after_step` callback (e.g. growth replacing the model). Where optimizer.step() runs
+a closure (Lightning's automatic optimization) its pre-hooks fire before the closure's
+backward, so the driver sends `before_optimizer_step` after clipping instead: the pre-step
+work runs there and the pre-hook finds nothing armed.
 
 When v is generated (template mixing before the compander) there is no v parameter: the
 decay gradient is then taken through the chain by autograd, into the templates and
@@ -157,6 +160,9 @@ class CompanderCallback(Callback):
         # clipping and GradScaler unscaling, and only when the step is really taken.
         lam = float(ctx.optimizer.defaults.get("weight_decay", 0.0)) if self.decay == "effective" else 0.0
         self._armed = lam if lam or self.adaptive_fix else None
+
+    def before_optimizer_step(self, ctx: TrainContext) -> None:
+        self._on_optimizer_step(ctx.optimizer, (), {})  # disarms: the pre-hook then does nothing
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._armed is None:

@@ -1,11 +1,12 @@
 """Training-time behaviour that passes hand to the loop.
 
-The loop knows these events, never the passes. Event order for one optimizer step:
+The loop knows these events, never the passes. Event order for one optimizer step
+(`train/events.py` writes it once, for fxgrow's Trainer and for `fxgrow.Session`):
 
     on_step_start -> [for each of the step's batches b (ctx.batch, ctx.batch_index = b):
                         [for i in range(micro_steps): on_micro_step(i) -> forward
                          -> (loss * loss_scale(i, n) / batches_per_step).backward()]]
-    -> after_backward -> optimizer.step() -> after_step
+    -> after_backward -> (clip) -> [before_optimizer_step] -> optimizer.step() -> after_step
 
 An optimizer step takes `batches_per_step` consecutive batches (1 unless a callback asks
 for gradient accumulation over batches; an epoch then has batches // k optimizer steps)
@@ -15,10 +16,13 @@ micro-steps) and divided by the number of batches (the k batches count as one k-
 larger batch), so gradients accumulate into the one step.
 
 plus on_train_start / on_eval / on_epoch_end / on_train_end. Every hook receives the
-loop's `ctx` (see `TrainContext` below for what it offers).
+loop's `ctx` (see `TrainContext` below for what it offers). `before_optimizer_step` comes
+only from drivers whose optimizer.step() runs a closure (Lightning's automatic
+optimization), where the optimizer's step pre-hooks fire before the closure's backward.
 
 The model's lifecycle: when a callback swaps in a new model (`ctx.replace_model`, e.g.
-growth), the loop rebuilds the optimizer and scheduler and then calls every callback's
+growth), the loop rebuilds the optimizer and scheduler (a driver whose framework owns the
+optimizer re-points it in place) and then calls every callback's
 `on_model_replaced(ctx, old, new, change)`; no callback has to notice a swap itself.
 
 A resumed run first lets every callback, in order, rebuild the structure its saved state
@@ -26,8 +30,11 @@ says the model had (`replay_structure(model, state) -> model`, pure: growth grow
 equal empty model again), then calls on_train_start (ctx.resumed is True) on that model,
 then every callback's load_state_dict, then loads the model, optimizer, scheduler and RNG
 states, and goes on with the step after the checkpoint's (`checkpoint.replay_structures`
-calls every callback's hook; `fxgrow.api.restore` replays the structure the same way). Any driver that implements `TrainContext` and these calls
-(another training loop, Lightning, HF Trainer) runs the passes' callbacks alike.
+calls every callback's hook; `fxgrow.api.restore` replays the structure the same way).
+A driver whose framework loads the model's tensors before anything else (Lightning, HF)
+replays the structure inside that load; the callbacks' load_state_dict still follows
+on_train_start. Any driver that implements `TrainContext` and these calls (another
+training loop, Lightning, HF Trainer) runs the passes' callbacks alike.
 """
 from __future__ import annotations
 
@@ -63,7 +70,8 @@ class TrainContext(Protocol):
     epoch: int
     total_steps: int            # T: optimizer steps the whole run will take
     steps_per_epoch: int
-    batch: tuple[torch.Tensor, torch.Tensor] | None  # the current (inputs, targets)
+    batch: tuple[torch.Tensor, torch.Tensor | None] | None  # the current (inputs, targets); a driver
+    # whose framework shows it only the model's input gives (inputs, None): read batch[0]
     batch_index: int            # which of the step's batches `batch` is (0 in on_step_start, after_step: the last)
     batches_per_step: int       # batches each optimizer step takes (gradient accumulation); 1 by default
     loss: torch.Tensor | None   # the last micro-step's loss
@@ -131,6 +139,12 @@ class Callback:
 
     def after_backward(self, ctx: TrainContext) -> None:
         """Gradients are complete; the optimizer has not stepped yet."""
+
+    def before_optimizer_step(self, ctx: TrainContext) -> None:
+        """Gradients are complete and clipped; optimizer.step() is next. Sent only by
+        drivers whose optimizer.step() runs a closure (Lightning's automatic
+        optimization): a callback doing pre-step work in an optimizer step pre-hook does
+        it here instead, and not again in the hook."""
 
     def after_step(self, ctx: TrainContext) -> None: ...
 

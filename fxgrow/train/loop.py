@@ -1,9 +1,11 @@
 """The training loop every rewritten model goes through.
 
-It knows events (see `callbacks.py`), never passes. One optimizer step:
+It knows events (see `callbacks.py`), never passes. One optimizer step is
+`events.optimizer_step` (the order `fxgrow.Session` drives other loops in too):
 
     on_step_start -> zero grads -> [[on_micro_step(i) -> forward -> backward] x n] per batch
-    (k batches a step, see `Callback.batches_per_step`) -> after_backward -> clip -> optimizer.step -> scheduler.step -> step += 1 -> after_step
+    (k batches a step, see `Callback.batches_per_step`) -> after_backward -> clip
+    -> optimizer.step -> scheduler.step -> step += 1 -> after_step
     -> log / eval / on_epoch_end / checkpoint when due
 
 The `Trainer` is itself the `TrainContext` callbacks receive.
@@ -13,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import time
 import warnings
@@ -21,7 +22,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -34,9 +34,10 @@ from ..specs.train import TrainSpec
 from . import checkpoint as ckpt
 from .callbacks import Callback, ModelChange
 from .data import Batches, Data, load_data, step_generator
+from .events import Events, MicroSteps, optimizer_step
 from .meter import Meter
 from .objectives import Classification, Objective, build_objective
-from .optim import build_optimizer, build_scheduler, lr_factor, merge_overrides, transfer_state
+from .optim import build_optimizer, build_scheduler, lr_factor, transfer_state
 from .preflight import check_model_fits
 from .progress import Progress
 from .run_folder import RunFolder, metrics_up_to, unused_folder
@@ -117,12 +118,11 @@ class Trainer:
                  signature: dict[str, str] | None = None, overwrite: bool = False):
         self.spec = spec
         self.signature, self.overwrite = signature, overwrite
-        self.callbacks = list(callbacks)
-        names = [cb.name for cb in self.callbacks]
-        for name in names:
-            if names.count(name) > 1 or name in REPORT_KEYS:
-                raise FxgrowError(f"callback name {name!r} is {'used twice' if names.count(name) > 1 else 'reserved'}"
-                                 "; names key checkpoint state and report sections")
+        self.events = Events(callbacks)
+        self.callbacks = self.events.callbacks
+        reserved = next((cb.name for cb in self.callbacks if cb.name in REPORT_KEYS), None)
+        if reserved is not None:
+            raise FxgrowError(f"callback name {reserved!r} is reserved; names key checkpoint state and report sections")
         self.spec_dump = spec_dump if spec_dump is not None else {"train": spec.model_dump(mode="json")}
         self.resume_from = ckpt.find_checkpoint(Path(resume)) if resume is not None else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -160,8 +160,7 @@ class Trainer:
         transfer_state(old_optimizer, old_params, self.optimizer, dict(self.model.named_parameters()),
                        change.param_map)
         self.scheduler = build_scheduler(self.optimizer, self._lr_factor, self.step)
-        for cb in self.callbacks:
-            cb.on_model_replaced(self, old, self.model, change)
+        self.events.model_replaced(self, old, self.model, change)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
@@ -180,8 +179,7 @@ class Trainer:
             self._setup(state)
             self._wall_before = state["wall_time_s"] if state else 0.0
             self._started = started
-            for cb in self.callbacks:
-                cb.on_train_start(self)
+            self.events.train_start(self)
             if state is not None:
                 self._restore(state)
             self._train()
@@ -230,9 +228,7 @@ class Trainer:
             self._lr_factor = cb.lr_factor(self, self._lr_factor)
 
         if state is None:
-            torch.manual_seed(spec.seed + self.rank)
-            random.seed(spec.seed + self.rank)
-            np.random.seed(spec.seed + self.rank)
+            ckpt.seed_rngs(spec.seed + self.rank)
         else:  # the structure the checkpoint's model had (growth), before anything sees the model
             self.model = ckpt.replay_structures(self.model, self.callbacks, state, self.resume_from)
         self._install(self.model)
@@ -298,9 +294,7 @@ class Trainer:
         self.model, self._forward = model, forward
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        overrides = merge_overrides(self.model, ((cb.name, cb.param_group_overrides(self.model))
-                                                 for cb in self.callbacks))
-        return build_optimizer(self.model, self.spec.optimizer, overrides)
+        return build_optimizer(self.model, self.spec.optimizer, self.events.overrides(self.model))
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
@@ -356,45 +350,28 @@ class Trainer:
         generator = step_generator(self.device, self.seed, self.step) if self.data.augment != "none" else None
         batches = [(self._prepare(x, generator), y) for x, y in batches]
         self.batch, self.batch_index = batches[0], 0
-        for cb in self.callbacks:
-            cb.on_step_start(self)
-        self.optimizer.zero_grad(set_to_none=True)
-        for b, (inputs, targets) in enumerate(batches):
-            self.batch, self.batch_index = (inputs, targets), b
-            n = max([cb.micro_steps(self) for cb in self.callbacks], default=1)
-            for i in range(n):
-                for cb in self.callbacks:
-                    cb.on_micro_step(self, i)
-                scale = self._loss_scale(i, n)
-                # DDP all-reduces gradients in the step's last backward only
-                last = b == len(batches) - 1 and i == n - 1
-                with (self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext()):
-                    with self._autocast():
-                        output = self._forward_checked(inputs)
-                    loss, sums = self.objective.train_terms(output, targets, self.spec.label_smoothing)
-                    (loss / (n * len(batches)) if scale is None else loss * (scale / len(batches))).backward()
-                self.loss = loss.detach()
-                self._meter.add(self.step + 1, sums)
+        optimizer_step(self, self.events, self._forward_backward, self._update, batches)
+
+    def _forward_backward(self, steps: MicroSteps) -> None:
+        inputs, targets = self.batch
+        # DDP all-reduces gradients in the step's last backward only
+        last = steps.batch == steps.batches - 1 and steps.index == len(steps) - 1
+        with (self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext()):
+            with self._autocast():
+                output = self._forward_checked(inputs)
+            loss, sums = self.objective.train_terms(output, targets, self.spec.label_smoothing)
+            steps.scale(loss).backward()
+        self._meter.add(self.step + 1, sums)
+        if steps.index == len(steps) - 1:
             self._interval_samples += len(targets) * self.world
-        for cb in self.callbacks:
-            cb.after_backward(self)
+
+    def _update(self) -> None:
         if self.spec.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        self.step += 1
         if self._check_every_step:
             self._check_finite()
-        for cb in self.callbacks:
-            cb.after_step(self)
-
-    def _loss_scale(self, index: int, count: int) -> float | None:
-        """The callbacks' factor for this micro-step's loss (see `Callback.loss_scale`);
-        None: the default mean (1/count)."""
-        asked = {cb.name: s for cb in self.callbacks if (s := cb.loss_scale(self, index, count)) is not None}
-        if len(set(asked.values())) > 1:
-            raise FxgrowError(f"callbacks scale micro-step {index}'s loss differently: {asked}")
-        return float(next(iter(asked.values()))) if asked else None
 
     def _forward_checked(self, inputs: torch.Tensor) -> Any:
         try:
@@ -417,8 +394,7 @@ class Trainer:
                 or (end_of_epoch and spec.eval_every_epochs and completed_epoch % spec.eval_every_epochs == 0)):
             self._eval()
         if end_of_epoch:
-            for cb in self.callbacks:
-                cb.on_epoch_end(self)
+            self.events.epoch_end(self)
         if spec.checkpoint and (last or (spec.checkpoint_every_steps and self.step % spec.checkpoint_every_steps == 0)
                                 or (end_of_epoch and not spec.checkpoint_every_steps)):
             self._save_checkpoint()
@@ -501,8 +477,7 @@ class Trainer:
         if self.rank == 0:
             self.log(record)
             self._progress.eval(record)
-        for cb in self.callbacks:
-            cb.on_eval(self, metrics)
+        self.events.eval(self, metrics)
 
     def _save_checkpoint(self) -> None:
         # Fold the interval so far into one carried sum, here and in the resumed run alike,
@@ -518,7 +493,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": self._rng_states(),
-            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "callbacks": self.events.state_dicts(),
             "interval_sums": carry,
             "wall_time_s": self._wall_time(),
         }
@@ -554,8 +529,7 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         if self._last_eval is None or self._last_eval[0] != self.step:  # a resumed, already finished run
             self._eval()
-        for cb in self.callbacks:
-            cb.on_train_end(self)
+        self.events.train_end(self)
         if self._last_checkpoint != self.step:  # a checkpoint at this step was checked already
             self._check_state_finite()  # nothing non-finite is folded and reported as done
         _, metrics = self._last_eval
@@ -579,8 +553,7 @@ class Trainer:
         }
         if self.data.info:
             report["data"] = self.data.info
-        for cb in self.callbacks:
-            report[cb.name] = cb.report()
+        report.update(self.events.reports())
         if self.rank == 0:
             if self.on_finish is not None:
                 self.on_finish(self.model, self.out_dir, report)

@@ -43,11 +43,9 @@ def merge_overrides(model: nn.Module, per_callback: Iterable[tuple[str, dict[str
     return merged
 
 
-def build_optimizer(model: nn.Module, spec: OptimizerSpec, overrides: dict[str, dict[str, Any]]
-                    ) -> torch.optim.Optimizer:
+def param_groups(model: nn.Module, overrides: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Trainable parameters grouped by their overrides (in first-seen order, so the
     grouping is deterministic and a checkpoint's optimizer state loads back)."""
-    cls, defaults = optimizer_options(spec)
     groups: dict[tuple, dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -55,7 +53,13 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec, overrides: dict[str, 
         options = overrides.get(name, {})
         key = tuple(sorted((k, repr(v)) for k, v in options.items()))
         groups.setdefault(key, {"params": [], **options})["params"].append(p)
-    return cls(list(groups.values()), **defaults)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, spec: OptimizerSpec, overrides: dict[str, dict[str, Any]]
+                    ) -> torch.optim.Optimizer:
+    cls, defaults = optimizer_options(spec)
+    return cls(param_groups(model, overrides), **defaults)
 
 
 def lr_factor(spec: ScheduleSpec, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:

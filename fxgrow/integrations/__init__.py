@@ -1,0 +1,11 @@
+"""fxgrow's passes inside other frameworks' training loops, built on `fxgrow.Session`:
+
+- `fxgrow.integrations.lightning`: a Lightning `Callback` (`FxgrowCallback`) and, for
+  several sub-models a step, a LightningModule mixin (`FxgrowMicroSteps`);
+  `pip install 'fxgrow[lightning]'`.
+- `fxgrow.integrations.hf`: a Hugging Face `TrainerCallback` (`FxgrowTrainerCallback`) and a
+  `Trainer` subclass (`FxgrowTrainer`) for what callbacks cannot do; `pip install 'fxgrow[hf]'`.
+
+Each module imports its framework (seconds); nothing here does, and `import fxgrow` never
+imports either.
+"""
