@@ -1,7 +1,8 @@
 """A small training run for the tests that need a separate process: kill-and-resume
 (SIGKILL at a random step) and DDP under torchrun. Prints `step N` after every optimizer
-step and saves the final parameters to --final (one file per rank under DDP). The
-caller puts fxgrow on PYTHONPATH.
+step and saves the final parameters to --final (one file per rank under DDP); under DDP
+each rank also prints, on stderr, the threads its process still runs once fit() has
+returned (`threads after fit: ...`, Linux). The caller puts fxgrow on PYTHONPATH.
 
     python tests/train_driver.py --out DIR --final F.pt [--resume] [--model conv|mlp|lm] [--crash-after N]
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,6 +55,30 @@ class Announce(Callback):
         return {"draws": float(self.draws)}
 
 
+def threads_after_fit() -> list[str] | None:
+    """The names of this process's threads (None where /proc does not list them). A joined
+    thread leaves /proc a moment after join() returns, so gloo's get up to 5 s to go; those
+    of a group that outlived fit() stay for good."""
+    def names() -> list[str] | None:
+        tasks = Path("/proc/self/task")
+        if not tasks.is_dir():
+            return None
+        found = []
+        for task in tasks.iterdir():
+            try:
+                found.append((task / "comm").read_text().strip())
+            except OSError:  # that thread ended meanwhile
+                pass
+        return sorted(found)
+    threads = names()
+    for _ in range(50):
+        if not threads or not any("gloo" in name for name in threads):
+            break
+        time.sleep(0.1)
+        threads = names()
+    return threads
+
+
 def build(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "lm":
@@ -88,6 +115,12 @@ def main() -> None:
     trainer = Trainer(build(args.model), spec, callbacks=[Announce(args.crash_after)], out_dir=args.out,
                       resume=args.out if args.resume else None)
     trainer.fit()
+    threads = threads_after_fit()
+    if trainer.world > 1 and threads is not None:  # a process group fit() made should be gone with its threads
+        # One write(2) of under PIPE_BUF bytes: the ranks share torchrun's stderr, and a line
+        # written in pieces (as print may) can interleave with the other rank's.
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"rank {trainer.rank} threads after fit: {' '.join(threads)}\n".encode())
     final = args.final if trainer.world == 1 else args.final.with_suffix(f".rank{trainer.rank}.pt")
     torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, final)
 

@@ -42,6 +42,14 @@ from .preflight import check_model_fits
 from .progress import Progress
 from .run_folder import RunFolder, metrics_up_to, unused_folder
 
+# torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is first
+# imported (DDP imports it, through torch._dynamo). Imported after init_process_group, it keeps the
+# default group, and with it gloo's threads, alive past destroy_process_group, to be torn down at
+# interpreter exit, where gloo can abort the process ("terminate called without an active
+# exception"). Imported with this module, before fit() makes a group, it binds None.
+if dist.is_available():
+    import torch.distributed.nn.functional  # noqa: F401
+
 REPORT_KEYS = ("accuracy", "loss", "perplexity", "objective", "parameters", "flops", "flops_error", "wall_time_s",
                "steps", "epochs", "samples_per_s", "device", "world_size", "out_dir", "data", "coverage")
 # Fields a resumed run may change: they do not change what is computed.
@@ -186,8 +194,7 @@ class Trainer:
             return self._finish()
         finally:
             self._close()
-            if own_group:
-                dist.destroy_process_group()
+            self._leave_distributed(own_group)
 
     def _setup_distributed(self) -> bool:
         own = False
@@ -198,6 +205,16 @@ class Trainer:
         if dist.is_initialized():
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         return own
+
+    def _leave_distributed(self, own_group: bool) -> None:
+        """Drop the DDP wrapper (it holds the process group), then destroy the group if this
+        run made it: the group and its threads end here, while the interpreter is alive,
+        not during interpreter exit (see the import of torch.distributed.nn.functional)."""
+        if self._ddp is not None:
+            self._ddp = None
+            self._forward = self.model
+        if own_group:
+            dist.destroy_process_group()
 
     def _setup(self, state: dict[str, Any] | None) -> None:
         spec = self.spec
