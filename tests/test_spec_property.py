@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {p.name: p.read_text() for p in sorted((ROOT / "examples").glob("*.yaml"))}
 assert len(EXAMPLES) >= 10
 TREES = {name: yaml.safe_load(text) for name, text in EXAMPLES.items()}
-WATCHDOG_S = 10
+# A hang never returns; a slow parse on a loaded machine does. 60 s tells them apart with a
+# margin (a document parses in milliseconds idle; one failed at 10 s on a 2-core box at load 5).
+WATCHDOG_S = 60
 # Paths a target regex is matched against: real-looking and long.
 LAYERS = {"conv1": "Conv2d", "layer1.0.conv1": "Conv2d", "layer4.1.downsample.0": "Conv2d",
           "model.encoder.layers.11.self_attn.out_proj": "Linear", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa": "Linear",
