@@ -63,3 +63,17 @@ def _export(model: nn.Module, example: Any) -> fx.GraphModule:
 def frontend_of(gm: nn.Module) -> str:
     """Which front-end captured `gm` ("fx" for a traced or user-made GraphModule)."""
     return ((getattr(gm, "meta", None) or {}).get(META_KEY) or {}).get("frontend", "fx")
+
+
+def require_channel_rules(gm: nn.Module, what: str) -> None:
+    """Refuse `what` (a pass that cuts, grows or prunes channels) on an exported graph: the
+    channel coupling has rules for torch functions, not for aten ops, so every channel group
+    of an exported graph is fixed; and export bakes head counts and widths into its
+    view/reshape/expand sizes, which a cut or grown width would break."""
+    if frontend_of(gm) == "export":
+        raise TraceError(
+            f"{what} does not run on a torch.export graph yet: it needs free channel groups, and fxgrow's channel "
+            "coupling has no rules for aten ops (every group would be fixed), while export bakes head counts and "
+            "widths into view/reshape/expand sizes. Use model.frontend: fx for a model torch.fx can trace; the "
+            "weight-chain passes (compander, prune_regrow with unstructured masks, template_mixing) run on "
+            "exported graphs")
