@@ -236,3 +236,13 @@ def test_export_leaves_the_users_model_alone(captured):
     assert not model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.config.use_cache == use_cache  # switched off on the exported copy only
     assert all(p is not q for p, q in zip(gm.parameters(), model.parameters()))
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_the_capture_runs_where_it_is_moved(captured, name):
+    """Export writes its device into arange/to; the graph reads the input's instead (the meta
+    device stands in for a GPU here: a CPU tensor created in the graph would not mix)."""
+    _, gm = captured[name]
+    moved = copy.deepcopy(gm).to("meta").eval()
+    out = moved(ids().to("meta"))
+    assert out.device.type == "meta" and out.shape[0] == 3

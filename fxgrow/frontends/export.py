@@ -49,9 +49,10 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict | None = None) -> f
     _one_read_per_parameter(exported, graph, names)
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in _DROPPED]:
         graph.erase_node(node)
+    _devices_follow_input(graph, _device_of(args, kwargs))
     graph.eliminate_dead_code()
-    gm = fx.GraphModule(exported, graph, class_name=type(model).__name__)
-    gm._tracer_cls, gm._tracer_extras = None, {}  # pickling re-traces with it; export's cannot be rebuilt
+    graph._tracer_cls, graph._tracer_extras = None, {}  # pickling re-traces with them (copies read the
+    gm = fx.GraphModule(exported, graph, class_name=type(model).__name__)  # graph's): export's cannot be rebuilt
     _attach_state(gm, captured)
     types = {path: type(m).__name__ for path, m in model.named_modules()}
     selects = make_mode_aware(gm, captured)
@@ -66,6 +67,29 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict | None = None) -> f
     verify_modes(gm, model, args, kwargs, pick,
                  lambda: _export(_copy_for_export(model), args, kwargs, train=False).module(check_guards=False))
     return gm
+
+
+def _device_of(args: tuple, kwargs: dict) -> torch.device | None:
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    return tensors[0].device if tensors else None
+
+
+def _devices_follow_input(graph: fx.Graph, device: torch.device | None) -> None:
+    """Export writes the device it ran on into the graph (`arange(..., device=cpu)`, rotary's
+    `to(cpu)`): make each such argument the first input's device, read at run time, so the
+    module runs wherever it is moved (as the model's own `x.device` did)."""
+    first = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    if device is None or first is None:
+        return
+    users = [n for n in graph.nodes if n.op == "call_function"
+             and any(isinstance(a, torch.device) and a == device for a in (*n.args, *n.kwargs.values()))]
+    if not users:
+        return
+    with graph.inserting_after(next(n for n in reversed(graph.nodes) if n.op == "placeholder")):
+        at = graph.call_function(getattr, (first, "device"))
+    for node in users:
+        node.args = tuple(at if isinstance(a, torch.device) and a == device else a for a in node.args)
+        node.kwargs = {k: at if isinstance(a, torch.device) and a == device else a for k, a in node.kwargs.items()}
 
 
 def _copy_for_export(model: nn.Module) -> nn.Module:
