@@ -181,7 +181,7 @@ def test_auto_falls_back_to_export_naming_why_fx_failed():
     with pytest.warns(FrontendWarning, match="torch.fx cannot trace LlamaForCausalLM .*co_varnames"):
         gm = api.trace_model(spec_for([], frontend="auto"), model)
     assert frontend_of(gm) == "export"
-    with pytest.raises(TraceError, match="co_varnames"):
+    with pytest.raises(TraceError, match=r"(?s)co_varnames.*fix: capture the model with torch.export instead: model: {frontend: export}"):
         api.trace_model(spec_for([], frontend="fx"), model)
 
 
@@ -246,3 +246,31 @@ def test_the_capture_runs_where_it_is_moved(captured, name):
     moved = copy.deepcopy(gm).to("meta").eval()
     out = moved(ids().to("meta"))
     assert out.device.type == "meta" and out.shape[0] == 3
+
+
+def test_batch_norm_statistics_and_dropout_follow_the_mode_step_after_step():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                        nn.Linear(144, 2))
+    x = torch.randn(4, 3, 8, 8)
+    gm = capture(net, "export", (x,))
+    assert list(layer_table(gm)) == ["0", "5"]
+    for training in (True, False, True, True):
+        assert torch.equal(run(gm, x, training, seed=3), run(net, x, training, seed=3))
+        assert torch.equal(gm.get_buffer("1.running_mean"), net[1].running_mean)
+        assert gm.get_buffer("1.num_batches_tracked").item() == net[1].num_batches_tracked.item()
+    assert net[1].num_batches_tracked.item() == 3  # counted in train() only
+
+
+def test_keyword_inputs_are_graph_inputs_by_name():
+    torch.manual_seed(0)
+    model = bert().eval()
+    spec = spec_for([COMPANDER], example_kwargs={"attention_mask": {"shape": [1, TOKENS], "dtype": "int64",
+                                                                     "high": 2}})
+    gm = api.compile_spec(spec, model).graph_module.eval()
+    x, mask = ids(), torch.ones(3, TOKENS, dtype=torch.long)
+    mask[1, 5:] = 0
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["input_ids", "attention_mask"]
+    expected = logits(model(x, attention_mask=mask))
+    torch.testing.assert_close(gm(x, attention_mask=mask), expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(gm(x, attention_mask=mask), gm(x, torch.ones_like(mask)))  # the mask is read
