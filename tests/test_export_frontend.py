@@ -274,3 +274,18 @@ def test_keyword_inputs_are_graph_inputs_by_name():
     expected = logits(model(x, attention_mask=mask))
     torch.testing.assert_close(gm(x, attention_mask=mask), expected, rtol=0, atol=1e-5)
     assert not torch.allclose(gm(x, attention_mask=mask), gm(x, torch.ones_like(mask)))  # the mask is read
+
+
+def test_both_front_ends_agree_on_a_model_both_take():
+    from examples.models.tiny_lm import build
+
+    torch.manual_seed(0)
+    model = build(vocab_size=VOCAB, block_size=TOKENS, dim=32, heads=2, layers=1, dropout=0.1)
+    passes = [dict(COMPANDER, targets={"types": ["Linear"]}), PRUNE]  # (nn.Embedding starts N(0, 1): too wide)
+    results = {f: api.compile_spec(spec_for(passes, frontend=f), model) for f in ("fx", "export")}
+    assert list(layer_table(results["fx"].graph_module)) == list(layer_table(results["export"].graph_module))
+    x = ids(tokens=TOKENS)
+    for training in (False, True):  # sdpa's dropout_p and nn.Dropout, drawn in the same order
+        assert torch.equal(run(results["fx"].graph_module, x, training), run(results["export"].graph_module, x, training))
+    assert sorted(fold(results["fx"].graph_module).state_dict()) == sorted(model.state_dict())
+    assert sorted(fold(results["export"].graph_module).state_dict()) == sorted(model.state_dict())

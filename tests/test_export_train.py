@@ -101,3 +101,12 @@ def test_the_pydocs_llama_example_runs_on_other_text(tmp_path, monkeypatch):
     report = api.run(spec, TINY_LLAMA, out_dir=tmp_path / "run")
     assert report["objective"] == "causal_lm" and report["data"]["tokenizer"] == "bpe"
     assert {entry["kind"] for entry in report["coverage"].values()} == {"compander", "prune_regrow"}
+
+
+def test_exported_lm_trains_under_bf16_autocast(tmp_path):
+    write_docs(tmp_path / "t", count=10, words=60)
+    d = api.spec_dump(lm_spec(tmp_path / "t"))
+    d["train"].update(precision="bf16", steps=3)
+    d["passes"][1]["schedule"]["every"] = 1
+    report = api.run(parse_spec(d), TINY_LLAMA, out_dir=tmp_path / "run")
+    assert 1 < report["perplexity"] < 257 * 2

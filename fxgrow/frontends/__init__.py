@@ -55,6 +55,8 @@ def _export(model: nn.Module, example: Any) -> fx.GraphModule:
     from ..analysis.shapes import Inputs
     from .export import export_model
 
+    if example is None:
+        raise TraceError("the export front-end runs the model on an example input: give model.example_input")
     if isinstance(example, Inputs):
         return export_model(model, tuple(example.args), dict(example.kwargs))
     return export_model(model, example if isinstance(example, tuple) else (example,))
