@@ -88,9 +88,10 @@ def _set_parameter(gm: nn.Module, key: str, value: torch.Tensor) -> nn.Parameter
     owner = gm.get_submodule(owner_path) if owner_path else gm
     old = owner._parameters.get(name)
     param = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
-    for module in gm.modules() if old is not None else (owner,):
+    owner._parameters[name] = param
+    for module in gm.modules() if old is not None else ():
         for n, p in module._parameters.items():
-            if p is old or module is owner and n == name:
+            if p is old:
                 module._parameters[n] = param
     return param
 

@@ -73,6 +73,15 @@ def test_exported_lm_run_crashed_and_resumed_is_bit_identical(tmp_path):
     assert torch.equal(saved.eval()(x), model.eval()(x).logits)
     records = json.loads((tmp_path / "a" / "report.json").read_text())
     assert records["coverage"]["passes.0"]["untouched"] == [] and records["artifacts"]["folded"] == "folded.pt"
+    # `fxgrow fold RUN`: the checkpoint restored through a fresh export, folded again, the same state
+    from typer.testing import CliRunner
+
+    from fxgrow.cli.main import app
+
+    result = CliRunner().invoke(app, ["fold", str(tmp_path / "b"), TINY_LLAMA, "-o", str(tmp_path / "again.pt")])
+    assert result.exit_code == 0, result.output
+    again = torch.load(tmp_path / "again_state_dict.pt")
+    assert again.keys() == folded[1].keys() and all(torch.equal(again[k], folded[1][k]) for k in again)
 
 
 def test_cli_inspects_an_exported_model(tmp_path):
