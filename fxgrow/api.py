@@ -18,7 +18,7 @@ from .fold import fold
 from .loader import load_model
 from .passes import PASS_REGISTRY, Pass, PassResult, Pipeline
 from .specs.root import Spec
-from .frontends import capture
+from .frontends import capture, frontend_of
 
 
 def build_model(spec: Spec, model_ref: str | None = None) -> nn.Module:
@@ -104,6 +104,7 @@ def run(spec: Spec, model_ref: str | None = None, out_dir: str | Path | None = N
 
     def finish(trained: nn.Module, folder: Path, report: dict[str, Any]) -> None:
         report["coverage"] = coverage
+        report["frontend"] = frontend_of(result.graph_module)  # what `auto` chose, too
         save_folded(trained, folder, report)
 
     trainer = Trainer(result.graph_module, spec.train, callbacks=result.callbacks,

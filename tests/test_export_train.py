@@ -73,6 +73,7 @@ def test_exported_lm_run_crashed_and_resumed_is_bit_identical(tmp_path):
     assert torch.equal(saved.eval()(x), model.eval()(x).logits)
     records = json.loads((tmp_path / "a" / "report.json").read_text())
     assert records["coverage"]["passes.0"]["untouched"] == [] and records["artifacts"]["folded"] == "folded.pt"
+    assert records["frontend"] == "export"
     # `fxgrow fold RUN`: the checkpoint restored through a fresh export, folded again, the same state
     from typer.testing import CliRunner
 
