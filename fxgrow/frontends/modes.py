@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import TraceError
+from ..layers import argument
 from ..trace import ModeSelect
 from .aten_layers import stack_path
 
@@ -27,9 +28,9 @@ _DROPOUTS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_drop
              aten.feature_alpha_dropout.default)
 
 
-def _select(gm: fx.GraphModule, node: fx.Node, train: Any, evaluating: Any) -> fx.Node:
-    name = f"mode_select.{sum(1 for _ in gm.get_submodule('mode_select').children())}" \
-        if hasattr(gm, "mode_select") else "mode_select.0"
+def _select(gm: fx.GraphModule, node: fx.Node, index: int, train: Any, evaluating: Any) -> fx.Node:
+    """A `ModeSelect` node before `node` (at `mode_select.<index>`, as the fx front-end names them)."""
+    name = f"mode_select.{index}"
     gm.add_submodule(name, ModeSelect(train, evaluating))
     with gm.graph.inserting_before(node):
         select = gm.graph.call_module(name, ())
@@ -44,35 +45,28 @@ def _set(node: fx.Node, position: int, name: str, value: Any) -> None:
         node.update_kwarg(name, value)
 
 
-def _arg(node: fx.Node, position: int, name: str, default: Any = None) -> Any:
-    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
-
-
 def make_mode_aware(gm: fx.GraphModule, model: nn.Module) -> int:
     """Rewrite the train-mode export `gm` of `model` in place; returns the number of
     mode-dependent arguments made mode-aware."""
     count = 0
-    tracked = set()
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in _DROPOUTS and _arg(node, 2, "train") is True:
-            _set(node, 2, "train", _select(gm, node, True, False))
-        elif node.target is aten.scaled_dot_product_attention.default and (_arg(node, 4, "dropout_p", 0.0) or 0.0) > 0:
-            p = _arg(node, 4, "dropout_p")
-            _set(node, 4, "dropout_p", _select(gm, node, p, 0.0))
-        elif node.target is aten.batch_norm.default and _arg(node, 5, "training") is True:
+        if node.target in _DROPOUTS and argument(node, 2, "train") is True:
+            _set(node, 2, "train", _select(gm, node, count, True, False))
+        elif node.target is aten.scaled_dot_product_attention.default and (argument(node, 4, "dropout_p") or 0.0) > 0:
+            _set(node, 4, "dropout_p", _select(gm, node, count, argument(node, 4, "dropout_p"), 0.0))
+        elif node.target is aten.batch_norm.default and argument(node, 5, "training") is True:
             path = stack_path(node)
             module = _module(model, path)
             if module is not None and getattr(module, "momentum", 0.1) is None:
                 raise TraceError(f"module '{path}' ({type(module).__name__}) has momentum=None (a cumulative "
                                  "average, its factor computed in Python from num_batches_tracked): torch.export "
                                  "bakes the factor of one step into the graph; set a momentum")
-            _set(node, 5, "training", _select(gm, node, True, False))
-            tracked.add(path)
+            _set(node, 5, "training", _select(gm, node, count, True, False))
         elif node.target is aten.add_.Tensor and isinstance(node.args[0], fx.Node) \
                 and node.args[0].op == "get_attr" and node.args[0].target.endswith("num_batches_tracked"):
-            node.update_arg(1, _select(gm, node, node.args[1], 0))
+            node.update_arg(1, _select(gm, node, count, node.args[1], 0))
         else:
             continue
         count += 1
