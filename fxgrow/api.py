@@ -18,7 +18,7 @@ from .fold import fold
 from .loader import load_model
 from .passes import PASS_REGISTRY, Pass, PassResult, Pipeline
 from .specs.root import Spec
-from .trace import trace
+from .frontends import capture, frontend_of
 
 
 def build_model(spec: Spec, model_ref: str | None = None) -> nn.Module:
@@ -59,7 +59,13 @@ def pipeline(spec: Spec) -> Pipeline:
 
 
 def trace_model(spec: Spec, model: nn.Module) -> fx.GraphModule:
-    return trace(model, leaf_modules=spec.model.leaf_modules, concrete_args=spec.model.concrete_args or None)
+    """`model` as a GraphModule through the spec's `model.frontend` (export runs on the example
+    input at batch 2 or more, so that the batch size stays free)."""
+    example = None
+    if spec.model.frontend != "fx":
+        example = example_input(spec, batch=max(2, spec.model.example.shape[0]))
+    return capture(model, spec.model.frontend, example, leaf_modules=spec.model.leaf_modules,
+                   concrete_args=spec.model.concrete_args or None)
 
 
 def compile_spec(spec: Spec, model: nn.Module | fx.GraphModule, example: Any = None) -> PassResult:
@@ -98,6 +104,7 @@ def run(spec: Spec, model_ref: str | None = None, out_dir: str | Path | None = N
 
     def finish(trained: nn.Module, folder: Path, report: dict[str, Any]) -> None:
         report["coverage"] = coverage
+        report["frontend"] = frontend_of(result.graph_module)  # what `auto` chose, too
         save_folded(trained, folder, report)
 
     trainer = Trainer(result.graph_module, spec.train, callbacks=result.callbacks,

@@ -14,6 +14,7 @@ import copy
 import torch
 from torch import fx, nn
 
+from .frontends import frontend_of
 from .ir import META, evaluate_chain, is_layer, layer_chain_keys, meta, replace_submodule, weight_chains
 from .layers import layer_call
 
@@ -72,19 +73,26 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         node.meta.pop(META, None)
     if hasattr(gm, META):
         delattr(gm, META)
-    gm.delete_all_unused_submodules()
+    if frontend_of(gm) != "export":  # an exported graph's modules are containers of the user's state,
+        gm.delete_all_unused_submodules()  # read or not (a tied alias), so its state_dict stays the model's
     graph.lint()
     gm.recompile()
     return gm
 
 
 def _set_parameter(gm: nn.Module, key: str, value: torch.Tensor) -> nn.Parameter:
-    """Make `value` the parameter `key` (a template-mixed weight has none left: it gets one)."""
+    """Make `value` the parameter `key` (a template-mixed weight has none left: it gets one),
+    and of every other name holding the same tensor (a tied alias the graph does not read,
+    such as an exported GPT-2's `lm_head.weight`), so the state_dict stays tied."""
     owner_path, _, name = key.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     old = owner._parameters.get(name)
     param = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
     owner._parameters[name] = param
+    for module in gm.modules() if old is not None else ():
+        for n, p in module._parameters.items():
+            if p is old:
+                module._parameters[n] = param
     return param
 
 

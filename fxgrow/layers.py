@@ -30,7 +30,10 @@ A `LayerKind` entry says, for its kind:
   (attention's key, value and masks), at the end of `signature`; a `training` entry in the
   signature is the module's mode, which functionalization hands over as a mode node;
 - `units`: what targets see of one module: {name: (weight role, bias role)}; most kinds are one
-  unit named by the module path, attention is two (`<path>.in_proj`, `<path>.out_proj`).
+  unit named by the module path, attention is two (`<path>.in_proj`, `<path>.out_proj`);
+- `aten`: the kind's forms in a torch.export graph, {aten op: reader}: `reader(node)` returns
+  an `AtenForm` (the node the layer's value replaces, the functional form's arguments) or None
+  when the call is not this layer (the export front-end, `fxgrow.frontends.export`).
 
 `register_layer_kind` adds an entry (later entries win over earlier ones for the same
 module class or function), like Torch-Pruning's per-type pruners: adding a layer kind is
@@ -79,6 +82,7 @@ class LayerKind:
     follows_input: tuple[str, ...] = ()             # options restating the input's trailing sizes
     inputs: tuple[str, ...] = ()
     units: Mapping[str, tuple[str, str | None]] = field(default_factory=lambda: {"": ("weight", "bias")})
+    aten: Mapping[Any, Callable[[fx.Node], "AtenForm | None"]] = field(default_factory=dict)
 
     def position(self, name: str) -> int:
         """Where argument `name` sits in a call of the functional form (the input is 0)."""
@@ -131,6 +135,22 @@ def kind_of(module: nn.Module, exact: bool = False) -> LayerKind | None:
 def kind_of_function(fn: Callable) -> LayerKind | None:
     """The kind whose functional form is `fn`."""
     return _BY_FUNCTION.get(fn)
+
+
+def kind_of_aten(op: Any) -> LayerKind | None:
+    """The kind with a form for aten op `op` in an exported graph (newest entry first)."""
+    return next((k for k in _KINDS if op in k.aten), None)
+
+
+@dataclass(frozen=True)
+class AtenForm:
+    """A layer read from an exported (aten) graph: `replaces` is the node whose value the
+    functional call `kind.function(*args)` computes (the aten call itself, or the last node
+    of a pattern such as HF Conv1D's view -> addmm -> view); `args` follow the functional
+    form (input first), the kind's parameters as the graph's nodes."""
+
+    replaces: fx.Node
+    args: tuple
 
 
 @dataclass(frozen=True)
@@ -536,6 +556,85 @@ def _sliced_group_norm(m, state, layout, per_width=False):
     return SlicedGroupNorm(m, state, layout)
 
 
+def transposed_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`input @ weight + bias` with the weight stored [in, out]: transformers' `Conv1D` (GPT-2's
+    projections), computed as its forward does (addmm on the flattened input)."""
+    flat = input.reshape(-1, input.shape[-1])
+    out = torch.addmm(bias, flat, weight) if bias is not None else torch.mm(flat, weight)
+    return out.view(*input.shape[:-1], weight.shape[1])
+
+
+def _couple_transposed_linear(c: "Coupling", call: LayerCall) -> None:
+    node, xin = call.node, c.layouts[call.x]
+    out = c.output(node, {d: [xin[d]] for d in range(len(xin) - 1)})
+    c.use(xin[-1], call.params.get("weight"), 0, node)  # weight [in, out]
+    c.produces(out[-1], call.path)
+    c.use(out[-1], call.params.get("weight"), 1, node)
+    c.use(out[-1], call.params.get("bias"), 0, node)
+
+
+# --- the kinds' forms in a torch.export graph (aten ops) -------------------------------------
+
+_aten = torch.ops.aten
+
+
+def aten_arguments(node: fx.Node) -> dict[str, Any]:
+    """An aten call's arguments by schema name, defaults filled in."""
+    bound = {}
+    for i, a in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            bound[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            bound[a.name] = node.kwargs[a.name]
+        else:
+            bound[a.name] = a.default_value if a.has_default_value() else None
+    return bound
+
+
+def _aten_linear(node: fx.Node) -> AtenForm:
+    a = aten_arguments(node)
+    return AtenForm(node, (a["input"], a["weight"], a["bias"]))
+
+
+def _aten_conv(node: fx.Node) -> AtenForm:
+    a = aten_arguments(node)
+    return AtenForm(node, (a["input"], a["weight"], a["bias"], a["stride"], a["padding"], a["dilation"], a["groups"]))
+
+
+def _aten_embedding(node: fx.Node) -> AtenForm:
+    a = aten_arguments(node)  # aten's padding_idx -1 is "none" (a module's negative index is normalized)
+    padding = None if a["padding_idx"] == -1 else a["padding_idx"]
+    return AtenForm(node, (a["indices"], a["weight"], padding, None, 2.0, a["scale_grad_by_freq"], a["sparse"]))
+
+
+_VIEWS = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
+
+
+def _sizes(node: Any) -> list[str] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return [str(d) for d in val.shape] if isinstance(val, torch.Tensor) else None
+
+
+def _aten_conv1d_hf(node: fx.Node) -> AtenForm | None:
+    """transformers' Conv1D: `view(addmm(bias, view(x, [-1, in]), W), x.shape[:-1] + [out])`."""
+    a = aten_arguments(node)
+    flat, weight = a["mat1"], a["mat2"]
+    if a["beta"] != 1 or a["alpha"] != 1 or not isinstance(flat, fx.Node) or flat.target not in _VIEWS:
+        return None
+    x, w, users = flat.args[0], _sizes(weight), list(node.users)
+    if len(users) != 1 or users[0].target not in _VIEWS or w is None or len(w) != 2:
+        return None
+    xs, fs, outs = _sizes(x), _sizes(flat), _sizes(users[0])
+    if xs is None or fs is None or outs is None or len(fs) != 2 or fs[1] != w[0] or xs[-1] != w[0] \
+            or outs != xs[:-1] + [w[1]]:
+        return None
+    return AtenForm(users[0], (x, weight, a["self"]))
+
+
+_CONV_ATEN = {d: {getattr(_aten, f"conv{d}d").default: _aten_conv, getattr(_aten, f"conv{d}d").padding: _aten_conv}
+              for d in (1, 2, 3)}
+
+
 _NORM_FILLS = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 _CONV_SIGNATURE = ("weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -553,7 +652,8 @@ _RMS_NORM = (LayerKind("rms_norm", (nn.RMSNorm,), F.rms_norm, ("normalized_shape
 for _kind in (
     LayerKind("embedding", (nn.Embedding,), F.embedding, _EMBEDDING_SIGNATURE, ("weight",), _couple_embedding,
               dict(zip(_EMBEDDING_SIGNATURE[1:], (None, None, 2.0, False, False))), _embedding_options,
-              targetable=True, refuse=_embedding_refuse, rebuild=_rebuild_embedding, resize=_resize_embedding),
+              targetable=True, refuse=_embedding_refuse, rebuild=_rebuild_embedding, resize=_resize_embedding,
+              aten={_aten.embedding.default: _aten_embedding}),
     LayerKind("multihead_attention", (nn.MultiheadAttention,), multi_head_attention,
               _MHA_PARAMS + _MHA_OPTIONS + _MHA_INPUTS, _MHA_PARAMS, _couple_attention,
               {"key_padding_mask": None, "need_weights": True, "attn_mask": None, "average_attn_weights": True,
@@ -587,10 +687,16 @@ for _kind in (
               sliceable=lambda m: type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)),
     *(LayerKind(f"conv{d}d", (cls,), fn, _CONV_SIGNATURE, ("weight", "bias"), _couple_conv, _CONV_DEFAULTS,
                 _conv_options, targetable=True, refuse=_conv_refuse, rebuild=_rebuild_conv(cls),
-                channel_options=_grouped, resize=_resize_conv, fills={"bias": 0.0})
+                channel_options=_grouped, resize=_resize_conv, fills={"bias": 0.0}, aten=_CONV_ATEN[d])
       for d, cls, fn in ((3, nn.Conv3d, F.conv3d), (2, nn.Conv2d, F.conv2d), (1, nn.Conv1d, F.conv1d))),
+    # a linear with its weight stored [in, out] (transformers' Conv1D): found in exported graphs,
+    # it has no module here (fold writes its parameters back); targets name it `Conv1D`
+    LayerKind("transposed_linear", (), transposed_linear, ("weight", "bias"), ("weight", "bias"),
+              _couple_transposed_linear, targetable=True, fills={"bias": 0.0},
+              aten={_aten.addmm.default: _aten_conv1d_hf}),
     LayerKind("linear", (nn.Linear,), F.linear, ("weight", "bias"), ("weight", "bias"), _couple_linear,
-              targetable=True, rebuild=_rebuild_linear, resize=_resize_linear, fills={"bias": 0.0}),
+              targetable=True, rebuild=_rebuild_linear, resize=_resize_linear, fills={"bias": 0.0},
+              aten={_aten.linear.default: _aten_linear}),
 ):
     register_layer_kind(_kind)
 

@@ -236,13 +236,15 @@ def _trace_once(model: nn.Module, leaves: set[str], concrete_args, training: boo
             where = (tracer.failed_at or [""])[-1] or "<root>"
             frame = _user_frame(e)
             op = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            leaf_hint = where if where != "<root>" else type(model).__name__
+            export = "capture the model with torch.export instead: model: {frontend: export} (or auto)"
+            fix = (f"{export},\n  or pass `concrete_args` for inputs that drive Python control flow."  # a leaf
+                   if where == "<root>" else  # root cannot help: FX traces the root's forward anyway
+                   "mark it a leaf so FX calls it as a black box, e.g. in the spec\n"
+                   f"    model: {{leaf_modules: [\"{where}\"]}}\n"
+                   f"  or pass `concrete_args` for inputs that drive Python control flow,\n  or {export}.")
             raise TraceError(
                 f"cannot trace module '{where}' ({type(_get(model, where)).__name__}): {op}"
-                + (f"\n  at {frame}" if frame else "")
-                + "\n  fix: mark it a leaf so FX calls it as a black box, e.g. in the spec\n"
-                f"    model: {{leaf_modules: [\"{leaf_hint}\"]}}\n"
-                "  or pass `concrete_args` for inputs that drive Python control flow."
+                + (f"\n  at {frame}" if frame else "") + "\n  fix: " + fix
             ) from e
         if concrete_args:
             _default_to_concrete(model, graph, concrete_args)

@@ -331,17 +331,23 @@ def test_two_rank_bpe_lm_matches_one_process(tmp_path):
     assert reports[0]["perplexity"] == pytest.approx(reports[1]["perplexity"], rel=1e-4)
 
 
-def test_the_pydocs_example_runs_on_other_text(tmp_path, monkeypatch):
-    """examples/tiny_lm_pydocs.yaml as written, but on text written here and for 2 steps
-    (CI has no python3.11-doc)."""
+def pydocs_example_on_other_text(name: str, tmp_path: Path, monkeypatch, steps: int) -> dict:
+    """The example spec `examples/<name>` as a dict, reading text written here (CI has no
+    python3.11-doc), for `steps` steps of 2 blocks, with its BPE cached under tmp_path."""
     import yaml
 
     monkeypatch.setenv("FXGROW_CACHE", str(tmp_path / "cache"))
     write_docs(tmp_path / "t", count=12, words=400)
-    d = yaml.safe_load((ROOT / "examples" / "tiny_lm_pydocs.yaml").read_text())
+    d = yaml.safe_load((ROOT / "examples" / name).read_text())
     d["train"]["data"].update(files=str(tmp_path / "t" / "*.txt"), max_test_tokens=256, test_fraction=0.2)
-    d["train"].update(steps=2, batch_size=2, progress="none")
-    spec = parse_spec(d)
+    d["train"].update(steps=steps, batch_size=2, progress="none")
+    return d
+
+
+def test_the_pydocs_example_runs_on_other_text(tmp_path, monkeypatch):
+    """examples/tiny_lm_pydocs.yaml as written, but on text written here and for 2 steps
+    (CI has no python3.11-doc)."""
+    spec = parse_spec(pydocs_example_on_other_text("tiny_lm_pydocs.yaml", tmp_path, monkeypatch, steps=2))
     assert spec.model.example.high == spec.train.data.vocab == spec.model.kwargs["vocab_size"]
     report = api.run(spec, TINY_LM, out_dir=tmp_path / "run")
     assert report["objective"] == "causal_lm" and report["data"]["tokenizer"] == "bpe"

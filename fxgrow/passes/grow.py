@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from ..analysis import forward_flops
 from ..analysis.ends import named_layers
+from ..frontends import require_channel_rules
 from ..errors import FxgrowError
 from ..ir import layer_types, meta, weight_chains
 from ..nn.mixing import mix_producers
@@ -354,6 +355,7 @@ class GrowPass(Pass):
     functionalizes = False
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        require_channel_rules(gm, "grow")
         if not any(p.kind == MIXING for p in ctx.applied):
             raise FxgrowError(f"grow needs a {MIXING} pass before it in `passes`")
         if ctx.example_input is not None:  # what would fail at the growth step fails here (and in --dry-run)

@@ -20,6 +20,7 @@ from torch import fx
 
 from ..analysis.ends import output_layers
 from ..analysis.erk import layout_counts
+from ..frontends import require_channel_rules
 from ..errors import FxgrowError, SpecError
 from ..ir import chain_shape, fetch_attr, insert_producer, weight_chains
 from ..nn.mask import MaskProducer
@@ -313,6 +314,8 @@ class PruneRegrowPass(Pass):
         if any(isinstance(m, MaskProducer) for m in gm.modules()) or any(p.kind == self.kind for p in ctx.applied):
             raise FxgrowError("the model already has mask producers: use one prune_regrow pass "
                               "(list every layer in its targets)")
+        if self.spec.granularity == "filter":
+            require_channel_rules(gm, "prune_regrow with granularity: filter")
         if self.spec.granularity == "filter" and ctx.example_input is None:
             raise SpecError([(f"{ctx.where}.granularity", "filter granularity needs an example input for the "
                               "channel analysis (model.example_input in a spec, example_input= in Python)")])

@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from ..analysis.coupling import param_key
 from ..analysis.shapes import graph_checks
+from ..frontends import require_channel_rules
 from ..errors import FxgrowError, SpecError
 from ..ir import META, fetch_attr, insert_producer, is_layer, meta, replace_submodule, replace_tensor, weight_chains
 from ..layers import follow_input, kind_of, layer_call
@@ -162,6 +163,7 @@ class SortedSlicingPass(Pass):
     reversible = True
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        require_channel_rules(gm, "sorted_slicing")
         if ctx.example_input is None:
             raise FxgrowError("sorted_slicing needs an example input (model.example_input) to find "
                               "channel groups and residual blocks")

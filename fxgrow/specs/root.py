@@ -82,6 +82,9 @@ class ModelRef(StrictModel):
     leaf_modules: list[str] = Field(default_factory=list)  # type names or module paths kept opaque
     # Forward arguments fixed while tracing (e.g. a flag that drives Python control flow).
     concrete_args: dict[str, Any] = Field(default_factory=dict)
+    # How the model becomes a graph: torch.fx tracing, torch.export (models FX cannot trace, such
+    # as Hugging Face transformers), or fx falling back to export with a warning saying why.
+    frontend: Literal["fx", "export", "auto"] = "fx"
 
     @model_validator(mode="after")
     def _not_huge(self) -> "ModelRef":
