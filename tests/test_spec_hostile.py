@@ -144,3 +144,12 @@ def test_values_that_do_not_survive_the_run_folder_are_refused(kwargs, path):
     with pytest.raises(SpecError) as info:
         parse_spec({"model": {"kwargs": kwargs}})
     assert [loc for loc, _ in info.value.errors] == [path]
+
+
+def test_an_alias_expansion_too_large_to_store_is_refused():
+    """Under the value limit (6^6 strings) but, expanded as spec.yaml stores it, over 1 MiB:
+    refused at parse time, so no run writes a spec.yaml it cannot read back."""
+    rows = ["    l0: &l0 [" + ", ".join(["x" * 40] * 6) + "]"]
+    rows += [f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 6) + "]" for i in range(1, 6)]
+    with pytest.raises(SpecError, match="its aliases expanded as a run folder stores it"):
+        parse_spec_text("model:\n  kwargs:\n" + "\n".join(rows) + "\n")

@@ -134,6 +134,16 @@ def check_tree(data: Any, source: str | None = None) -> None:
                                              "mappings, lists, strings, numbers, booleans and null)")], source)
 
 
+def check_stored_size(tree: Any, source: str | None = None) -> None:
+    """A run folder stores the spec as YAML with its aliases expanded, and reads it back
+    through `load_yaml`: refuse a spec whose expansion would not fit (an alias bomb under
+    MAX_NODES can still expand past MAX_BYTES)."""
+    size = len(yaml.safe_dump(tree, sort_keys=False).encode())  # as the loop writes spec.yaml
+    if size > MAX_BYTES:
+        raise SpecError(f"the spec, its aliases expanded as a run folder stores it, is {size:,} bytes of YAML, "
+                        f"over {MAX_BYTES:,}; specs are small", source)
+
+
 def _dotted(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 

@@ -11,7 +11,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError, ValidationInfo,
 from ..errors import SpecError
 from ..passes import PASS_REGISTRY
 from .base import StrictModel
-from .document import MAX_BYTES, check_tree, load_yaml, short_repr
+from .document import MAX_BYTES, check_stored_size, check_tree, load_yaml, short_repr
 from .train import TrainSpec
 
 
@@ -200,11 +200,13 @@ def parse_spec(data: Any, source: str | None = None) -> Spec:
         raise SpecError(f"the spec must be a mapping, not {type(data).__name__}", source)
     check_tree(data, source)
     try:
-        return Spec.model_validate(data)
+        spec = Spec.model_validate(data)
     except ValidationError as e:
         raise spec_error(e, source) from None
     except SpecError as e:  # raised by cross-section checks
         raise SpecError(e.errors, source) from None
+    check_stored_size(spec.model_dump(mode="json", exclude_unset=True), source)  # what api.spec_dump stores
+    return spec
 
 
 def with_overrides(spec: Spec, updates: dict[str, Any], source: str) -> Spec:
