@@ -58,13 +58,15 @@ def start_limit(function: str, min_slope: float = MIN_SLOPE) -> float:
     return math.asinh(math.sqrt(1 / min_slope ** 2 - 1))
 
 
-def psi_inverse(w: torch.Tensor, a: float, b: float, function: str,
-                overwrite: bool = False, min_slope: float = MIN_SLOPE) -> tuple[torch.Tensor, int]:
+def psi_inverse(w: torch.Tensor, a: float, b: float, function: str, overwrite: bool = False,
+                min_slope: float = MIN_SLOPE, moved: dict[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, int]:
     """v with psi(v) == w, in w's dtype, and how many entries of w lay beyond the start
     limit (`start_limit`) and were moved to it (to +-a * limit, keeping their sign).
     Computed in float64 on a copy; with `overwrite`, in w's own dtype in place of w (a
     fresh tensor the caller gives up: the weights of a large model are hundreds of MB, and
-    each float64 pass over them costs)."""
+    each float64 pass over them costs). `moved`, when given and entries move, receives their
+    flat `index` and `original` values (float64), read before anything is overwritten."""
     inplace = not (torch.is_grad_enabled() and w.requires_grad)
     x = w if overwrite and inplace else w.to(torch.float64, copy=True)
     x = x.div_(a) if inplace else x / a
@@ -73,6 +75,9 @@ def psi_inverse(w: torch.Tensor, a: float, b: float, function: str,
     lo, hi = torch.aminmax(x.detach()) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
     if float(hi) > limit or float(lo) < -limit:  # one pass; counting takes two more
         clamped = int(torch.count_nonzero(x.gt(limit))) + int(torch.count_nonzero(x.lt(-limit)))
+        if moved is not None:
+            index = (x.detach().abs() > limit).flatten().nonzero().flatten()
+            moved["index"], moved["original"] = index, x.detach().flatten()[index].double() * a
         x = x.clamp_(-limit, limit) if inplace else x.clamp(-limit, limit)
     name = {"atan": "tan", "asinh": "sinh", "erf": "erfinv"}[function]
     x = getattr(x, f"{name}_")() if inplace else getattr(x, name)()

@@ -135,12 +135,8 @@ class CompanderPass(Pass):
         spec = self.spec
         a, b = spec.initial_ab
         edge = a * start_limit(spec.function, spec.min_slope)
-        lo, hi = torch.aminmax(w.detach()) if w.numel() else (w.new_zeros(()), w.new_zeros(()))
-        beyond = original = None
-        if float(hi) > edge or float(lo) < -edge:  # which ones, before an in-place inverse overwrites w
-            beyond = (w.detach().abs() > edge).flatten().nonzero().flatten()
-            original = w.detach().flatten()[beyond].double()
-        v, clamped = psi_inverse(w, a, b, spec.function, overwrite, spec.min_slope)
+        moved: dict[str, torch.Tensor] = {}  # which ones, read before an in-place inverse overwrites w
+        v, clamped = psi_inverse(w, a, b, spec.function, overwrite, spec.min_slope, moved)
         record.clamped[key] = clamped
         if clamped > spec.max_clamped_fraction * w.numel():
             message = (f"{clamped} of {w.numel()} weights of '{key}' lie beyond |w| = {edge:.4g}, where "
@@ -151,10 +147,11 @@ class CompanderPass(Pass):
                 raise FxgrowError(message)
             out_of_range.append(message)
             return v
-        if clamped and beyond is not None:
+        if clamped:
+            original = moved["original"]
             start = original.sign() * edge
             shift = float((original - start).abs().max())
-            record.starts[key] = {"index": beyond.cpu(), "start": start.cpu(), "shift": shift}
+            record.starts[key] = {"index": moved["index"].cpu(), "start": start.cpu(), "shift": shift}
             warnings.warn(f"compander: {clamped} of {w.numel()} weights of '{key}' start at |w| = {edge:.4g} "
                           f"(moved by up to {shift:.3g}): beyond it psi' < {spec.min_slope} of its peak and they "
                           "would barely train; outputs change slightly", stacklevel=3)
