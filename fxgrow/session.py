@@ -318,9 +318,9 @@ class Session:
     def _refuse_loop_options(self) -> None:
         """What a pass asks of fxgrow's loop that this session cannot do in yours: refused,
         never dropped."""
-        accumulating = {cb.name: k for cb in self.callbacks if (k := int(cb.batches_per_step())) != 1}
-        if accumulating:
-            name, k = next(iter(accumulating.items()))
+        k = self.events.batches_per_step()
+        if k != 1:
+            name = next(cb.name for cb in self.callbacks if cb.batches_per_step() == k)
             raise FxgrowError(f"{name} asks for {k} batches per optimizer step (gradient accumulation over batches), "
                               "which a session's step of one batch cannot do: set it to 1 and accumulate in your "
                               "loop, or train with `fxgrow apply`")

@@ -113,3 +113,26 @@ def test_a_callbacks_lr_factor_holds_across_a_replaced_model(tmp_path):
     Trainer(mlp(), s, [Restart(), Grow({}), trace], out_dir=tmp_path).fit()
     base = lr_factor(s.schedule, 6, 2)
     assert [lrs[0] for lrs in trace.lrs] == pytest.approx([0.1 * base(t) * (0.1 if t >= 2 else 1) for t in range(6)])
+
+
+def test_a_step_of_k_batches_runs_each_batchs_micro_steps_in_order():
+    """Events: the next batch only after every micro-step of the current one, after_backward
+    only after the last batch; each micro-step's loss is divided by the step's batches."""
+    from types import SimpleNamespace
+
+    from fxgrow.train.events import EventOrderError, Events
+
+    events, ctx = Events([]), SimpleNamespace(batches_per_step=2, loss=None)
+    events.train_start(ctx)
+    steps = events.step_start(ctx)
+    with pytest.raises(EventOrderError, match="next_batch"):
+        events.next_batch(ctx)  # batch 0's micro-step has not run
+    for _ in steps:
+        assert float(steps.scale(torch.tensor(6.0))) == 3.0  # one micro-step, two batches
+    with pytest.raises(EventOrderError, match="batch 0 of this step's 2"):
+        events.after_backward(ctx)
+    for _ in events.next_batch(ctx):
+        pass
+    with pytest.raises(EventOrderError, match="next_batch"):
+        events.next_batch(ctx)  # there is no third batch
+    events.after_backward(ctx)

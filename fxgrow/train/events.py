@@ -95,6 +95,15 @@ class Events:
         """Every callback's optimizer options per parameter of `model`, merged."""
         return merge_overrides(model, ((cb.name, cb.param_group_overrides(model)) for cb in self.callbacks))
 
+    def batches_per_step(self) -> int:
+        """How many batches one optimizer step takes, as the callbacks ask
+        (`Callback.batches_per_step`); callbacks asking for different counts are an error."""
+        asked = {cb.name: int(cb.batches_per_step()) for cb in self.callbacks}
+        above = {name: k for name, k in asked.items() if k != 1}
+        if any(k < 1 for k in above.values()) or len(set(above.values())) > 1:
+            raise FxgrowError(f"callbacks ask for different batches per optimizer step: {above}")
+        return next(iter(above.values()), 1)
+
     def train_start(self, ctx: TrainContext) -> None:
         self.expect("start", "setup")
         for cb in self.callbacks:
@@ -106,8 +115,7 @@ class Events:
         self.expect("step_start", "between")
         for cb in self.callbacks:
             cb.on_step_start(ctx)
-        batches = getattr(ctx, "batches_per_step", 1)
-        self.steps, self.phase = self._micro_steps(ctx, 0, batches), "step"
+        self.steps, self.phase = self._micro_steps(ctx, 0, ctx.batches_per_step), "step"
         return self.steps
 
     def next_batch(self, ctx: TrainContext) -> MicroSteps:

@@ -234,7 +234,7 @@ class Trainer:
         self.objective = build_objective(spec.objective_name, data.num_classes)
         self._train_batches = Batches(data, "train", spec.batch_size, self.device, self.rank, self.world, spec.seed)
         self._test = Batches(data, "test", spec.eval_batch_size or spec.batch_size, self.device, self.rank, self.world)
-        self.batches_per_step = self._ask_batches_per_step()
+        self.batches_per_step = self.events.batches_per_step()
         self.steps_per_epoch = self._train_batches.steps_per_epoch // self.batches_per_step
         if self.steps_per_epoch == 0:
             raise FxgrowError(f"an optimizer step takes {self.batches_per_step} batches, but an epoch has only "
@@ -340,13 +340,6 @@ class Trainer:
         if self._channels_last and x.dim() == 4 and x.is_floating_point():  # never on token ids
             x = x.contiguous(memory_format=torch.channels_last)
         return x
-
-    def _ask_batches_per_step(self) -> int:
-        asked = {cb.name: int(cb.batches_per_step()) for cb in self.callbacks}
-        above = {name: k for name, k in asked.items() if k != 1}
-        if any(k < 1 for k in above.values()) or len(set(above.values())) > 1:
-            raise FxgrowError(f"callbacks ask for different batches per optimizer step: {above}")
-        return next(iter(above.values()), 1)
 
     def _train(self) -> None:
         spe, k = self.steps_per_epoch, self.batches_per_step
