@@ -312,7 +312,7 @@ class PlainTransformer(nn.Module):
 
 
 @pytest.mark.parametrize("functional", [False, True], ids=["plain", "functional"])
-def test_attention_residual_stream_is_exact_and_heads_are_fixed(functional):
+def test_attention_residual_stream_is_exact_and_literal_heads_are_fixed(functional):
     groups = summary(PlainTransformer(), torch.randn(2, 5, 6), functional)
     free = [g for g in groups if not g[3]]
     ln = lambda p: [U(p, "weight", 0), U(p, "bias", 0)]  # noqa: E731
@@ -323,10 +323,13 @@ def test_attention_residual_stream_is_exact_and_heads_are_fixed(functional):
              U("fc2", "bias", 0), U("head", "weight", 1)], ["embed", "attn.out", "fc2"], ""),
         (16, [U("fc1", "weight", 0), U("fc1", "bias", 0), U("fc2", "weight", 1)], ["fc1"], ""),
     ]
-    # q, k, v are split into heads by a view: never resized; attn.out reads heads x head_dim
+    # q, k, v are split into heads by a view: one group of 2 heads of 4 channels, which
+    # attn.out reads; the view hard-codes the head count, so without size following
+    # (sorted slicing's) it stays fixed
     fixed = {(u.layer, u.dim): (g[0], u.repeat, g[3]) for g in groups if g[3] for u in g[1]}
     for p in ("attn.q", "attn.k", "attn.v"):
-        assert "splits channels" in fixed[(p, 0)][2]
+        assert fixed[(p, 0)][:2] == (2, 4)
+        assert "hard-codes a size of 2" in fixed[(p, 0)][2]
     assert fixed[("attn.out", 1)][:2] == (2, 4)  # 2 heads, each spanning 4 input features
 
 

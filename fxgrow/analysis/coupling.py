@@ -80,6 +80,22 @@ class Normalizer:
     repeat: int = 1
 
 
+@dataclass(frozen=True, order=True)
+class SizeUse:
+    """An integer literal in the graph that sizes a dim holding the group's channels (a
+    `view(B, T, 64)`, an `unflatten(-1, (4, -1))`, a `split(x, 32)`): argument `arg` of
+    `node` (element `item` of it when the argument is a list, else None) equals the dim's
+    size, in which channel c of the group is positions `offset + c * repeat ...`. A slicing
+    pass rewrites the literal to follow the active channels (`fxgrow.passes.sorted_slicing_sizes`)."""
+
+    node: str
+    arg: int
+    item: int | None
+    size: int  # the literal: the dim's full size
+    offset: int = 0
+    repeat: int = 1
+
+
 @dataclass
 class ChannelGroup:
     """Channels that must be grown, pruned or sliced together: channel c means the same
@@ -93,6 +109,13 @@ class ChannelGroup:
     fixed: bool  # True: never grow/slice/prune
     reason: str = ""  # why fixed
     normalizers: list[Normalizer] = field(default_factory=list)  # ops with statistics across the channels
+    # Attention heads: a unit is a whole head (head_dim consecutive channels in q/k/v/o), or
+    # under grouped-query attention one kv head and its `heads_per_unit` query heads. A use's
+    # `repeat` is the unit's channel count in that parameter.
+    heads: bool = False
+    head_dim: int = 0
+    heads_per_unit: int = 1
+    size_uses: list[SizeUse] = field(default_factory=list)  # literals sizing its dims (follow_sizes only)
 
 
 @dataclass(frozen=True)
@@ -248,8 +271,14 @@ class Coupling:
     output), `shape(node)`, `output(node, {dim: [input layouts it equals]})`, `use(layout,
     (owner, param), dim, node)`, `produces(layout, path)` and `fix(layouts, reason)`."""
 
-    def __init__(self, gm: GraphModule):
+    def __init__(self, gm: GraphModule, follow_sizes: bool = False):
         self.gm = gm
+        # True: a literal size of a channel dim is recorded as a `SizeUse` (the caller rewrites
+        # it); False: it fixes the channels, for callers that cannot rewrite it.
+        self.follow_sizes = follow_sizes
+        # ops returning several tensors (aten's split): per output, per dim, the layout it
+        # equals, or why it is a new block that stays fixed; `getitem` reads them
+        self.pieces: dict[Node, list[tuple[Layout | str, ...]]] = {}
         self.graph = nx.Graph()
         self.layouts: dict[Node, tuple[Layout, ...]] = {}
 
@@ -280,8 +309,21 @@ class Coupling:
         if [(s.size, s.repeat) for s in a] == [(s.size, s.repeat) for s in b]:
             for sa, sb in zip(a, b):
                 self.graph.add_edge(sa.atom, sb.atom, op=node.name)
-        else:
+        elif not (self._whole_units(a, b, node) or self._whole_units(b, a, node)):
             self.fix((a, b), f"cannot align channel blocks at {node.name}")
+
+    def _whole_units(self, fine: Layout, coarse: Layout, node: Node) -> bool:
+        """`coarse` holds each of its channels `r` times where `fine` holds r distinct
+        channels (grouped-query attention: a kv head repeated for its query heads): channel
+        c of `coarse` is a unit of r channels of `fine`, so both move in whole units."""
+        if len(fine) != 1 or len(coarse) != 1 or fine[0].repeat != 1:
+            return False
+        f, c = fine[0], coarse[0]
+        if c.repeat <= 1 or f.size != c.size * c.repeat:
+            return False
+        self.whole_groups(fine, (_Segment(c.atom, c.size),), c.size, node,
+                          f"{node.name} reads each of {c.size} channels {c.repeat} times")
+        return True
 
     def use(self, layout: Layout, param: tuple[str, str] | None, dim: int, op: Node) -> None:
         """Tie the slices of parameter `param` = (owner path, name) along `dim` to the blocks
@@ -342,6 +384,30 @@ class Coupling:
         if b is not None:
             self.graph.add_edge(a[0].atom, b[0].atom, op=node.name, groups=groups)
 
+    def size_use(self, layout: Layout, node: Node, arg: int, item: int | None, size: int) -> None:
+        """Literal `size` (argument `arg` of `node`, element `item`) sizes a dim of `layout`."""
+        offset = 0
+        for seg in layout:
+            key = ("size", node.name, arg, item, offset)
+            self._add(key, kind="size", size_use=SizeUse(node.name, arg, item, size, offset, seg.repeat),
+                      label=f"{node.name}.args[{arg}]" + ("" if item is None else f"[{item}]") + f"@{offset}")
+            self.graph.add_edge(key, seg.atom, op=node.name)
+            offset += seg.size * seg.repeat
+
+    def literal_size(self, layout: Layout, node: Node, arg: int | None, item: int | None, size) -> None:
+        """A size argument that is a literal: followed (a `SizeUse`) or fixing the channels."""
+        if not isinstance(size, int) or size <= 1:
+            return
+        if self.follow_sizes and arg is not None:
+            self.size_use(layout, node, arg, item, size)
+        else:
+            self.fix([layout], f"{node.name} hard-codes a size of {size}")
+
+    def attention_dim(self, layout: Layout) -> None:
+        """`layout` is the head dim of an attention (its channels are heads)."""
+        for seg in layout:
+            self.graph.nodes[seg.atom]["attention"] = True
+
     def produces(self, layout: Layout, path: str) -> None:
         """Layer `path`'s outputs define these channels (the group names it as a producer)."""
         self.graph.nodes[layout[0].atom]["producer"] = path
@@ -365,7 +431,8 @@ class Coupling:
             pass  # x.size(), x.dim(), asserts: no tensor, so no channels flow through
         else:
             rule = self._rule(node)
-            if rule is None or _tensor_meta(node) is None or rule(self, node) is False:
+            single = _tensor_meta(node) is not None  # else several tensors: a rule that says it splits
+            if rule is None or not (single or getattr(rule, "splits", False)) or rule(self, node) is False:
                 self._unknown(node, f"unknown op {_describe(node, self.gm)}")
 
     def _rule(self, node: Node) -> Rule | None:
@@ -404,11 +471,13 @@ class Coupling:
             return self._unknown(node, f"unknown op {_describe(node, self.gm)}")
         call.kind.couple(self, call)
 
-    def _pointwise(self, node: Node, first_only: bool = False) -> bool | None:
+    def _pointwise(self, node: Node, first_only: bool = False, inputs: list[Node] | None = None) -> bool | None:
         """Elementwise with broadcasting: output dims equal the right-aligned input dims of
-        the same size (a size-1 input dim that broadcasts couples nothing)."""
+        the same size (a size-1 input dim that broadcasts couples nothing). `inputs`: the
+        tensor operands (default: every input node, or the first)."""
         shape = _tensor_meta(node).shape
-        inputs = node.all_input_nodes[: 1 if first_only else None]
+        if inputs is None:
+            inputs = node.all_input_nodes[: 1 if first_only else None]
         if not all(n in self.layouts for n in inputs):
             return False
         coupled: dict[int, list[Layout]] = {}
@@ -447,24 +516,30 @@ class Coupling:
         self.fix([out[d] for d in padded], reason)
 
     def _sizes(self, node: Node, out: tuple[Layout, ...], sizes: list | None) -> None:
-        """The sizes a reshape or expand was asked for, per output dim: a size read from another
-        tensor (`x.shape[1]`, `x.size(1)`) couples that tensor's dim; a literal channel count
-        cannot follow a resized group, so its channels are fixed."""
+        """The sizes a reshape or expand was asked for, per output dim, each (value, argument
+        position, element) or None: a size read from another tensor (`x.shape[1]`,
+        `x.size(1)`) couples that tensor's dim; a literal is a size use (`literal_size`)."""
         if sizes is None or len(sizes) != len(out):
             return
-        for d, size in enumerate(sizes):
+        for d, entry in enumerate(sizes):
+            if entry is None:
+                continue
+            size, arg, item = entry
             source = _size_source(size)
             if source is not None and source[0] in self.layouts and source[1] < len(self.layouts[source[0]]):
                 self._unify(out[d], self.layouts[source[0]][source[1]], node)
-            elif isinstance(size, int) and size > 1:
-                self.fix([out[d]], f"{node.name} hard-codes a size of {size}")
+            else:
+                self.literal_size(out[d], node, arg, item, size)
 
-    def _reshape(self, node: Node) -> bool | None:
+    def _reshape(self, node: Node, sizes: list | None = None) -> bool | None:
+        """`sizes`: the requested sizes as `_sizes` takes them (default: read from a torch
+        call); None where the sizes are not graph arguments (flatten, nn.Unflatten)."""
         x = node.args[0]
         if x not in self.layouts:
             return False
+        sizes = _requested_sizes(node) if sizes is None else sizes
         xin, a, b = self.layouts[x], _tensor_meta(x).shape, _tensor_meta(node).shape
-        coupled, fixed_out = {}, []
+        coupled, fixed_out, splits = {}, [], []
         for run_a, run_b in _reshape_groups(a, b):
             ins = [d for d in run_a if a[d] != 1]
             outs = [d for d in run_b if b[d] != 1]
@@ -481,12 +556,31 @@ class Coupling:
                 if len(ins) == 1 and all(s.repeat % inner == 0 for s in xin[ins[0]]):
                     # undoing a flatten: the repeated channels become the leading dim again
                     coupled[outs[0]] = [tuple(_Segment(s.atom, s.size, s.repeat // inner) for s in xin[ins[0]])]
+                elif len(ins) == 1 and len(xin[ins[0]]) == 1 and xin[ins[0]][0].repeat == 1:
+                    splits.append((ins[0], outs, inner))  # blocks of `inner` channels: heads
                 else:
                     self.fix([xin[d] for d in ins], f"reshape {node.name} splits channels")
                     fixed_out += outs
         out = self.output(node, coupled)
         self.fix([out[d] for d in fixed_out], f"reshape {node.name} splits channels")
-        self._sizes(node, out, _requested_sizes(node))
+        for d, outs, inner in splits:
+            self._split_blocks(node, xin[d], out, outs, inner, sizes is not None)
+        self._sizes(node, out, sizes)
+
+    def _split_blocks(self, node: Node, source: Layout, out: tuple[Layout, ...], outs: list[int], inner: int,
+                      sized: bool) -> None:
+        """A reshape splits C channels into (C / inner, inner, ...): the attention head split
+        (H, head_dim). The outer dim's channels are whole blocks of `inner` source channels
+        (one group, in units of `inner`); the channels within a block stay fixed."""
+        outer = out[outs[0]]
+        if not sized:  # sizes held by a module (nn.Unflatten): nothing to rewrite
+            self.fix([source, outer], f"{_describe(node, self.gm)} splits channels into blocks by sizes it "
+                                      "holds itself: a cut could not follow them")
+            return
+        self.whole_groups(source, outer, outer[0].size, node, f"{node.name} splits channels into blocks of {inner}")
+        self.graph.nodes[outer[0].atom]["block"] = inner
+        self.fix([out[d] for d in outs[1:]], f"{node.name} splits channels into blocks of {inner} (a head's "
+                                             f"head_dim): the channels within a block are not cut")
 
     def _permute(self, node: Node) -> bool | None:
         xin = self.layouts.get(node.args[0])
@@ -566,10 +660,63 @@ class Coupling:
                 d = ndim - 2 - len(batch) + k
                 if size == shape[d]:
                     coupled.setdefault(d, []).append(layout[k])
+                if d == ndim - 3:  # softmax(q @ k^T) @ v over [.., heads, tokens, head_dim]
+                    self.attention_dim(layout[k])
         self.output(node, coupled)
+
+    def _attention(self, node: Node) -> bool | None:
+        """scaled_dot_product_attention(q [.., Hq, L, D], k [.., Hkv, S, D], v [.., Hkv, S, Dv],
+        attn_mask broadcasting to [.., Hq, L, S]) -> [.., Hq, L, Dv]: q and k contract D; the
+        output's heads and batch dims are q's, its last dim v's. Grouped-query attention
+        (`enable_gqa`, Hq = r * Hkv): query head j reads kv head j // r, so a kv head and its
+        r query heads move as one unit."""
+        q, k, v = (argument(node, i, name) for i, name in enumerate(("query", "key", "value")))
+        if not all(t in self.layouts for t in (q, k, v)):
+            return False
+        lq, lk, lv = (self.layouts[t] for t in (q, k, v))
+        shape = self.shape(node)
+        ndim = len(shape)
+        if min(len(lq), len(lk), len(lv)) < 3 or len(lq) != ndim:
+            return False
+        self._unify(lq[-1], lk[-1], node)
+        self.normalizes(lq[-1], node, "contract", len(lq) - 1)
+        self._unify(lk[-2], lv[-2], node)
+        coupled: dict[int, list[Layout]] = {ndim - 2: [lq[-2]], ndim - 1: [lv[-1]]}
+        for t, layout in ((q, lq), (k, lk), (v, lv)):
+            t_shape = self.shape(t)
+            for j in range(len(t_shape) - 2):
+                d = ndim - len(t_shape) + j
+                if d >= 0 and t_shape[j] == shape[d]:
+                    coupled.setdefault(d, []).append(layout[j])
+        hq, hkv = shape[-3], self.shape(k)[-3]
+        if hq != hkv:
+            if not (argument(node, 7, "enable_gqa", False) and hkv > 0 and hq % hkv == 0):
+                return False
+            self._unify(lk[-3], lv[-3], node)
+            self.whole_groups(lq[-3], lk[-3], hkv, node, f"{node.name}: grouped-query attention")
+        mask = argument(node, 3, "attn_mask")
+        if isinstance(mask, Node) and mask in self.layouts:
+            m_shape, sides = self.shape(mask), {ndim - 1: lk[-2]}
+            for j, size in enumerate(m_shape):
+                d = ndim - len(m_shape) + j
+                if d >= 0 and size == (self.shape(k)[-2] if d == ndim - 1 else shape[d]) and size != 1:
+                    if d == ndim - 1:
+                        self._unify(self.layouts[mask][j], sides[d], node)
+                    else:
+                        coupled.setdefault(d, []).append(self.layouts[mask][j])
+        out = self.output(node, coupled)
+        for layout in (lq[-3], lk[-3], lv[-3], out[-3]):
+            self.attention_dim(layout)
 
     def _getitem(self, node: Node) -> bool | None:
         x, index = node.args
+        if x in self.pieces and isinstance(index, int):  # one output of a split
+            piece = self.pieces[x][index]
+            out = self.output(node, {d: [layout] for d, layout in enumerate(piece) if not isinstance(layout, str)})
+            for d, layout in enumerate(piece):
+                if isinstance(layout, str):
+                    self.fix([out[d]], layout)
+            return None
         if x not in self.layouts:  # an element of a tuple some unknown op returned
             self._unknown(node, f"unknown op {_describe(x, self.gm)}" if isinstance(x, Node) else "unknown op getitem")
             return None
@@ -690,21 +837,33 @@ def _pointwise_self(c: Coupling, node: Node) -> bool | None:
     if c._pointwise(node, first_only=True) is False:
         return False
     if node.op == "call_method" and node.target == "expand":
+
         c._sizes(node, c.layouts[node], _requested_sizes(node))
     return None
 
 
 def _requested_sizes(node: Node) -> list | None:
-    """The sizes a view/reshape/expand call asks for (None for flatten and friends)."""
+    """The sizes a view/reshape/expand/unflatten call asks for, one entry per output dim:
+    (value, argument position, element in it) or None (a dim it does not size); None for
+    flatten and friends. A keyword argument has no position (None): it cannot be rewritten."""
     if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
-        sizes = list(node.args[1:])
-    elif node.op == "call_function" and node.target is torch.reshape:
-        sizes = argument(node, 1, "shape")
-    else:
-        return None
-    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
-        sizes = list(sizes[0])
-    return list(sizes) if isinstance(sizes, (list, tuple)) else None
+        if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+            return [(size, 1, i) for i, size in enumerate(node.args[1])]
+        return [(size, 1 + i, None) for i, size in enumerate(node.args[1:])]
+    if node.op == "call_function" and node.target is torch.reshape:
+        sizes, arg = argument(node, 1, "shape"), (1 if len(node.args) > 1 else None)
+        return [(size, arg, i) for i, size in enumerate(sizes)] if isinstance(sizes, (list, tuple)) else None
+    if (node.op, node.target) in (("call_method", "unflatten"), ("call_function", torch.unflatten)):
+        dim, sizes = argument(node, 1, "dim"), argument(node, 2, "sizes")
+        arg = 2 if len(node.args) > 2 else None
+        if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)):
+            return None
+        out = [None] * len(_tensor_meta(node).shape)
+        start = dim % len(_tensor_meta(node.args[0]).shape)
+        for i, size in enumerate(sizes):
+            out[start + i] = (size, arg, i)
+        return out
+    return None
 
 
 def _size_source(size) -> tuple[Node, int] | None:
@@ -714,6 +873,8 @@ def _size_source(size) -> tuple[Node, int] | None:
         return None
     tensor, dim = None, None
     if size.op == "call_method" and size.target == "size" and len(size.args) == 2 and isinstance(size.args[1], int):
+        tensor, dim = size.args
+    elif size.op == "call_function" and size.target is torch.ops.aten.sym_size.int:  # exported graphs
         tensor, dim = size.args
     elif size.op == "call_function" and size.target is operator.getitem and isinstance(size.args[1], int):
         shape = size.args[0]
@@ -739,6 +900,7 @@ for _targets, _rule_fn in (
     (_ALONG_DIM_FUNCTIONS | _ALONG_DIM_METHODS | {nn.Softmax, nn.LogSoftmax}, Coupling._along_dim),
     (_JOIN_FUNCTIONS, Coupling._join),
     (_MATMUL_FUNCTIONS | {"matmul", "bmm", "mm"}, Coupling._matmul),
+    ({F.scaled_dot_product_attention}, Coupling._attention),
     ({operator.getitem}, Coupling._getitem),
 ):
     for _target in _targets:
@@ -780,17 +942,18 @@ def parameter_reads(gm: GraphModule) -> dict[str, str]:
     return found
 
 
-def coupling_graph(gm: GraphModule) -> nx.Graph:
+def coupling_graph(gm: GraphModule, follow_sizes: bool = False) -> nx.Graph:
     """The raw coupling graph: ("tensor", node, dim) blocks of channels and ("param", layer,
     param, dim, offset, repeat) slices; edges mean "same channel count and order". Node data:
-    kind, size, reasons (why fixed), producer, label; param nodes hold their `ChannelUse`."""
+    kind, size, reasons (why fixed), producer, label; param nodes hold their `ChannelUse`.
+    `follow_sizes`: literal sizes of channel dims are ("size", ...) nodes instead of fixing."""
     nodes = list(gm.graph.nodes)
     if not any(_tensor_meta(n) is not None for n in nodes):
         raise ValueError("coupling analysis needs shapes: run "
                          "torch.fx.passes.shape_prop.ShapeProp(gm).propagate(example) first")
     layers = {n: call for n in nodes if (call := layer_call(n, gm)) is not None}
     chains = _weight_chains(nodes, layers)
-    builder = Coupling(gm)
+    builder = Coupling(gm, follow_sizes)
     for node in nodes:
         if node not in chains:
             builder.visit(node, layers.get(node))
@@ -798,9 +961,12 @@ def coupling_graph(gm: GraphModule) -> nx.Graph:
     return builder.graph
 
 
-def channel_groups(gm: GraphModule) -> list[ChannelGroup]:
-    """The channel groups of `gm` (after ShapeProp), in graph order."""
-    graph = coupling_graph(gm)
+def channel_groups(gm: GraphModule, follow_sizes: bool = False) -> list[ChannelGroup]:
+    """The channel groups of `gm` (after ShapeProp), in graph order. With `follow_sizes`, a
+    literal that sizes a group's dim (`view(B, T, 4, 16)`) is one of its `size_uses` instead
+    of fixing it: only for a caller that rewrites those literals (sorted slicing's
+    `follow_sizes`); growth and filter pruning leave such groups fixed."""
+    graph = coupling_graph(gm, follow_sizes)
     order = lambda k: graph.nodes[k]["order"]  # noqa: E731
     components = [sorted(c, key=order) for c in nx.connected_components(graph)]
     components = sorted((c for c in components if any(k[0] == "param" for k in c)), key=lambda c: order(c[0]))
@@ -816,6 +982,9 @@ def channel_groups(gm: GraphModule) -> list[ChannelGroup]:
 
         def unit(key: tuple) -> int:  # a use's unit: its block's (whole conv groups, or 1)
             return graph.nodes[next(iter(graph.neighbors(key)))]["unit"]
+        attention = [a for a in atoms if a.get("attention")]
+        blocks = [a["block"] for a in atoms if "block" in a]
+        heads = bool(attention and blocks)  # split into blocks that an attention reads as heads
         groups.append(ChannelGroup(
             id=len(groups),
             size=atoms[0]["size"] // atoms[0]["unit"],
@@ -826,5 +995,10 @@ def channel_groups(gm: GraphModule) -> list[ChannelGroup]:
             reason="; ".join(reasons),
             normalizers=[replace(graph.nodes[k]["norm"], repeat=graph.nodes[k]["norm"].repeat * unit(k))
                          for k in component if k[0] == "norm"],
+            heads=heads,
+            head_dim=min(blocks) if heads else 0,
+            heads_per_unit=max(a["unit"] for a in attention) if heads else 1,
+            size_uses=[replace(graph.nodes[k]["size_use"], repeat=graph.nodes[k]["size_use"].repeat * unit(k))
+                       for k in component if k[0] == "size"],
         ))
     return groups

@@ -81,7 +81,7 @@ class Analysis:
     def __init__(self, gm: fx.GraphModule, example: torch.Tensor | None):
         self.gm, self.example = gm, example
         self._shaped = False
-        self._groups: list | None = None
+        self._groups: dict[bool, list] = {}
 
     def shapes(self) -> fx.GraphModule:
         """`gm` with `tensor_meta` on its nodes."""
@@ -92,13 +92,15 @@ class Analysis:
             self._shaped = True
         return self.gm
 
-    def channel_groups(self) -> list:
-        if self._groups is None:
-            self._groups = channel_groups(self.shapes())
-        return self._groups
+    def channel_groups(self, follow_sizes: bool = False) -> list:
+        """The channel groups; `follow_sizes`: literal sizes are size uses, not fixing (for a
+        pass that rewrites them)."""
+        if follow_sizes not in self._groups:
+            self._groups[follow_sizes] = channel_groups(self.shapes(), follow_sizes)
+        return self._groups[follow_sizes]
 
     def invalidate(self) -> None:
-        self._shaped, self._groups = False, None
+        self._shaped, self._groups = False, {}
 
 
 @dataclass

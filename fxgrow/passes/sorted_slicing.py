@@ -35,6 +35,7 @@ from ..train.callbacks import Callback
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
 from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks, width_share
+from .sorted_slicing_sizes import fold_sizes, follow_sizes
 
 # --- spec -------------------------------------------------------------------------------
 
@@ -170,7 +171,7 @@ class SortedSlicingPass(Pass):
         if find_state(gm) is not None or any(p.kind == self.kind for p in ctx.applied):
             raise FxgrowError("the model is sliced already: use one sorted_slicing pass")
         if self.spec.width is not None:  # which groups can be cut, and how much that saves (dry runs too)
-            groups = ctx.analyzed(gm).channel_groups()
+            groups = ctx.analyzed(gm).channel_groups(follow_sizes=True)
             plan = plan_slicing(gm, groups, {m.layer for m in self.match(gm, ctx)})
             _require_a_sliced_group(plan)
             share, lost = width_share(gm, groups, plan, 0.5, self.spec.width.multiple_of)
@@ -201,7 +202,7 @@ class SortedSlicingPass(Pass):
 
         share = 1.0
         if spec.width is not None:
-            groups = analysis.channel_groups()
+            groups = analysis.channel_groups(follow_sizes=True)
             plan = plan_slicing(gm, groups, {m.layer for m in matches})
             _require_a_sliced_group(plan)
             share = width_share(gm, groups, plan, 0.5, spec.width.multiple_of)[0]
@@ -211,6 +212,7 @@ class SortedSlicingPass(Pass):
                             spec.width.multiple_of if spec.width else 1, len(blocks), points)
         gm.add_submodule(f"{META}.subnet", state)
         self._slice_chains(gm, plan, state)
+        follow_sizes(gm, plan, state, self.kind)
         self._slice_norms(gm, plan, state)
         self._gate_blocks(gm, blocks, state)
         gm.graph.lint()
@@ -351,6 +353,7 @@ class SortedSlicingPass(Pass):
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
         frozen = False
+        fold_sizes(gm)
         for node in list(graph.nodes):
             module = gm.get_submodule(node.target) if node.op == "call_module" else None
             if isinstance(module, ConvGroups):

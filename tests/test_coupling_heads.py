@@ -1,0 +1,193 @@
+"""Attention heads in the channel coupling (fx graphs): a head split (C -> (H, head_dim))
+makes the heads one channel group in units of head_dim, grouped-query attention in units of
+one kv head and its query heads; a literal head count is a size use that sorted slicing
+rewrites. Group structure exact on hand-written attention; end to end, sorted slicing keeps
+the model at width 1.0 and its width-0.5 sub-model equals the extracted one exactly."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from examples.models.tiny_lm import build as tiny_lm
+from fxgrow.analysis import channel_groups, propagate_shapes
+from fxgrow.analysis.coupling import ChannelUse as U
+from fxgrow.passes import Pipeline
+from fxgrow.passes.sorted_slicing import SortedSlicingPass
+from fxgrow.subnets import extract, subnet
+from fxgrow.trace import trace
+from tests.test_train_loop import one_thread  # noqa: F401  (fixture)
+
+VOCAB, TOKENS = 40, 6
+
+
+class ManualAttention(nn.Module):
+    """softmax(q k^T / sqrt(D)) v written out, heads split by `view(B, T, H, D)` with literal
+    sizes and merged by `reshape(B, T, H * D)`; `kv_heads < heads`: LLaMA's repeat_kv
+    (expand + reshape) gives each kv head to `heads / kv_heads` query heads."""
+
+    def __init__(self, dim=16, heads=4, kv_heads=None, head_dim=4):
+        super().__init__()
+        self.h, self.kv, self.d = heads, kv_heads or heads, head_dim
+        self.q = nn.Linear(dim, heads * head_dim)
+        self.k = nn.Linear(dim, self.kv * head_dim)
+        self.v = nn.Linear(dim, self.kv * head_dim)
+        self.o = nn.Linear(heads * head_dim, dim)
+
+    def repeat_kv(self, t):  # [B, kv, T, D] -> [B, H, T, D]
+        if self.kv == self.h:
+            return t
+        b, _, n, d = t.shape
+        return t[:, :, None, :, :].expand(b, self.kv, self.h // self.kv, n, d).reshape(b, self.h, n, d)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.h, self.d).transpose(1, 2)
+        k = self.repeat_kv(self.k(x).view(b, n, self.kv, self.d).transpose(1, 2))
+        v = self.repeat_kv(self.v(x).view(b, n, self.kv, self.d).transpose(1, 2))
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.d), dim=-1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, n, self.h * self.d))
+
+
+class InferredHeads(ManualAttention):
+    """HF's style: `view(B, T, -1, head_dim)` (no head count in the graph) + SDPA."""
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, -1, self.d).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv != self.h)
+        return self.o(y.transpose(1, 2).flatten(2))
+
+
+class LM(nn.Module):
+    """Embedding -> pre-norm attention block -> MLP block -> head, around `attention`."""
+
+    def __init__(self, attention, dim=16):
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, dim)
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = attention
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, VOCAB)
+
+    def forward(self, ids):
+        x = self.tok(ids)
+        x = x + self.attn(self.ln1(x))
+        return self.head(x + self.fc2(F.gelu(self.fc1(self.ln2(x)))))
+
+
+def gqa_manual():
+    return LM(ManualAttention(heads=4, kv_heads=2))
+
+
+def gqa_sdpa():
+    return LM(InferredHeads(heads=4, kv_heads=2))
+
+
+# name -> (build, units, head_dim, heads per unit, the literals that size the heads: node -> literal)
+MODELS = {
+    "tiny_lm": (lambda: tiny_lm(vocab_size=VOCAB, block_size=8, dim=16, heads=4, layers=1), 4, 4, 1,
+                {"unflatten": 4, "unflatten_1": 4, "unflatten_2": 4}),
+    "manual": (lambda: LM(ManualAttention()), 4, 4, 1, {"view": 4, "view_1": 4, "view_2": 4, "reshape": 16}),
+    "manual_gqa": (gqa_manual, 2, 4, 2, {"view": 4, "view_1": 2, "view_2": 2, "expand": 2, "expand_1": 2,
+                                         "reshape": 4, "reshape_1": 4, "reshape_2": 16}),
+    "sdpa_inferred": (lambda: LM(InferredHeads()), 4, 4, 1, {}),
+    "sdpa_gqa": (gqa_sdpa, 2, 4, 2, {}),
+}
+
+
+def ids(batch=2, seed=0):
+    return torch.randint(0, VOCAB, (batch, TOKENS), generator=torch.Generator().manual_seed(seed))
+
+
+def groups_of(model, follow_sizes):
+    gm = trace(model)
+    propagate_shapes(gm, ids())
+    return channel_groups(gm, follow_sizes)
+
+
+def heads_group(groups):
+    (group,) = [g for g in groups if g.heads]
+    return group
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_heads_are_one_group_in_units_of_head_dim(name):
+    build, units, d, per_unit, literals = MODELS[name]
+    torch.manual_seed(0)
+    g = heads_group(groups_of(build(), follow_sizes=True))
+    attn = "blocks.0.attn" if name == "tiny_lm" else "attn"
+    q, kv = per_unit * d, d  # channels of one unit in the query and in the key/value projections
+    assert (g.size, g.head_dim, g.heads_per_unit, g.fixed) == (units, d, per_unit, False), g.reason
+    assert sorted(g.uses) == sorted([U(f"{attn}.q", "weight", 0, 0, q), U(f"{attn}.q", "bias", 0, 0, q),
+                                     U(f"{attn}.k", "weight", 0, 0, kv), U(f"{attn}.k", "bias", 0, 0, kv),
+                                     U(f"{attn}.v", "weight", 0, 0, kv), U(f"{attn}.v", "bias", 0, 0, kv),
+                                     U(f"{attn}.o", "weight", 1, 0, q)])
+    assert {u.node: u.size for u in g.size_uses} == literals
+    # the analysis without size following: a literal head count fixes the heads
+    g = heads_group(groups_of(build(), follow_sizes=False))
+    assert g.fixed == bool(literals)
+    if literals:
+        assert g.reason.startswith(f"{next(iter(literals))} hard-codes a size of {next(iter(literals.values()))}")
+
+
+def test_head_dim_is_no_group_and_the_stream_and_ffn_stay_free():
+    torch.manual_seed(0)
+    groups = groups_of(LM(ManualAttention()), follow_sizes=True)
+    free = sorted((g.size, g.heads, g.producers[0]) for g in groups if not g.fixed)
+    assert free == [(4, True, "attn.q"), (16, False, "tok"), (32, False, "fc1")]
+    assert not any(u.layer.startswith("attn.") and u.repeat == 1 and u.dim == 0 and u.layer != "attn.o"
+                   for g in groups for u in g.uses)  # no group of single channels inside a head
+
+
+class ModuleSplit(nn.Module):
+    """Heads split by an nn.Unflatten module: its sizes are a module attribute, not a graph
+    literal, so nothing could follow a cut: the heads stay whole."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.split = nn.Unflatten(-1, (heads, dim // heads))
+
+    def forward(self, x):
+        q = self.split(self.q(x)).transpose(1, 2)
+        return self.o(F.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(2))
+
+
+def test_a_split_inside_a_module_keeps_the_heads_whole():
+    torch.manual_seed(0)
+    groups = groups_of(LM(ModuleSplit()), follow_sizes=True)
+    (g,) = [g for g in groups if "attn.q" in g.producers]
+    assert g.fixed and "Unflatten (attn.split) splits channels into blocks by sizes it holds itself" in g.reason
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sorted_slicing_cuts_whole_heads_exactly(name):
+    build, units, d, per_unit, literals = MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    x = ids(3, seed=1)
+    result = Pipeline([SortedSlicingPass(width={"fractions": [0.5, 1.0]})])(model, example_input=ids())
+    gm = result.graph_module
+    record = result.records["passes.0"]
+    group = heads_group(channel_groups(propagate_shapes(trace(model), ids()), True))
+    assert group.id in record.sliced
+    with torch.no_grad():
+        for training in (False, True):
+            model.train(training), gm.train(training)
+            assert torch.equal(gm(x), model(x))
+        gm.eval()
+        with subnet(gm, width=0.5):
+            a = gm(x)
+        small = extract(gm, width=0.5)
+        assert torch.equal(a, small(x))
+    attn = "blocks.0.attn" if name == "tiny_lm" else "attn"
+    kept = -(-units // 2)  # whole units: half the kv heads, and their query heads
+    sd = small.state_dict()
+    assert sd[f"{attn}.q.weight"].shape[0] == kept * per_unit * d
+    assert sd[f"{attn}.k.weight"].shape[0] == kept * d
+    assert sd[f"{attn}.o.weight"].shape[1] == kept * per_unit * d
+    assert not any(n.op == "call_module" and "size" in n.target for n in small.graph.nodes)  # literals again
