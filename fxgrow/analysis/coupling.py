@@ -912,6 +912,8 @@ for _cls, _k in _SPATIAL_MODULES:
 
 _MAX_REASONS = 3
 
+from ..frontends import aten_coupling  # noqa: E402,F401  (registers the rules of exported graphs' aten ops)
+
 
 # Functional layers whose parameters may be cut or masked where they are read: norms without
 # running statistics (a cut running mean would be a copy the in-place update never reaches).

@@ -68,14 +68,16 @@ def frontend_of(gm: nn.Module) -> str:
 
 
 def require_channel_rules(gm: nn.Module, what: str) -> None:
-    """Refuse `what` (a pass that cuts, grows or prunes channels) on an exported graph: the
-    channel coupling has rules for torch functions, not for aten ops, so every channel group
-    of an exported graph is fixed; and export bakes head counts and widths into its
-    view/reshape/expand sizes, which a cut or grown width would break."""
+    """Refuse `what` (a pass that grows or prunes channels, or gates blocks) on an exported
+    graph. Export bakes head counts and widths into view/reshape/expand sizes; the channel
+    coupling follows aten ops (`aten_coupling`) and lists those literals, but only sorted
+    slicing's width rewrites them (`passes/sorted_slicing_sizes.py`): growth would leave them
+    at the old sizes, and depth gates run a dropped block on an empty batch, which a view
+    with -1 cannot reshape."""
     if frontend_of(gm) == "export":
         raise TraceError(
-            f"{what} does not run on a torch.export graph yet: it needs free channel groups, and fxgrow's channel "
-            "coupling has no rules for aten ops (every group would be fixed), while export bakes head counts and "
-            "widths into view/reshape/expand sizes. Use model.frontend: fx for a model torch.fx can trace; the "
-            "weight-chain passes (compander, prune_regrow with unstructured masks, template_mixing) run on "
-            "exported graphs")
+            f"{what} does not run on a torch.export graph yet: export bakes head counts and widths into "
+            "view/reshape/expand sizes, which only sorted_slicing's width rewrites (depth gates run a dropped "
+            "block on an empty batch, which HF blocks' views cannot). Use model.frontend: fx for a model torch.fx "
+            "can trace; sorted_slicing width and the weight-chain passes (compander, prune_regrow with "
+            "unstructured masks, template_mixing) run on exported graphs")

@@ -1,0 +1,77 @@
+"""Sorted slicing (width) on torch.export graphs of tiny GPT-2, LLaMA (GQA) and BERT: the aten
+coupling rules find the hidden (residual stream), FFN and head groups; the sliced graph is the
+capture at width 1.0 (train and eval) and its width-0.5 sub-model equals the extracted one
+exactly; the extracted LLaMA is `LlamaForCausalLM` of the halved config, bitwise."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fxgrow import api
+from fxgrow.analysis import channel_groups, propagate_shapes
+from fxgrow.subnets import extract, subnet
+from tests.test_export_frontend import captured, ids, run, spec_for  # noqa: F401  (captured: a fixture)
+from tests.test_train_loop import one_thread  # noqa: F401  (fixture)
+
+transformers = pytest.importorskip("transformers")
+
+SLICING = [{"kind": "sorted_slicing", "width": {"fractions": [0.5, 1.0]}}]
+
+# model -> (the embedding writing the stream, a layer's module path, its FFN's first layer, FFN
+# size, units of its heads group, query heads per unit, why the heads stay whole)
+EXPECTED = {
+    "llama": ("model.embed_tokens", "model.layers.{i}.", "mlp.gate_proj", 64, 2, 2, ""),
+    "bert": ("bert.embeddings.word_embeddings", "bert.encoder.layer.{i}.", "intermediate.dense", 64, 4, 1, ""),
+    "gpt2": ("transformer.wte", "transformer.h.{i}.", "mlp.c_fc", 128, 4, 1,
+             "cuts channels into pieces (a packed projection)"),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_aten_rules_find_hidden_ffn_and_head_groups(captured, name):
+    _, gm = captured[name]
+    stream, layer, ffn, ffn_size, units, per_unit, whole = EXPECTED[name]
+    groups = channel_groups(propagate_shapes(copy.deepcopy(gm), ids(1)), follow_sizes=True)
+    by_producer = {p: g for g in groups for p in g.producers}
+    hidden = by_producer[stream]
+    assert not hidden.fixed and hidden.size == 32 and not hidden.heads
+    for i in range(2):
+        g = by_producer[layer.format(i=i) + ffn]
+        assert (g.fixed, g.size, g.heads) == (False, ffn_size, False), g.reason
+        (g,) = [g for g in groups if g.heads and any(u.layer.startswith(layer.format(i=i)) for u in g.uses)]
+        assert (g.size, g.head_dim, g.heads_per_unit) == (units, 8, per_unit)
+        assert g.fixed == bool(whole) and whole in g.reason
+    # mask and position arithmetic on the token ids fixes no group that holds weights' channels
+    # but the vocabulary (model output) and the buffers it reads
+    fixed = [g for g in groups if g.fixed and not g.heads and all(u.param == "weight" for u in g.uses)
+             and g.producers]
+    assert all(g.reason == "model output" or "packed projection" in g.reason for g in fixed), \
+        [(g.producers, g.reason) for g in fixed]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_width_slicing_on_an_exported_graph_is_exact(captured, name):
+    model, gm = captured[name]
+    sliced = api.compile_spec(spec_for(SLICING), copy.deepcopy(gm)).graph_module
+    x = ids()
+    for training in (False, True):  # width 1.0: the capture itself, bit for bit
+        assert torch.equal(run(sliced, x, training), run(gm, x, training))
+    sliced.eval()
+    with torch.no_grad(), subnet(sliced, width=0.5):
+        half = sliced(x)
+    small = extract(sliced, width=0.5)
+    with torch.no_grad():
+        assert torch.equal(small(x), half)
+    assert half.shape == run(gm, x, False).shape
+    if name != "llama":
+        return
+    # the HF class of the halved config (head_dim explicit, kv heads halved with the heads)
+    config = copy.deepcopy(model.config)
+    config.hidden_size, config.intermediate_size, config.head_dim = 16, 32, 8
+    config.num_attention_heads, config.num_key_value_heads = 2, 1
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.load_state_dict(small.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(hf(x).logits, half)
