@@ -15,8 +15,9 @@ from torch import nn
 from examples.models.tiny_lm import build as tiny_lm
 from fxgrow.analysis import channel_groups, propagate_shapes
 from fxgrow.analysis.coupling import ChannelUse as U
-from fxgrow.passes import Pipeline
-from fxgrow.passes.sorted_slicing import SortedSlicingPass
+from fxgrow import api
+from fxgrow.fold import fold
+from fxgrow.specs.root import parse_spec
 from fxgrow.subnets import extract, subnet
 from fxgrow.trace import trace
 from tests.test_train_loop import one_thread  # noqa: F401  (fixture)
@@ -99,8 +100,12 @@ MODELS = {
 }
 
 
-def ids(batch=2, seed=0):
-    return torch.randint(0, VOCAB, (batch, TOKENS), generator=torch.Generator().manual_seed(seed))
+def ids(batch=2, seed=0, tokens=TOKENS):
+    return torch.randint(0, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+SPEC = {"model": {"example_input": {"shape": [2, TOKENS], "dtype": "int64", "high": VOCAB}},
+        "passes": [{"kind": "sorted_slicing", "width": {"fractions": [0.5, 1.0]}}], "train": {"steps": 1}}
 
 
 def groups_of(model, follow_sizes):
@@ -170,7 +175,7 @@ def test_sorted_slicing_cuts_whole_heads_exactly(name):
     torch.manual_seed(0)
     model = build()
     x = ids(3, seed=1)
-    result = Pipeline([SortedSlicingPass(width={"fractions": [0.5, 1.0]})])(model, example_input=ids())
+    result = api.compile_spec(parse_spec(SPEC), model)
     gm = result.graph_module
     record = result.records["passes.0"]
     group = heads_group(channel_groups(propagate_shapes(trace(model), ids()), True))
@@ -184,6 +189,10 @@ def test_sorted_slicing_cuts_whole_heads_exactly(name):
             a = gm(x)
         small = extract(gm, width=0.5)
         assert torch.equal(a, small(x))
+        shorter = ids(1, seed=2, tokens=TOKENS - 2)  # the followed sizes are the heads', not the tokens'
+        with subnet(gm, width=0.5):
+            assert torch.equal(gm(shorter), small(shorter))
+        assert torch.equal(fold(gm)(x), model(x))  # folded at the largest sub-model: the model again
     attn = "blocks.0.attn" if name == "tiny_lm" else "attn"
     kept = -(-units // 2)  # whole units: half the kv heads, and their query heads
     sd = small.state_dict()

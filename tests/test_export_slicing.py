@@ -11,6 +11,8 @@ import torch
 
 from fxgrow import api
 from fxgrow.analysis import channel_groups, propagate_shapes
+from fxgrow.analysis.coupling import ChannelUse as U
+from fxgrow.specs.root import parse_spec
 from fxgrow.subnets import extract, subnet
 from tests.test_export_frontend import captured, ids, run, spec_for  # noqa: F401  (captured: a fixture)
 from tests.test_train_loop import one_thread  # noqa: F401  (fixture)
@@ -62,8 +64,11 @@ def test_width_slicing_on_an_exported_graph_is_exact(captured, name):
     with torch.no_grad(), subnet(sliced, width=0.5):
         half = sliced(x)
     small = extract(sliced, width=0.5)
+    shorter = ids(2, tokens=5)  # the capture keeps batch and tokens free; the followed sizes are channels'
     with torch.no_grad():
         assert torch.equal(small(x), half)
+        with subnet(sliced, width=0.5):
+            assert torch.equal(sliced(shorter), small(shorter))
     assert half.shape == run(gm, x, False).shape
     if name != "llama":
         return
@@ -75,3 +80,42 @@ def test_width_slicing_on_an_exported_graph_is_exact(captured, name):
     hf.load_state_dict(small.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(hf(x).logits, half)
+
+
+class Mixer(torch.nn.Module):
+    """Two projections side by side (cat) through a functional RMSNorm, permutes and a
+    token select: aten cat, rms_norm (its normalized_shape holds both groups), permute,
+    select and mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 6), torch.nn.Linear(8, 4)
+        self.w = torch.nn.Parameter(torch.rand(10) + 0.5)
+        self.out = torch.nn.Linear(10, 3)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], -1)
+        y = torch.relu(torch.nn.functional.rms_norm(y, (10,), self.w).permute(0, 2, 1)).permute(0, 2, 1)
+        return self.out(y[:, 0] + y.mean(1))
+
+
+def test_concatenated_groups_follow_an_exported_rms_norm():
+    spec = parse_spec({"model": {"frontend": "export", "example_input": {"shape": [2, 5, 8]}},
+                       "passes": SLICING, "train": {"steps": 1}})
+    torch.manual_seed(0)
+    model = Mixer().eval()
+    gm = api.trace_model(spec, model)
+    groups = channel_groups(propagate_shapes(copy.deepcopy(gm), torch.randn(2, 5, 8)), follow_sizes=True)
+    free = {g.producers[0]: g for g in groups if not g.fixed}
+    assert sorted(free) == ["a", "b"]
+    assert U("", "w", 0, 6, 1) in free["b"].uses and [(u.node, u.offset) for u in free["b"].size_uses] == [
+        ("rms_norm", 6)]
+    assert [n.kind for n in free["a"].normalizers] == ["rms_norm"]
+    with pytest.warns(UserWarning, match="width 0.5 keeps"):
+        sliced = api.compile_spec(spec, copy.deepcopy(gm)).graph_module.eval()
+    x = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        assert torch.equal(sliced(x), gm(x))
+        with subnet(sliced, width=0.5):
+            half = sliced(x)
+        assert torch.equal(extract(sliced, width=0.5)(x), half)

@@ -384,6 +384,19 @@ class Coupling:
         if b is not None:
             self.graph.add_edge(a[0].atom, b[0].atom, op=node.name, groups=groups)
 
+    def read_as(self, param: Node, layout: Layout, node: Node) -> None:
+        """The 1-d parameter that get_attr `param` reads (a norm's weight, read by `node`
+        only) indexes the blocks of `layout`: its slices follow them block by block, as a
+        layer's parameters do (`use`), instead of being one block of its own."""
+        own = self.layouts[param][0]
+        if len(self.layouts[param]) != 1 or len(param.users) != 1 or len(own) != 1:
+            return self._unify(own, layout, node)
+        atom = own[0].atom
+        for key in [k for k in self.graph.neighbors(atom) if k[0] == "param"]:
+            self.graph.remove_node(key)
+        owner, _, name = param.target.rpartition(".")
+        self.use(layout, (owner, name), 0, node)
+
     def size_use(self, layout: Layout, node: Node, arg: int, item: int | None, size: int) -> None:
         """Literal `size` (argument `arg` of `node`, element `item`) sizes a dim of `layout`."""
         offset = 0

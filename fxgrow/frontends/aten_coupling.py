@@ -146,9 +146,9 @@ def _along(c: Coupling, node: Node) -> bool | None:
 
 
 def _layer_norm(c: Coupling, node: Node) -> bool | None:
-    """layer_norm(x, normalized_shape, weight, bias, eps): statistics over the trailing dims;
-    the affine parameters (get_attr reads) index the last dims; normalized_shape restates
-    their sizes: size uses."""
+    """layer_norm(x, normalized_shape, weight, bias, eps) and rms_norm(x, normalized_shape,
+    weight, eps): statistics over the trailing dims; the affine parameters (get_attr reads)
+    index the last dims; normalized_shape restates their sizes: size uses."""
     x, shape = node.args[0], node.args[1]
     xin = c.layouts.get(x)
     if xin is None or not isinstance(shape, (list, tuple)):
@@ -157,11 +157,13 @@ def _layer_norm(c: Coupling, node: Node) -> bool | None:
     out = c.output(node, {d: [layout] for d, layout in enumerate(xin)})
     for j in range(k):
         d = len(xin) - k + j
-        c.normalizes(xin[d], node, "layer_norm", d)
+        c.normalizes(xin[d], node, "rms_norm" if node.target is _RMS_NORM else "layer_norm", d)
         c.literal_size(out[d], node, 1, j, shape[j])
     for position in (2, 3):
         p = node.args[position] if len(node.args) > position else None
-        if isinstance(p, Node) and p in c.layouts:
+        if isinstance(p, Node) and p in c.layouts and p.op == "get_attr" and len(c.layouts[p]) == 1:
+            c.read_as(p, xin[-1], node)
+        elif isinstance(p, Node) and p in c.layouts:
             for j, layout in enumerate(c.layouts[p]):
                 c._unify(layout, xin[len(xin) - len(c.layouts[p]) + j], node)
 
@@ -194,8 +196,11 @@ def _gather(c: Coupling, node: Node) -> bool | None:
 
 
 def _new(c: Coupling, node: Node) -> bool | None:
-    """A tensor made from sizes (arange, ones, full, new_ones): new dims, nothing coupled."""
-    c.output(node, {})
+    """A tensor made from sizes (arange, ones, full, new_ones): new dims, coupled to nothing
+    but the tensors its sizes are read from; a literal size is a size use (or fixes)."""
+    out = c.output(node, {})
+    if node.target in _MADE_FROM_SIZES:
+        c._sizes(node, out, _sizes(node, _MADE_FROM_SIZES[node.target]))
 
 
 def _diff(c: Coupling, node: Node) -> bool | None:
@@ -231,8 +236,13 @@ _POINTWISE = _overloads(
 _FIRST_ONLY = _overloads(aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.alias, aten.detach,
                          aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.type_as,
                          aten.lift_fresh_copy, aten.masked_fill_, aten.tril, aten.triu)
+_RMS_NORM = getattr(aten, "rms_norm", None) and aten.rms_norm.default
+_MADE_FROM_SIZES = {op: position for packet, position in ((aten.ones, 0), (aten.zeros, 0), (aten.full, 0),
+                                                          (aten.empty, 0), (aten.new_ones, 1), (aten.new_zeros, 1),
+                                                          (aten.new_full, 1), (aten.new_empty, 1))
+                    for op in _overloads(packet)}
 _NEW = _overloads(aten.arange, aten.ones, aten.zeros, aten.full, aten.new_ones, aten.new_zeros, aten.new_full,
-                  aten.empty, aten.scalar_tensor, aten.ones_like, aten.zeros_like, aten.full_like)
+                  aten.empty, aten.new_empty, aten.scalar_tensor, aten.ones_like, aten.zeros_like, aten.full_like)
 
 for _targets, _rule in (
     (_POINTWISE, _pointwise),
@@ -250,7 +260,7 @@ for _targets, _rule in (
     (_overloads(aten.mean, aten.sum, aten.amax, aten.amin), _reduce),
     ([aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int], _softmax),
     ([aten.cumsum.default], _along),
-    ([aten.layer_norm.default], _layer_norm),
+    ([aten.layer_norm.default] + ([_RMS_NORM] if _RMS_NORM else []), _layer_norm),
     ([aten.index.Tensor], _index),
     ([aten.gather.default], _gather),
     ([aten.diff.default], _diff),
