@@ -171,9 +171,14 @@ def test_a_split_inside_a_module_keeps_the_heads_whole():
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_sorted_slicing_cuts_whole_heads_exactly(name):
-    build, units, d, per_unit, literals = MODELS[name]
+    build, units, d, per_unit, _ = MODELS[name]
     torch.manual_seed(0)
-    model = build()
+    check_slicing(build(), "blocks.0.attn" if name == "tiny_lm" else "attn", units, d, per_unit)
+
+
+def check_slicing(model, attn, units, d, per_unit):
+    """Sorted slicing (width 0.5, 1.0) through a spec: the model at width 1.0 in train and
+    eval, whole units kept at 0.5, sliced == extracted, folded == the model."""
     x = ids(3, seed=1)
     result = api.compile_spec(parse_spec(SPEC), model)
     gm = result.graph_module
@@ -193,10 +198,41 @@ def test_sorted_slicing_cuts_whole_heads_exactly(name):
         with subnet(gm, width=0.5):
             assert torch.equal(gm(shorter), small(shorter))
         assert torch.equal(fold(gm)(x), model(x))  # folded at the largest sub-model: the model again
-    attn = "blocks.0.attn" if name == "tiny_lm" else "attn"
     kept = -(-units // 2)  # whole units: half the kv heads, and their query heads
     sd = small.state_dict()
     assert sd[f"{attn}.q.weight"].shape[0] == kept * per_unit * d
     assert sd[f"{attn}.k.weight"].shape[0] == kept * d
     assert sd[f"{attn}.o.weight"].shape[1] == kept * per_unit * d
     assert not any(n.op == "call_module" and "size" in n.target for n in small.graph.nodes)  # literals again
+
+
+class NanoAttention(ManualAttention):
+    """nanoGPT's style: `B, T, C = x.size()`, heads of `C // n_head`, merged back by
+    `view(B, T, C)`. The merge reads the stream's width, so heads and hidden are one group
+    (hidden = heads x head_dim); `C // n_head` is arithmetic on that width, which a cut would
+    change without the analysis following it (C // 4 at half width is not head_dim): the
+    group stays whole, naming the computed size, and the FFN is still cut."""
+
+    def forward(self, x):
+        b, n, c = x.size()
+        q, k, v = (p(x).view(b, n, self.h, c // self.h).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).contiguous().view(b, n, c))
+
+
+def test_a_size_computed_from_a_cut_width_keeps_heads_and_hidden_whole():
+    torch.manual_seed(0)
+    model = LM(NanoAttention())
+    groups = groups_of(model, follow_sizes=True)
+    g = heads_group(groups)
+    assert (g.size, g.head_dim, g.fixed) == (4, 4, True)
+    assert {U("tok", "weight", 1, 0, 4), U("ln1", "weight", 0, 0, 4), U("attn.q", "weight", 1, 0, 4),
+            U("attn.q", "weight", 0, 0, 4), U("attn.o", "weight", 0, 0, 4), U("head", "weight", 1, 0, 4)} <= set(g.uses)
+    assert g.reason.startswith("view computes a size (floordiv) from sizes the analysis does not follow")
+    with pytest.warns(UserWarning, match="width 0.5 keeps .* left at full width: group 0"):
+        result = api.compile_spec(parse_spec(SPEC), model)
+    record = result.records["passes.0"]
+    assert record.sliced == [g.id for g in groups if g.producers == ["fc1"]]
+    x = ids(3, seed=1)
+    with torch.no_grad(), subnet(result.graph_module, width=0.5):
+        assert torch.equal(result.graph_module(x), extract(result.graph_module, width=0.5)(x))

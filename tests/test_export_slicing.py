@@ -27,7 +27,7 @@ EXPECTED = {
     "llama": ("model.embed_tokens", "model.layers.{i}.", "mlp.gate_proj", 64, 2, 2, ""),
     "bert": ("bert.embeddings.word_embeddings", "bert.encoder.layer.{i}.", "intermediate.dense", 64, 4, 1, ""),
     "gpt2": ("transformer.wte", "transformer.h.{i}.", "mlp.c_fc", 128, 4, 1,
-             "cuts channels into pieces (a packed projection)"),
+             "in 'transformer.h.{i}.attn' cuts channels into pieces (a packed projection"),
 }
 
 
@@ -44,7 +44,7 @@ def test_aten_rules_find_hidden_ffn_and_head_groups(captured, name):
         assert (g.fixed, g.size, g.heads) == (False, ffn_size, False), g.reason
         (g,) = [g for g in groups if g.heads and any(u.layer.startswith(layer.format(i=i)) for u in g.uses)]
         assert (g.size, g.head_dim, g.heads_per_unit) == (units, 8, per_unit)
-        assert g.fixed == bool(whole) and whole in g.reason
+        assert g.fixed == bool(whole) and whole.format(i=i) in g.reason
     # mask and position arithmetic on the token ids fixes no group that holds weights' channels
     # but the vocabulary (model output) and the buffers it reads
     fixed = [g for g in groups if g.fixed and not g.heads and all(u.param == "weight" for u in g.uses)

@@ -541,6 +541,9 @@ class Coupling:
             source = _size_source(size)
             if source is not None and source[0] in self.layouts and source[1] < len(self.layouts[source[0]]):
                 self._unify(out[d], self.layouts[source[0]][source[1]], node)
+            elif isinstance(size, Node):  # computed (C // heads): a cut would change it unfollowed
+                reason = f"{node.name} computes a size ({size.name}) from sizes the analysis does not follow"
+                self.fix([out[d]] + [self.layouts[t][i] for t, i in _size_reads(size) if t in self.layouts], reason)
             else:
                 self.literal_size(out[d], node, arg, item, size)
 
@@ -709,14 +712,15 @@ class Coupling:
             self.whole_groups(lq[-3], lk[-3], hkv, node, f"{node.name}: grouped-query attention")
         mask = argument(node, 3, "attn_mask")
         if isinstance(mask, Node) and mask in self.layouts:
-            m_shape, sides = self.shape(mask), {ndim - 1: lk[-2]}
-            for j, size in enumerate(m_shape):
-                d = ndim - len(m_shape) + j
-                if d >= 0 and size == (self.shape(k)[-2] if d == ndim - 1 else shape[d]) and size != 1:
-                    if d == ndim - 1:
-                        self._unify(self.layouts[mask][j], sides[d], node)
-                    else:
-                        coupled.setdefault(d, []).append(self.layouts[mask][j])
+            scores = (*shape[:-1], self.shape(k)[-2])  # [.., Hq, L, S]: what the mask broadcasts to
+            for j, size in enumerate(self.shape(mask)):
+                d = ndim - len(self.shape(mask)) + j
+                if d < 0 or size == 1 or size != scores[d]:
+                    continue
+                if d == ndim - 1:  # the keys
+                    self._unify(self.layouts[mask][j], lk[-2], node)
+                else:
+                    coupled.setdefault(d, []).append(self.layouts[mask][j])
         out = self.output(node, coupled)
         for layout in (lq[-3], lk[-3], lv[-3], out[-3]):
             self.attention_dim(layout)
@@ -898,6 +902,22 @@ def _size_source(size) -> tuple[Node, int] | None:
             tensor, dim = shape.args[0], size.args[1]
     meta = _tensor_meta(tensor)
     return (tensor, dim % len(meta.shape)) if meta is not None and meta.shape else None
+
+
+def _size_reads(size: Node) -> list[tuple[Node, int]]:
+    """The (tensor, dim) sizes a computed size is made of (`x.size(2) // 4` reads x's dim 2)."""
+    found, stack, seen = [], [size], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        source = _size_source(n)
+        if source is not None:
+            found.append(source)
+        elif _tensor_meta(n) is None:  # arithmetic on sizes: read on; a tensor input ends the walk
+            stack.extend(n.all_input_nodes)
+    return found
 
 
 for _targets, _rule_fn in (

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from ..analysis.coupling import Coupling, _dims, _tensor_meta, register_coupling_rule
+from ..analysis.coupling import Coupling, _describe_in, _dims, _tensor_meta, register_coupling_rule
 
 aten = torch.ops.aten
 
@@ -117,7 +117,8 @@ def _split(c: Coupling, node: Node) -> bool | None:
         return False
     dim = _dims(node.args[2] if len(node.args) > 2 else 0, len(xin))[0]
     pieces = node.meta.get("tensor_meta")
-    reason = f"split {node.name} cuts channels into pieces (a packed projection): the pieces are not cut"
+    reason = (f"{_describe_in(node, c.gm)} cuts channels into pieces (a packed projection, such as GPT-2's "
+              "q|k|v): the pieces are not cut")
     if len(pieces) > 1:
         c.fix([xin[dim]], reason)
     c.pieces[node] = [tuple(reason if d == dim and len(pieces) > 1 else xin[d] for d in range(len(xin)))
