@@ -236,3 +236,15 @@ def test_a_size_computed_from_a_cut_width_keeps_heads_and_hidden_whole():
     x = ids(3, seed=1)
     with torch.no_grad(), subnet(result.graph_module, width=0.5):
         assert torch.equal(result.graph_module(x), extract(result.graph_module, width=0.5)(x))
+
+
+def test_inspect_names_the_heads_groups(tmp_path):
+    from typer.testing import CliRunner
+
+    from fxgrow.cli.main import app
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"model: {{example_input: {{shape: [2, {TOKENS}], dtype: int64, high: {VOCAB}}}}}\npasses: []\n")
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["inspect", "tests.test_coupling_heads:gqa_sdpa", str(spec)])
+    assert result.exit_code == 0, result.output
+    assert "2 kv heads (2 query heads each) of 4" in result.output

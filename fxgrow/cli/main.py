@@ -174,7 +174,14 @@ def _print_groups(gm) -> None:
         from ..analysis.coupling import channel_groups
     except ImportError:
         return
-    rows = [{"group": str(g.id), "channels": str(g.size), "fixed": g.reason if g.fixed else "",
+    def channels(g) -> str:
+        if not g.heads:
+            return str(g.size)
+        if g.heads_per_unit == 1:
+            return f"{g.size} heads of {g.head_dim}"
+        return f"{g.size} kv heads ({g.heads_per_unit} query heads each) of {g.head_dim}"
+
+    rows = [{"group": str(g.id), "channels": channels(g), "fixed": g.reason if g.fixed else "",
              "parameters": ", ".join(f"{u.layer}.{u.param}[{u.dim}]" for u in g.uses[:6])
              + (f" (+{len(g.uses) - 6})" if len(g.uses) > 6 else "")}
             for g in channel_groups(gm)]
