@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .analysis import measure
 from .errors import FxgrowError
 from .fold import fold
-from .nn.slicing import SubnetState
+from .nn.slicing import LayerExit, SubnetState
 
 Point = tuple[float, int]
 
@@ -156,6 +156,17 @@ def extract(gm: fx.GraphModule, width: float | None = None, depth: int | None = 
     return fold(sub, inplace=True)  # fold takes the slicing off at the active point first
 
 
+def kept_units(model: nn.Module, width: float | None = None, depth: int | None = None) -> dict[str, dict]:
+    """What the sub-model (width, depth) keeps, for an extract that rebuilds the model's own
+    class (a Hugging Face config with fewer layers and smaller sizes): {"layers": {layer
+    list path: kept entries}, "groups": {channel group id: kept channels}}."""
+    state = _require_state(model)
+    point = resolve_point(state, width, depth)
+    exits = [m for m in model.modules() if isinstance(m, LayerExit)]
+    return {"layers": {m.layers: point[1] for m in exits},
+            "groups": state.active_sizes(state.fractions.index(point[0]))}
+
+
 # --- on a spec's data (the CLI's `eval` and `extract`) ---------------------------------------
 
 def data_evaluator(data, batch_size: int, device: torch.device, objective=None
@@ -201,5 +212,5 @@ def grid_table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
 
 
 __all__ = ["Point", "calibration_inputs", "data_evaluator", "evaluate_grid", "extract", "find_state",
-           "grid_table_rows", "has_batch_norm", "preserved_norm_stats", "recalibrate",
+           "grid_table_rows", "has_batch_norm", "kept_units", "preserved_norm_stats", "recalibrate",
            "resolve_point", "subnet"]

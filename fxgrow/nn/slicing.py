@@ -13,6 +13,8 @@
   statistics for each narrower width.
 - `DepthGate`: brackets a skippable residual block y = x + f(x). Off, the block runs on an
   empty batch (no FLOPs, no autograd graph) and hands on x unchanged.
+- `LayerExit`: depth by layers (transformers): hands the stream after the first k entries
+  of the layer list to the final norm and head.
 - `ConvGroups`: the `groups` of a sliced grouped conv (or GroupNorm): whole groups are kept.
 """
 from __future__ import annotations
@@ -426,6 +428,28 @@ class DepthGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"index={self.index}, block={self.block!r}"
+
+
+class LayerExit(nn.Module):
+    """Exit of layer list `layers` (depth by layers): called with the stream h_0 .. h_L (the
+    input of the first layer, then what each layer hands on), it hands h_depth to the
+    nodes after the list (the final norm and head), so depth k is exactly the first k
+    layers. The dropped layers still run in eager mode, unused (no gradient reaches them);
+    torch.compile, which specializes on the depth, removes them as dead code."""
+
+    channel_pointwise = True  # every stream value carries the same channels
+
+    def __init__(self, state: SubnetState, layers: str, entries: Sequence[str]):
+        super().__init__()
+        self.state = state
+        self.layers = layers
+        self.entries = tuple(entries)
+
+    def forward(self, *streams: torch.Tensor) -> torch.Tensor:
+        return streams[self.state.depth]
+
+    def extra_repr(self) -> str:
+        return f"layers={self.layers!r}, entries={len(self.entries)}"
 
 
 def _device_of(m: nn.Module) -> torch.device | None:

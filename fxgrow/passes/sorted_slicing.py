@@ -28,12 +28,13 @@ from ..frontends import require_channel_rules
 from ..errors import FxgrowError, SpecError
 from ..ir import META, fetch_attr, insert_producer, is_layer, meta, replace_submodule, replace_tensor, weight_chains
 from ..layers import follow_input, kind_of, layer_call
-from ..nn.slicing import SLICED_NORMS, ConvGroups, DepthGate, SliceProducer, SubnetState
+from ..nn.slicing import SLICED_NORMS, ConvGroups, DepthGate, LayerExit, SliceProducer, SubnetState
 from ..specs.base import PassSpec, StrictModel
 from ..subnets import evaluate_grid, find_state, recalibrate
 from ..train.callbacks import Callback
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
+from .sorted_slicing_layers import LayerList, drop_layers, entry_of, find_layer_list
 from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks, width_share
 
 # --- spec -------------------------------------------------------------------------------
@@ -59,6 +60,14 @@ class WidthSpec(StrictModel):
 class DepthSpec(StrictModel):
     blocks: list[int] | Literal["all"] = Field(
         "all", description="kept-block counts; `all`: every count from 0 to the number of skippable blocks")
+    by: Literal["auto", "layers", "residual"] = Field(
+        "auto", description="what a block is: layers (the entries of the model's layer list, a transformer's "
+                            "layers), residual (every y = x + f(x)), auto (layers when the model has one layer "
+                            "list holding all its residual blocks, else residual)")
+    layers: str | None = Field(None, description="the layer list's module path (e.g. model.layers); default: "
+                                                 "the longest ModuleList / Sequential of one module type")
+    every_depth: bool = Field(False, description="Sorted LLaMA: every sub-model drawn runs at every depth of the "
+                                                 "grid on the same batch, the losses summed (mode: stochastic)")
 
     @field_validator("blocks")
     @classmethod
@@ -72,6 +81,16 @@ class DepthSpec(StrictModel):
         if len(set(blocks)) != len(blocks):
             raise ValueError("block counts must be distinct")
         return sorted(blocks)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _by_layers(cls, data: Any) -> Any:
+        """Naming the layer list means blocks are its layers."""
+        if isinstance(data, dict) and data.get("layers") is not None:
+            if data.get("by", "layers") == "residual":
+                raise ValueError("layers names a layer list: it needs by: layers (or auto), not residual")
+            data = {**data, "by": "layers"}
+        return data
 
 
 class SortedSlicingSpec(PassSpec):
@@ -121,6 +140,9 @@ class SortedSlicingSpec(PassSpec):
                 raise ValueError("weights must be >= 0 with a positive sum")
         elif self.weights is not None:
             raise ValueError("weights apply to sampling: weighted only")
+        if self.depth is not None and self.depth.every_depth and self.mode != "stochastic":
+            raise ValueError(f"depth.every_depth runs every depth of each drawn sub-model (Sorted LLaMA); mode "
+                             f"{self.mode} picks its own set: use mode: stochastic")
         if self.mode == "sandwich" and self.sub_models_per_batch is not None and self.sub_models_per_batch < 2:
             raise ValueError("sandwich runs the largest and the smallest sub-model: sub_models_per_batch "
                              "must be >= 2")
@@ -139,7 +161,8 @@ class SortedSlicingSpec(PassSpec):
 
     @property
     def reduction(self) -> str:
-        return self.loss_reduction or ("sum" if self.mode == "summation" else "mean")
+        every_depth = self.depth is not None and self.depth.every_depth
+        return self.loss_reduction or ("sum" if self.mode == "summation" or every_depth else "mean")
 
 
 # --- the pass ----------------------------------------------------------------------------
@@ -148,6 +171,8 @@ class SortedSlicingSpec(PassSpec):
 @dataclass
 class SlicingRecord(Record):
     blocks: list[str] = field(default_factory=list)           # the skippable blocks, in order
+    depth_by: str = ""                                        # "layers" | "residual" ("" without depth)
+    depth_note: str = ""                                      # why the other kind of block was not used
     points: list[tuple[float, int]] = field(default_factory=list)
     sliced: list[int] = field(default_factory=list)           # channel groups sliced
     full_width: dict[int, str] = field(default_factory=dict)  # group -> why it stays at full width
@@ -163,7 +188,8 @@ class SortedSlicingPass(Pass):
     reversible = True
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
-        require_channel_rules(gm, "sorted_slicing")
+        if self.spec.width is not None:  # depth alone cuts no channel: it runs on exported graphs too
+            require_channel_rules(gm, "sorted_slicing")
         if ctx.example_input is None:
             raise FxgrowError("sorted_slicing needs an example input (model.example_input) to find "
                               "channel groups and residual blocks")
@@ -181,7 +207,7 @@ class SortedSlicingPass(Pass):
         spec: SortedSlicingSpec = self.spec
         analysis = ctx.analyzed(gm)
         analysis.shapes()
-        blocks = skippable_blocks(gm) if spec.depth is not None else []
+        blocks, layer_list, by, note = self._depth_blocks(gm, ctx) if spec.depth is not None else ([], None, "", "")
         depths = self._depths(blocks, ctx)
         fractions = spec.width.fractions if spec.width is not None else [1.0]
         if spec.grid == "product":
@@ -212,11 +238,39 @@ class SortedSlicingPass(Pass):
         gm.add_submodule(f"{META}.subnet", state)
         self._slice_chains(gm, plan, state)
         self._slice_norms(gm, plan, state)
-        self._gate_blocks(gm, blocks, state)
+        if layer_list is not None:
+            _gate_layers(gm, layer_list, state, self.kind)
+        else:
+            self._gate_blocks(gm, blocks, state)
         gm.graph.lint()
+        gm.recompile()
         _check_every_point(gm, state, ctx.example_input)
         return SlicingRecord(tuple(m.layer for m in matches), blocks=[b.name for b in blocks], points=points,
-                             sliced=[g.id for g in plan.sliced], full_width=dict(plan.kept), share_at_half=share)
+                             sliced=[g.id for g in plan.sliced], full_width=dict(plan.kept), share_at_half=share,
+                             depth_by=by, depth_note=note)
+
+    def _depth_blocks(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[list, LayerList | None, str, str]:
+        """(blocks, the layer list or None, "layers" | "residual", why the other kind was not
+        used). A block is one entry of the layer list (by: layers), or one skippable residual
+        block (by: residual); auto takes the layer list when one is found and holds every
+        residual block (a transformer: two residual adds per layer, post-LN norms between),
+        else the residual blocks (a ResNet, whose stages are lists of different blocks)."""
+        spec = self.spec.depth
+        residual = skippable_blocks(gm) if spec.by != "layers" else []
+        if spec.by == "residual":
+            return residual, None, "residual", "by: residual"
+        try:
+            found = find_layer_list(gm, spec.layers)
+        except FxgrowError as e:
+            if spec.by == "layers":
+                raise SpecError([(f"{ctx.where}.depth.{'layers' if spec.layers else 'by'}", str(e))]) from e
+            return residual, None, "residual", f"not by layers: {e}"
+        outside = [b.name for b in residual if entry_of(b.end, found.path) is None]
+        if outside:
+            return residual, None, "residual", (f"layer list '{found.path}' does not hold the residual blocks "
+                                                f"{', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}")
+        inside = f"; its {len(residual)} residual blocks are counted as layers" if residual else ""
+        return [_Entry(e) for e in found.entries], found, "layers", f"layer list '{found.path}'{inside}"
 
     def _depths(self, blocks: list[Block], ctx: PassContext) -> list[int]:
         spec = self.spec.depth
@@ -224,7 +278,8 @@ class SortedSlicingPass(Pass):
             return [len(blocks)]
         if not blocks:
             raise SpecError([(f"{ctx.where}.depth", "the model has no skippable residual block "
-                                                    "(y = x + f(x) with equal input and output shapes)")])
+                                                    "(y = x + f(x) with equal input and output shapes) and no "
+                                                    "layer list")])
         if spec.blocks == "all":
             return list(range(len(blocks) + 1))
         for i, d in enumerate(spec.blocks):
@@ -310,7 +365,7 @@ class SortedSlicingPass(Pass):
             leave.meta[META] = {**tag, "side": "exit"}
 
     def callbacks(self, gm: fx.GraphModule, record: SlicingRecord, ctx: PassContext) -> list[Callback]:
-        summary = {"blocks": record.blocks,
+        summary = {"blocks": record.blocks, "depth_by": record.depth_by, "depth_note": record.depth_note,
                    "groups": {"sliced": record.sliced,
                               "full_width": {str(g): why for g, why in record.full_width.items()}},
                    "params_share_at_width_0.5": round(record.share_at_half, 4)}
@@ -339,6 +394,12 @@ class SortedSlicingPass(Pass):
         graph = gm.graph
         gates = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), DepthGate)]
         taken_off = {n.target for n in gates}
+        for node in [n for n in graph.nodes if n.op == "call_module"
+                     and isinstance(gm.get_submodule(n.target), LayerExit)]:
+            node.replace_all_uses_with(node.args[state.depth])  # the stream after the kept layers
+            graph.erase_node(node)
+            drop_layers(gm, gm.get_submodule(node.target).layers, state.depth)
+            taken_off.add(node.target)
         for node in gates:  # exits first: a dropped block's body then has no user outside it
             if len(node.args) == 2:
                 kept = gm.get_submodule(node.target).kept
@@ -377,6 +438,27 @@ class SortedSlicingPass(Pass):
         for path in taken_off | (set() if frozen else {f"{META}.subnet"}):
             gm.delete_submodule(path)
         gm.recompile()
+
+
+@dataclass
+class _Entry:
+    """A layer-list entry as a depth block (its name is all the record and errors need)."""
+
+    name: str
+
+
+def _gate_layers(gm: fx.GraphModule, layers: LayerList, state: SubnetState, kind: str) -> None:
+    """One `LayerExit` reading the stream h_0 .. h_L; the nodes after the list read it instead of h_L."""
+    path = f"{META}.depth.{layers.path.replace('.', '_') or 'layers'}"
+    gm.add_submodule(path, LayerExit(state, layers.path, layers.entries))
+    last = layers.streams[-1]
+    after = [u for u in last.users if entry_of(u, layers.path) is None]
+    with gm.graph.inserting_after(last):
+        leave = gm.graph.call_module(path, tuple(layers.streams))
+    leave.meta.update({k: last.meta[k] for k in ("tensor_meta", "val") if k in last.meta})
+    leave.meta[META] = {"role": "gate", "pass": kind, "layers": layers.path}
+    for user in after:
+        user.replace_input_with(last, leave)
 
 
 WARN_SHARE = 0.5  # a net cut everywhere keeps about a quarter at width 0.5: warn above a half
@@ -424,6 +506,9 @@ def subnet_table(gm: nn.Module) -> list[dict[str, Any]]:
     rows = [{"dimension": "width", "item": f"group {g}", "full": state.full[g],
              "kept": " / ".join(map(str, sizes)) + f" at {fractions}"} for g, sizes in state.sizes.items()]
     gates = {m.index: m.block for m in gm.modules() if isinstance(m, DepthGate)}
+    for m in gm.modules():
+        if isinstance(m, LayerExit):
+            gates.update({i: f"{entry} (layer list)" for i, entry in enumerate(m.entries)})
     rows += [{"dimension": "depth", "item": f"block {gates[i]}", "full": "", "kept": f"at depth >= {i + 1}"}
              for i in sorted(gates)]
     return rows
@@ -516,6 +601,10 @@ class SortedSlicingCallback(Callback):
                 drawn = [points[middle[i]] for i in idx.tolist()]
             return [largest, smallest] + drawn
         drawn = [points[i] for i in torch.multinomial(weights, spec.draws, replacement=True, generator=g).tolist()]
+        if spec.mode == "stochastic" and spec.depth is not None and spec.depth.every_depth:
+            # Sorted LLaMA: each drawn width at every depth, through the shared final norm and head
+            widths = {w for w, _ in drawn}
+            return sorted({p for p in points if p[0] in widths}, reverse=True)
         if spec.mode == "stochastic":
             return drawn
         # summation: each drawn sub-model and every grid point it contains, largest first

@@ -1,0 +1,316 @@
+"""Sorted slicing's depth by layers (transformers): depth k is exactly the model with the
+first k entries of its layer list, then the final norm and head, for a pre-LN decoder traced
+with FX, nn.TransformerEncoder post-LN and pre-LN, and exported Hugging Face GPT-2 / LLaMA /
+BERT (against the same class built with k layers, loaded strictly with the first k layers'
+weights); extract == sliced; which blocks the finder takes and why; Sorted LLaMA's every
+depth each step (the step's gradient is the sum of the per-depth gradients); resume."""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fxgrow.errors import SpecError
+from fxgrow.frontends import capture
+from fxgrow.passes import Pipeline
+from fxgrow.passes.sorted_slicing import SortedSlicingPass, SortedSlicingSpec
+from fxgrow.passes.sorted_slicing_layers import entry_of
+from fxgrow.subnets import extract, find_state, kept_units, subnet
+
+from .test_slicing import ResidualMLP
+from .test_slicing_train import GradProbe, Recorder, assert_step_gradients, resumed_like_uninterrupted, train_spec
+from .zoo import ResNetTiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "models"))
+import tiny_lm  # noqa: E402
+
+VOCAB, TOKENS = 50, 8
+
+
+class Encoder(nn.Module):
+    """Tokens -> nn.TransformerEncoder -> head; `norm_first` picks post-LN or pre-LN. Reads the
+    synthetic [B, 1, 8, 8] images as 8 tokens of 8 features (for the training tests)."""
+
+    def __init__(self, norm_first: bool, layers: int = 3, dim: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x.flatten(1, 2))).mean(1))
+
+
+def _truncate(model: nn.Module, path: str, k: int) -> nn.Module:
+    """A copy of `model` whose layer list `path` keeps its first k entries."""
+    small = copy.deepcopy(model)
+    owner_path, _, name = path.rpartition(".")
+    owner = small.get_submodule(owner_path) if owner_path else small
+    if k == 0 and isinstance(owner, nn.TransformerEncoder) and owner.norm is None:  # it cannot run no layer
+        small.set_submodule(owner_path, nn.Identity())
+        return small
+    setattr(owner, name, getattr(owner, name)[:k])
+    if hasattr(owner, "num_layers"):
+        owner.num_layers = k
+    return small
+
+
+def _no_dropout(config):
+    for name, value in vars(config).items():
+        if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
+            setattr(config, name, 0.0)
+    return config
+
+
+def _hf(name: str):
+    """(builder, the config field counting layers) of a tiny HF model (no dropout, so train
+    mode is deterministic too)."""
+    transformers = pytest.importorskip("transformers")
+    from .test_export_frontend import bert, gpt2, llama
+    build, field = {"gpt2": (gpt2, "n_layer"), "llama": (llama, "num_hidden_layers"),
+                    "bert": (bert, "num_hidden_layers")}[name]
+    base = build()
+    config = _no_dropout(copy.deepcopy(base.config))
+    config.use_cache = False
+    auto = (transformers.AutoModelForSequenceClassification if name == "bert"
+            else transformers.AutoModelForCausalLM)
+
+    def make(layers: int | None = None):
+        c = copy.deepcopy(config)
+        if layers is not None:
+            setattr(c, field, layers)
+        return auto.from_config(c)
+    return make, getattr(config, field)
+
+
+def _hf_truncated(model: nn.Module, path: str, k: int, make) -> nn.Module:
+    """The HF class built with k layers, loaded strictly with the first k layers' weights."""
+    small = make(k)
+    state = {key: v for key, v in model.state_dict().items()
+             if not key.startswith(path + ".") or int(key[len(path) + 1:].split(".")[0]) < k}
+    small.load_state_dict(state, strict=True)
+    return small
+
+
+def _out(y):
+    return y.logits if hasattr(y, "logits") else y
+
+
+# name -> () -> (model, example input, layer list path, truncate(model, k), frontend)
+def _tiny_lm():
+    model = tiny_lm.build(vocab_size=VOCAB, block_size=16, dim=16, heads=2, layers=3)
+    x = torch.randint(0, VOCAB, (3, TOKENS), generator=torch.Generator().manual_seed(5))
+    return model, x, "blocks", lambda m, k: _truncate(m, "blocks", k), "fx"
+
+
+def _encoder(norm_first):
+    def build():
+        return (Encoder(norm_first), torch.randn(3, 1, 8, 8), "encoder.layers",
+                lambda m, k: _truncate(m, "encoder.layers", k), "fx")
+    return build
+
+
+def _hf_case(name, path):
+    def build():
+        make, _ = _hf(name)
+        x = torch.randint(0, 96, (3, TOKENS), generator=torch.Generator().manual_seed(5))
+        return make(), x, path, lambda m, k: _hf_truncated(m, path, k, make), "export"
+    return build
+
+
+MODELS = {
+    "tiny_lm": _tiny_lm,
+    "encoder_post_ln": _encoder(False),
+    "encoder_pre_ln": _encoder(True),
+    "hf_gpt2": _hf_case("gpt2", "transformer.h"),
+    "hf_llama": _hf_case("llama", "model.layers"),
+    "hf_bert": _hf_case("bert", "bert.encoder.layer"),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def depth_case(request):
+    """(model, x, layer list, truncate, sliced GraphModule, record) once per model."""
+    torch.manual_seed(0)
+    model, x, path, truncate, frontend = MODELS[request.param]()
+    model.eval()
+    gm = capture(model, frontend, x)
+    result = Pipeline([SortedSlicingPass(depth={"blocks": "all"})])(gm, example_input=x)
+    return model, x, path, truncate, result.graph_module, result.records["passes.0"]
+
+
+def _run(model, x, training):
+    model.train(training)
+    return _out(model(x))  # grad on: nn.TransformerEncoder's eval fast path is another kernel
+
+
+def test_the_blocks_are_the_layers_of_the_list(depth_case):
+    model, _, path, _, gm, record = depth_case
+    n = len(model.get_submodule(path))
+    assert record.depth_by == "layers" and record.blocks == [f"{path}.{i}" for i in range(n)]
+    assert find_state(gm).points == tuple((1.0, k) for k in range(n + 1))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_depth_k_is_the_model_with_its_first_k_layers(depth_case, training):
+    model, x, path, truncate, gm, _ = depth_case
+    n = len(model.get_submodule(path))
+    assert torch.equal(_run(gm, x, training), _run(model, x, training))  # full depth == the original
+    for k in range(n + 1):
+        reference = truncate(model, k)
+        with subnet(gm, None, k):
+            sliced = _run(gm, x, training)
+        assert torch.equal(sliced, _run(reference, x, training)), k
+        small = extract(gm, None, k)
+        assert torch.equal(_run(small, x, training), sliced), k
+        assert set(small.state_dict()) == set(reference.state_dict()), k  # no dropped layer's weights left
+        assert all((entry_of(node, path) or 0) < max(k, 1) for node in small.graph.nodes), k  # nor their nodes
+    gm.eval()
+
+
+def test_dropped_layers_get_no_gradient(depth_case):
+    model, x, path, _, gm, _ = depth_case
+    gm.zero_grad(set_to_none=True)
+    with subnet(gm, None, 1):
+        _run(gm, x, True).float().sum().backward()
+    grads = {name: p.grad for name, p in gm.named_parameters()}
+    gm.eval()
+    assert all(g is None for name, g in grads.items() if name.startswith(f"{path}.1."))
+    assert any(g is not None for name, g in grads.items() if name.startswith(f"{path}.0."))
+    gm.zero_grad(set_to_none=True)
+
+
+def test_extract_hook_says_what_the_point_keeps(depth_case):
+    model, _, path, _, gm, _ = depth_case
+    assert kept_units(gm, None, 1) == {"layers": {path: 1}, "groups": {}}
+
+
+# --- which blocks -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build, shape, by, words", [
+    (ResNetTiny, (3, 16, 16), "residual", "not by layers: 2 layer lists of 2 entries"),
+    (ResidualMLP, (1, 8, 8), "residual", "not by layers: layer list 'blocks': blocks.1 reads add from outside the list"),
+    (lambda: Encoder(False), (1, 8, 8), "layers", "layer list 'encoder.layers'; its 6 residual blocks are counted"),
+], ids=["resnet", "residual_add_outside_the_list", "transformer"])
+def test_the_finder_takes_layers_or_residual_blocks_and_says_why(build, shape, by, words):
+    torch.manual_seed(0)
+    record = Pipeline([SortedSlicingPass(depth={"blocks": "all"})])(build(), example_input=torch.randn(2, *shape)
+                                                                      ).records["passes.0"]
+    assert record.depth_by == by and words in record.depth_note
+
+
+def test_by_residual_keeps_the_residual_blocks_of_a_transformer():
+    torch.manual_seed(0)
+    record = Pipeline([SortedSlicingPass(depth={"blocks": "all", "by": "residual"})])(
+        Encoder(True), example_input=torch.randn(2, 1, 8, 8)).records["passes.0"]
+    assert record.depth_by == "residual" and len(record.blocks) == 6
+
+
+@pytest.mark.parametrize("depth, field, words", [
+    ({"layers": "nope"}, "passes.0.depth.layers", "'nope' is not a module of the model"),
+    ({"layers": "head"}, "passes.0.depth.layers", "'head' is a Linear, not a list"),
+    ({"by": "layers"}, "passes.0.depth.by", "2 layer lists of 2 entries"),
+])
+def test_a_layer_list_that_is_not_one_is_an_error_naming_the_field(depth, field, words):
+    model = ResNetTiny() if depth.get("by") else Encoder(False)
+    with pytest.raises(SpecError) as e:
+        Pipeline([SortedSlicingPass(depth={"blocks": "all", **depth})])(model, example_input=torch.randn(2, *(
+            (3, 16, 16) if depth.get("by") else (1, 8, 8))))
+    assert e.value.errors[0][0] == field and words in e.value.errors[0][1]
+
+
+class SideRead(nn.Module):
+    """Layer 1 also reads layer 0's hidden value: no longer one stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        a = self.layers[0](x)
+        return self.layers[2](self.layers[1](a) + a)
+
+
+class NormedLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("model, words", [
+    (SideRead(), "layers.2 reads add from outside the list and nothing layers.1 hands on"),
+    (NormedLayers(), "holds BatchNorm1d 'layers.0.1': a dropped layer still runs"),
+])
+def test_layers_that_are_not_one_stream_are_refused(model, words):
+    with pytest.raises(SpecError, match=words):
+        Pipeline([SortedSlicingPass(depth={"blocks": "all", "layers": "layers"})])(model, example_input=torch.randn(4, 8))
+
+
+def test_depth_with_width_on_fx_keeps_both():
+    torch.manual_seed(0)
+    model, x, path, truncate, _ = _tiny_lm()
+    gm = Pipeline([SortedSlicingPass(width={"fractions": [0.5, 1.0]}, depth={"blocks": [1, 3]})])(
+        model.eval(), example_input=x).graph_module.eval()
+    with subnet(gm, 0.5, 1):
+        sliced = gm(x)
+    small = extract(gm, 0.5, 1)
+    assert torch.equal(small(x), sliced)
+    assert set(k for k in small.state_dict() if k.startswith("blocks.")) == {
+        k for k in truncate(model, 1).state_dict() if k.startswith("blocks.")}
+    units = kept_units(gm, 0.5, 1)
+    assert units["layers"] == {"blocks": 1} and units["groups"] and all(
+        v == find_state(gm).sizes[g][0] for g, v in units["groups"].items())
+
+
+# --- Sorted LLaMA: every depth each step ------------------------------------------------------
+
+def test_every_depth_needs_stochastic_mode():
+    with pytest.raises(ValueError, match="every_depth .* use mode: stochastic"):
+        SortedSlicingSpec(depth={"blocks": "all", "every_depth": True}, mode="sandwich")
+
+
+def test_every_depth_runs_all_depths_each_step_and_sums_their_gradients(tmp_path):
+    from fxgrow.train import Trainer
+
+    torch.manual_seed(0)
+    result = Pipeline([SortedSlicingPass(depth={"blocks": "all", "every_depth": True},
+                                         width={"fractions": [0.5, 1.0]})])(Encoder(False), example_input=torch.randn(2, 1, 8, 8))
+    gm, callbacks = result.graph_module, result.callbacks
+    assert callbacks[0].spec.reduction == "sum"  # Sorted LLaMA sums the sub-models' losses
+    probe = GradProbe()
+    Trainer(gm, train_spec(epochs=1, batch_size=16), [*callbacks, probe], out_dir=tmp_path).fit()
+    widths = set()
+    for step in probe.steps:
+        (_, points), = step["batches"]
+        width = points[0][0]
+        widths.add(width)
+        assert points == [(width, d) for d in (3, 2, 1, 0)]  # every depth at the drawn width, the deepest first
+    assert widths == {0.5, 1.0}
+    assert_step_gradients(gm, probe, lambda k, n: 1.0)  # the sum of the per-depth gradients
+
+
+def test_layer_depth_sampling_resumes_bit_identically(tmp_path):
+    from fxgrow.train import Trainer
+
+    def run(out, extra=(), resume=None):
+        torch.manual_seed(0)
+        result = Pipeline([SortedSlicingPass(depth={"blocks": "all"}, width={"fractions": [0.5, 1.0]},
+                                             sub_models_per_batch=2)])(Encoder(True), example_input=torch.randn(2, 1, 8, 8))
+        recorder = Recorder()
+        trainer = Trainer(result.graph_module, train_spec(epochs=3, checkpoint=True, checkpoint_every_steps=3),
+                          [*result.callbacks, recorder, *extra], out_dir=out, resume=resume)
+        trainer.fit()
+        return recorder, trainer
+
+    reference = resumed_like_uninterrupted(run, tmp_path)
+    assert {d for ran in reference.runs.values() for _, d in ran} == {0, 1, 2, 3}
