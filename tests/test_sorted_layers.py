@@ -187,7 +187,7 @@ def test_dropped_layers_get_no_gradient(depth_case):
 
 def test_extract_hook_says_what_the_point_keeps(depth_case):
     model, _, path, _, gm, _ = depth_case
-    assert kept_units(gm, None, 1) == {"layers": {path: 1}, "groups": {}}
+    assert kept_units(gm, None, 1) == {"layers": {path: 1}, "groups": {}, "dims": {}}
 
 
 # --- which blocks -----------------------------------------------------------------------------
@@ -299,12 +299,12 @@ def test_every_depth_runs_all_depths_each_step_and_sums_their_gradients(tmp_path
     assert_step_gradients(gm, probe, lambda k, n: 1.0)  # the sum of the per-depth gradients
 
 
-def test_layer_depth_sampling_resumes_bit_identically(tmp_path):
+def test_layer_depth_and_ffn_sampling_resumes_bit_identically(tmp_path):
     from fxgrow.train import Trainer
 
     def run(out, extra=(), resume=None):
         torch.manual_seed(0)
-        result = Pipeline([SortedSlicingPass(depth={"blocks": "all"}, width={"fractions": [0.5, 1.0]},
+        result = Pipeline([SortedSlicingPass(depth={"blocks": "all"}, ffn={"fractions": [0.5, 1.0]},
                                              sub_models_per_batch=2)])(Encoder(True), example_input=torch.randn(2, 1, 8, 8))
         recorder = Recorder()
         trainer = Trainer(result.graph_module, train_spec(epochs=3, checkpoint=True, checkpoint_every_steps=3),
@@ -313,4 +313,101 @@ def test_layer_depth_sampling_resumes_bit_identically(tmp_path):
         return recorder, trainer
 
     reference = resumed_like_uninterrupted(run, tmp_path)
-    assert {d for ran in reference.runs.values() for _, d in ran} == {0, 1, 2, 3}
+    ran = [p for points in reference.runs.values() for p in points]
+    assert {d for _, d in ran} == {0, 1, 2, 3} and {f for f, _ in ran} == {0.5, 1.0}
+
+
+# --- several dimensions, sampled independently ---------------------------------------------
+
+def _lm_dims(**fields):
+    torch.manual_seed(0)
+    model, x, _, _, _ = _tiny_lm()
+    result = Pipeline([SortedSlicingPass(**fields)])(model.eval(), example_input=x)
+    return model, x, result.graph_module.eval(), result
+
+
+def test_width_and_a_per_dimension_field_are_refused_together():
+    with pytest.raises(ValueError, match="width cuts every channel group by one fraction; ffn gives its own"):
+        SortedSlicingSpec(width={"fractions": [0.5, 1.0]}, ffn={"fractions": [0.5, 1.0]})
+    with pytest.raises(ValueError, match="include 1.0"):
+        SortedSlicingSpec(heads={"fractions": [0.5]})
+
+
+def test_groups_are_assigned_to_hidden_and_ffn_and_every_mixed_point_equals_its_extract():
+    model, x, gm, result = _lm_dims(hidden={"fractions": [0.5, 1.0]}, ffn={"fractions": [0.25, 0.5, 1.0]},
+                                    depth={"blocks": [1, 3]})
+    state = find_state(gm)
+    assert state.dims == ("hidden", "ffn")
+    assert sorted(state.group_dims.values()) == ["ffn", "ffn", "ffn", "hidden"]  # 3 FFNs, one residual stream
+    assert state.points == tuple((h, f, d) for h in (0.5, 1.0) for f in (0.25, 0.5, 1.0) for d in (1, 3))
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))  # the largest sub-model is the model
+        for point in state.points:
+            state.activate(*point)
+            sliced = gm(x)
+            small = extract(gm, at=point)
+            assert torch.equal(small(x), sliced), point
+            assert small.get_submodule("blocks.0.fc1").out_features == {0.25: 16, 0.5: 32, 1.0: 64}[point[1]]
+            assert small.get_submodule("tok").embedding_dim == {0.5: 8, 1.0: 16}[point[0]]
+            assert len(small.get_submodule("blocks")._modules) == point[2]
+        state.activate(*state.largest)
+    rows = SortedSlicingPass(ffn={"fractions": [1.0]}).describe(gm)
+    assert {r["dimension"] for r in rows} == {"hidden", "ffn", "depth"}
+    ffn_row = next(r for r in rows if r["dimension"] == "ffn")
+    assert ffn_row["kept"] == "16 / 32 / 64 at 0.25 / 0.5 / 1"
+
+
+def test_a_dimension_not_given_stays_at_full_size_and_says_so():
+    _, x, gm, result = _lm_dims(ffn={"fractions": [0.5, 1.0]})
+    record = result.records["passes.0"]
+    assert set(find_state(gm).group_dims.values()) == {"ffn"}
+    assert "a hidden group; hidden is not a dimension of this spec" in record.full_width.values()
+    with subnet(gm, ffn=0.5):
+        assert gm(x).shape == (3, TOKENS, VOCAB)
+    assert kept_units(gm, ffn=0.5)["groups"] == {g: 32 for g in find_state(gm).group_dims}
+
+
+def test_a_point_by_dimension_resolves_and_a_wrong_dimension_is_named():
+    from fxgrow.errors import FxgrowError
+    from fxgrow.subnets import resolve_point
+
+    _, _, gm, _ = _lm_dims(hidden={"fractions": [0.5, 1.0]}, ffn={"fractions": [0.5, 1.0]}, depth={"blocks": [1, 3]})
+    state = find_state(gm)
+    assert resolve_point(state, ffn=0.5) == (1.0, 0.5, 3)
+    assert resolve_point(state, hidden=0.5, depth=1) == (0.5, 1.0, 1)
+    with pytest.raises(FxgrowError, match="no dimension 'width'; its dimensions: hidden, ffn, depth"):
+        resolve_point(state, 0.5)
+    with pytest.raises(FxgrowError, match=r"\(hidden any, ffn 0.3, depth any\) is not a grid point"):
+        resolve_point(state, ffn=0.3)
+
+
+def test_each_dimension_is_drawn_independently_and_summation_takes_every_point_below():
+    from fxgrow.passes.sorted_slicing import SortedSlicingCallback
+
+    points = [(h, f, d) for h in (0.5, 1.0) for f in (0.25, 0.5, 1.0) for d in (1, 2, 3)]
+    draw = SortedSlicingCallback(SortedSlicingSpec(hidden={"fractions": [0.5, 1.0]}, ffn={"fractions": [0.25, 0.5, 1.0]},
+                                                   depth={"blocks": [1, 2, 3]}))
+    plans = [draw.plan(points, 7, step)[0][0] for step in range(600)]
+    assert plans == [draw.plan(points, 7, step)[0][0] for step in range(600)]  # a function of (seed, step)
+    for axis, values in enumerate([(0.5, 1.0), (0.25, 0.5, 1.0), (1, 2, 3)]):
+        counts = [sum(p[axis] == v for p in plans) for v in values]
+        assert min(counts) > 600 / len(values) * 0.7, (axis, counts)  # every value of every dimension, evenly
+    # independent: the joint frequency of two coordinates is the product of their marginals
+    both = sum(p[0] == 0.5 and p[1] == 0.25 for p in plans) / 600
+    assert abs(both - (1 / 2) * (1 / 3)) < 0.06
+    summation = SortedSlicingCallback(SortedSlicingSpec(hidden={"fractions": [0.5, 1.0]},
+                                                        ffn={"fractions": [0.25, 0.5, 1.0]}, mode="summation"))
+    grid = [(h, f, 3) for h in (0.5, 1.0) for f in (0.25, 0.5, 1.0)]
+    for step in range(20):
+        ran = summation.plan(grid, 1, step)[0]
+        assert set(ran) == {p for p in grid if p[0] <= ran[0][0] and p[1] <= ran[0][1]}
+
+
+def test_the_cli_reads_a_point_by_dimension():
+    from fxgrow.cli.subnets import parse_point
+    from fxgrow.errors import FxgrowError
+
+    assert parse_point("heads=0.5, ffn=0.25,depth=2") == {"heads": 0.5, "ffn": 0.25, "depth": 2}
+    assert parse_point(None) == {}
+    with pytest.raises(FxgrowError, match="'ffn' is not dimension=number"):
+        parse_point("heads=0.5,ffn")

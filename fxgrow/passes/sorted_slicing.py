@@ -12,6 +12,7 @@ a generator seeded by (seed, step) and evaluates the whole grid at the end of tr
 from __future__ import annotations
 
 import collections
+import itertools
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from ..subnets import evaluate_grid, find_state, recalibrate
 from ..train.callbacks import Callback
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
-from .sorted_slicing_layers import LayerList, drop_layers, entry_of, find_layer_list
+from .sorted_slicing_layers import LayerList, drop_layers, entry_of, find_layer_list, group_dimension
 from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks, width_share
 
 # --- spec -------------------------------------------------------------------------------
@@ -93,13 +94,22 @@ class DepthSpec(StrictModel):
         return data
 
 
+PER_DIMENSION = ("hidden", "heads", "ffn")  # the paper's Table 8 dimensions besides layers
+
+
 class SortedSlicingSpec(PassSpec):
     kind: Literal["sorted_slicing"] = "sorted_slicing"
-    width: WidthSpec | None = None
+    width: WidthSpec | None = Field(None, description="one fraction for every sliced channel group")
+    hidden: WidthSpec | None = Field(None, description="the residual stream's channels (model hidden size), "
+                                                      "a dimension of its own")
+    heads: WidthSpec | None = Field(None, description="attention heads (the first h of every attention), a "
+                                                     "dimension of its own")
+    ffn: WidthSpec | None = Field(None, description="every other channel inside the layers (FFN hidden size), a "
+                                                   "dimension of its own")
     depth: DepthSpec | None = None
     grid: Literal["product", "list"] = Field(
-        "product", description="product: every (width, depth) pair; list: the i-th smallest width with the "
-                                "i-th smallest depth")
+        "product", description="product: every combination of the dimensions' values; list: the i-th smallest "
+                                "of each dimension together")
     sampling: Literal["uniform", "weighted"] = "uniform"
     weights: list[float] | None = Field(None, description="one per grid point (grid order), for sampling: weighted")
     mode: Literal["stochastic", "summation", "sandwich"] = "stochastic"
@@ -131,8 +141,13 @@ class SortedSlicingSpec(PassSpec):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SortedSlicingSpec":
-        if self.width is None and self.depth is None:
-            raise ValueError("give width and/or depth: nothing to slice")
+        named = [d for d in PER_DIMENSION if getattr(self, d) is not None]
+        if self.width is None and self.depth is None and not named:
+            raise ValueError("give width and/or depth (or heads / ffn / hidden): nothing to slice")
+        if self.width is not None and named:
+            raise ValueError(f"width cuts every channel group by one fraction; {', '.join(named)} "
+                             f"{'gives its' if len(named) == 1 else 'give their'} own: use width or "
+                             f"{'/'.join(PER_DIMENSION)}, not both")
         if self.sampling == "weighted":
             if not self.weights:
                 raise ValueError("sampling: weighted needs `weights` (one per grid point)")
@@ -146,11 +161,17 @@ class SortedSlicingSpec(PassSpec):
         if self.mode == "sandwich" and self.sub_models_per_batch is not None and self.sub_models_per_batch < 2:
             raise ValueError("sandwich runs the largest and the smallest sub-model: sub_models_per_batch "
                              "must be >= 2")
-        if (self.grid == "list" and self.width is not None and isinstance(self.depth, DepthSpec)
-                and self.depth.blocks != "all" and len(self.depth.blocks) != len(self.width.fractions)):
-            raise ValueError(f"grid: list pairs widths with depths: {len(self.width.fractions)} fractions "
-                             f"but {len(self.depth.blocks)} block counts")
+        counts = {d: len(s.fractions) for d, s in self.dimensions().items()}
+        if isinstance(self.depth, DepthSpec) and self.depth.blocks != "all":
+            counts["depth"] = len(self.depth.blocks)
+        if self.grid == "list" and len(set(counts.values()) - {1}) > 1:
+            listed = ", ".join(f"{n} {d}" for d, n in counts.items())
+            raise ValueError(f"grid: list pairs widths with depths: {listed} values")
         return self
+
+    def dimensions(self) -> dict[str, WidthSpec]:
+        """The width dimensions given, in point order: {"width": ...}, or some of hidden, heads, ffn."""
+        return {d: getattr(self, d) for d in ("width", *PER_DIMENSION) if getattr(self, d) is not None}
 
     @property
     def draws(self) -> int:
@@ -209,32 +230,43 @@ class SortedSlicingPass(Pass):
         analysis.shapes()
         blocks, layer_list, by, note = self._depth_blocks(gm, ctx) if spec.depth is not None else ([], None, "", "")
         depths = self._depths(blocks, ctx)
-        fractions = spec.width.fractions if spec.width is not None else [1.0]
+        dims = {d: s.fractions for d, s in spec.dimensions().items()} or {"width": [1.0]}
         if spec.grid == "product":
-            points = [(w, d) for w in fractions for d in depths]
+            points = [(*widths, d) for widths in itertools.product(*dims.values()) for d in depths]
         else:
-            widths = fractions if len(fractions) > 1 or len(depths) == 1 else fractions * len(depths)
-            depths_ = depths if len(depths) > 1 or len(fractions) == 1 else depths * len(fractions)
-            if len(widths) != len(depths_):
-                raise SpecError([(f"{ctx.where}.grid", f"list pairs widths with depths: {len(widths)} "
-                                                       f"fractions but {len(depths_)} block counts")])
-            points = list(zip(widths, depths_))
-        if (1.0, len(blocks)) not in points:
+            axes = [*dims.values(), depths]
+            n = max(len(a) for a in axes)
+            axes = [a * n if len(a) == 1 else a for a in axes]
+            if len({len(a) for a in axes}) > 1:
+                raise SpecError([(f"{ctx.where}.grid", "list pairs widths with depths: "
+                                  + ", ".join(f"{len(a)} {d}" for a, d in zip(axes, [*dims, "depth"])))])
+            points = list(zip(*axes))
+        largest = (1.0,) * len(dims) + (len(blocks),)
+        if largest not in points:
             raise SpecError([(f"{ctx.where}.grid", "the grid must hold the largest sub-model "
-                                                   f"(width 1.0, depth {len(blocks)})")])
+                                                   f"({', '.join(f'{d} 1.0' for d in dims)}, depth {len(blocks)})")])
         if spec.weights is not None and len(spec.weights) != len(points):
             raise SpecError([(f"{ctx.where}.weights", f"{len(spec.weights)} weights for {len(points)} grid points")])
 
         share = 1.0
+        group_dims: dict[int, str] = {}
         if spec.width is not None:
             groups = analysis.channel_groups()
             plan = plan_slicing(gm, groups, {m.layer for m in matches})
             _require_a_sliced_group(plan)
             share = width_share(gm, groups, plan, 0.5, spec.width.multiple_of)[0]
+        elif set(dims) & set(PER_DIMENSION):
+            plan, group_dims = self._plan_dimensions(gm, analysis.channel_groups(), matches, layer_list, ctx)
+            share = width_share(gm, analysis.channel_groups(), plan, 0.5)[0]
         else:
             plan = SlicePlan([], {}, {}, {})
-        state = SubnetState(fractions, {g.id: g.size for g in plan.sliced},
-                            spec.width.multiple_of if spec.width else 1, len(blocks), points)
+        if spec.width is not None or not group_dims:
+            state = SubnetState(dims["width"] if "width" in dims else [1.0], {g.id: g.size for g in plan.sliced},
+                                spec.width.multiple_of if spec.width else 1, len(blocks), points)
+        else:
+            state = SubnetState(dims, {g.id: g.size for g in plan.sliced},
+                                {d: s.multiple_of for d, s in spec.dimensions().items()}, len(blocks), points,
+                                group_dims)
         gm.add_submodule(f"{META}.subnet", state)
         self._slice_chains(gm, plan, state)
         self._slice_norms(gm, plan, state)
@@ -248,6 +280,28 @@ class SortedSlicingPass(Pass):
         return SlicingRecord(tuple(m.layer for m in matches), blocks=[b.name for b in blocks], points=points,
                              sliced=[g.id for g in plan.sliced], full_width=dict(plan.kept), share_at_half=share,
                              depth_by=by, depth_note=note)
+
+    def _plan_dimensions(self, gm: fx.GraphModule, groups: list, matches: list[Match], layers: LayerList | None,
+                         ctx: PassContext) -> tuple[SlicePlan, dict[int, str]]:
+        """The slicing plan of the groups of the dimensions given, and each sliced group's
+        dimension: heads (a group of attention heads), hidden (the residual stream: a group
+        used by more than one layer, or outside the layers too, as the embedding's), ffn
+        (every other group inside one layer)."""
+        spec = self.spec
+        given = [d for d in PER_DIMENSION if getattr(spec, d) is not None]
+        if layers is None:
+            try:
+                layers = find_layer_list(gm, spec.depth.layers if spec.depth is not None else None)
+            except FxgrowError as e:
+                raise SpecError([(f"{ctx.where}.{given[0]}", f"{'/'.join(given)} are dimensions of a model's "
+                                                             f"layers: {e}")]) from e
+        dim_of = {g.id: group_dimension(g, layers.path) for g in groups if not g.fixed}
+        plan = plan_slicing(gm, [g for g in groups if g.fixed or dim_of[g.id] in given], {m.layer for m in matches})
+        for g in groups:
+            if not g.fixed and dim_of[g.id] not in given:
+                plan.kept[g.id] = f"a {dim_of[g.id]} group; {dim_of[g.id]} is not a dimension of this spec"
+        _require_a_sliced_group(plan)
+        return plan, {g.id: dim_of[g.id] for g in plan.sliced}
 
     def _depth_blocks(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[list, LayerList | None, str, str]:
         """(blocks, the layer list or None, "layers" | "residual", why the other kind was not
@@ -502,9 +556,14 @@ def subnet_table(gm: nn.Module) -> list[dict[str, Any]]:
     state = find_state(gm)
     if state is None:
         return []
-    fractions = " / ".join(f"{f:g}" for f in state.fractions)
-    rows = [{"dimension": "width", "item": f"group {g}", "full": state.full[g],
-             "kept": " / ".join(map(str, sizes)) + f" at {fractions}"} for g, sizes in state.sizes.items()]
+    rows = []
+    for g, sizes in state.sizes.items():
+        dim = state.group_dims[g]
+        axis = state.dims.index(dim)
+        kept = {w[axis]: size for w, size in zip(state.widths, sizes)}  # one size per fraction of its dimension
+        rows.append({"dimension": dim, "item": f"group {g}", "full": state.full[g],
+                     "kept": " / ".join(str(kept[f]) for f in sorted(kept))
+                             + f" at {' / '.join(f'{f:g}' for f in sorted(kept))}"})
     gates = {m.index: m.block for m in gm.modules() if isinstance(m, DepthGate)}
     for m in gm.modules():
         if isinstance(m, LayerExit):
@@ -526,7 +585,7 @@ def _check_every_point(gm: fx.GraphModule, state: SubnetState, example: torch.Te
                 try:
                     check(example)
                 except Exception as e:
-                    raise FxgrowError(f"sub-model (width {point[0]}, depth {point[1]}) does not run: "
+                    raise FxgrowError(f"sub-model ({state.describe(point)}) does not run: "
                                       f"{type(e).__name__}: {e}") from e
     finally:
         state.activate(*state.largest)
@@ -542,11 +601,11 @@ def _points_to_check(state: SubnetState) -> list[tuple[float, int]]:
     fails on an empty batch with full channels but not with fewer. A list grid is checked
     point by point."""
     points = [p for p in state.points if p != state.largest]
-    widths, depths = sorted({w for w, _ in state.points}), sorted({d for _, d in state.points})
+    widths, depths = sorted({p[:-1] for p in state.points}), sorted({p[-1] for p in state.points})
     if len(state.points) != len(widths) * len(depths):  # not a product grid
         return points
     full, smallest = max(depths), min(widths)
-    return [p for p in points if p[1] == full or p[0] == smallest]
+    return [p for p in points if p[-1] == full or p[:-1] == smallest]
 
 
 # --- training ------------------------------------------------------------------------------
@@ -603,12 +662,12 @@ class SortedSlicingCallback(Callback):
         drawn = [points[i] for i in torch.multinomial(weights, spec.draws, replacement=True, generator=g).tolist()]
         if spec.mode == "stochastic" and spec.depth is not None and spec.depth.every_depth:
             # Sorted LLaMA: each drawn width at every depth, through the shared final norm and head
-            widths = {w for w, _ in drawn}
-            return sorted({p for p in points if p[0] in widths}, reverse=True)
+            widths = {p[:-1] for p in drawn}
+            return sorted({p for p in points if p[:-1] in widths}, reverse=True)
         if spec.mode == "stochastic":
             return drawn
         # summation: each drawn sub-model and every grid point it contains, largest first
-        chosen = {p for d in drawn for p in points if p[0] <= d[0] and p[1] <= d[1]}
+        chosen = {p for d in drawn for p in points if all(a <= b for a, b in zip(p, d))}
         return sorted(chosen, reverse=True)
 
     def on_train_start(self, ctx) -> None:

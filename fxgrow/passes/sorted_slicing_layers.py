@@ -66,15 +66,16 @@ def layer_list_candidates(types: dict[str, str]) -> list[tuple[str, int, str]]:
 
 def entry_of(node: fx.Node, path: str) -> int | None:
     """Index of the entry of layer list `path` that computed `node`, else None."""
-    pattern = re.compile(re.escape(path) + r"\.(\d+)(\..*)?")
     paths = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
     if node.op == "call_module":
         paths.append(str(node.target))
-    for p in reversed(paths):
-        m = pattern.fullmatch(p)
-        if m:
-            return int(m.group(1))
-    return None
+    return next((i for i in map(lambda p: entry_index(p, path), reversed(paths)) if i is not None), None)
+
+
+def entry_index(module: str, path: str) -> int | None:
+    """i when module path `module` lies inside entry `<path>.<i>` of layer list `path`."""
+    m = re.fullmatch(re.escape(path) + r"\.(\d+)(\..*)?", module)
+    return int(m.group(1)) if m else None
 
 
 def find_layer_list(gm: fx.GraphModule, path: str | None = None) -> LayerList:
@@ -201,6 +202,12 @@ def _impure(node: fx.Node) -> bool:
     return bool(schema is not None and schema.is_mutable)
 
 
-def layer_list_counts(module: nn.Module) -> dict[str, int]:
-    """{layer list path: entry count} of the lists in `module` (after extract: the kept ones)."""
-    return {path: n for path, n, _ in layer_list_candidates({p: type(m).__name__ for p, m in module.named_modules()})}
+def group_dimension(group, path: str) -> str:
+    """The SortedNet dimension of channel group `group` in a model with layer list `path`:
+    heads (the coupling analysis marks it attention heads), hidden (used by more than one
+    layer, or outside the layers too: the residual stream, which the embedding produces),
+    or ffn (every other group, inside one layer)."""
+    if getattr(group, "heads", False):
+        return "heads"
+    entries = {entry_index(name, path) for name in [u.layer for u in group.uses] + list(group.producers)}
+    return "hidden" if len(entries) > 1 or None in entries else "ffn"
