@@ -411,3 +411,46 @@ def test_the_cli_reads_a_point_by_dimension():
     assert parse_point(None) == {}
     with pytest.raises(FxgrowError, match="'ffn' is not dimension=number"):
         parse_point("heads=0.5,ffn")
+
+
+def test_inspect_says_which_blocks_depth_counts_and_why():
+    torch.manual_seed(0)
+    gm = Pipeline([SortedSlicingPass(depth={"blocks": "all"})])(Encoder(False), example_input=torch.randn(2, 1, 8, 8)
+                                                                 ).graph_module
+    rows = SortedSlicingPass(depth={"blocks": "all"}).describe(gm)
+    assert [r["item"] for r in rows if r["dimension"] == "depth"] == [
+        f"block encoder.layers.{i} (layer list)" for i in range(3)]
+    found = next(r for r in rows if r["dimension"] == "depth blocks")
+    assert found["kept"].startswith("by layers: layer list 'encoder.layers'; its 6 residual blocks")
+
+
+def test_group_dimensions_follow_the_layers_and_the_head_flag():
+    from types import SimpleNamespace
+
+    from fxgrow.passes.sorted_slicing_layers import group_dimension
+
+    def group(layers, heads=False):
+        return SimpleNamespace(uses=[SimpleNamespace(layer=name) for name in layers], producers=[], heads=heads)
+    assert group_dimension(group(["model.layers.0.q", "model.layers.0.o"], heads=True), "model.layers") == "heads"
+    assert group_dimension(group(["model.layers.1.up", "model.layers.1.down"]), "model.layers") == "ffn"
+    assert group_dimension(group(["model.layers.0.o", "model.layers.1.q"]), "model.layers") == "hidden"
+    assert group_dimension(group(["model.embed", "model.layers.0.q"]), "model.layers") == "hidden"
+
+
+@pytest.mark.parametrize("name", ["tiny_lm", "hf_llama"])
+def test_depth_stacked_on_the_compander_extracts_the_first_layers(name):
+    """Producers of other passes end the dropped layers' weight chains: extract drops them too."""
+    torch.manual_seed(0)
+    model, x, path, truncate, frontend = MODELS[name]()
+    from fxgrow.passes.compander import CompanderPass
+
+    compander = CompanderPass(targets={"exclude": ["tok", "pos"]} if frontend == "fx" else {})  # embeddings: wide
+    gm = Pipeline([compander, SortedSlicingPass(depth={"blocks": "all"})])(
+        capture(model.eval(), frontend, x), example_input=x).graph_module
+    with subnet(gm, None, 1), torch.no_grad():
+        sliced = _out(gm.eval()(x))
+    small = extract(gm, None, 1)
+    assert torch.equal(_out(small(x)), sliced)
+    assert set(small.state_dict()) == set(truncate(model, 1).state_dict())
+    assert not [p for p, m in small.named_modules() if p.startswith("fxgrow")]
+

@@ -267,6 +267,7 @@ class SortedSlicingPass(Pass):
             state = SubnetState(dims, {g.id: g.size for g in plan.sliced},
                                 {d: s.multiple_of for d, s in spec.dimensions().items()}, len(blocks), points,
                                 group_dims)
+        state.depth_note = f"by {by}: {note}" if by else ""  # for inspect: which blocks, and why
         gm.add_submodule(f"{META}.subnet", state)
         self._slice_chains(gm, plan, state)
         self._slice_norms(gm, plan, state)
@@ -570,6 +571,8 @@ def subnet_table(gm: nn.Module) -> list[dict[str, Any]]:
             gates.update({i: f"{entry} (layer list)" for i, entry in enumerate(m.entries)})
     rows += [{"dimension": "depth", "item": f"block {gates[i]}", "full": "", "kept": f"at depth >= {i + 1}"}
              for i in sorted(gates)]
+    if getattr(state, "depth_note", ""):
+        rows.append({"dimension": "depth blocks", "item": "found", "full": "", "kept": state.depth_note})
     return rows
 
 
