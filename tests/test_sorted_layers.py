@@ -352,7 +352,7 @@ def test_groups_are_assigned_to_hidden_and_ffn_and_every_mixed_point_equals_its_
             assert len(small.get_submodule("blocks")._modules) == point[2]
         state.activate(*state.largest)
     rows = SortedSlicingPass(ffn={"fractions": [1.0]}).describe(gm)
-    assert {r["dimension"] for r in rows} == {"hidden", "ffn", "depth"}
+    assert {r["dimension"] for r in rows} == {"hidden", "ffn", "depth", "depth blocks"}
     ffn_row = next(r for r in rows if r["dimension"] == "ffn")
     assert ffn_row["kept"] == "16 / 32 / 64 at 0.25 / 0.5 / 1"
 

@@ -209,7 +209,7 @@ class SortedSlicingPass(Pass):
     reversible = True
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
-        if self.spec.width is not None:  # depth alone cuts no channel: it runs on exported graphs too
+        if self.spec.dimensions():  # depth alone cuts no channel: it runs on exported graphs too
             require_channel_rules(gm, "sorted_slicing")
         if ctx.example_input is None:
             raise FxgrowError("sorted_slicing needs an example input (model.example_input) to find "
