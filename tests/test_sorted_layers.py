@@ -23,27 +23,12 @@ from fxgrow.subnets import extract, find_state, kept_units, subnet
 
 from .test_slicing import ResidualMLP
 from .test_slicing_train import GradProbe, Recorder, assert_step_gradients, resumed_like_uninterrupted, train_spec
-from .zoo import ResNetTiny
+from .zoo import Encoder, ResNetTiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "models"))
 import tiny_lm  # noqa: E402
 
 VOCAB, TOKENS = 50, 8
-
-
-class Encoder(nn.Module):
-    """Tokens -> nn.TransformerEncoder -> head; `norm_first` picks post-LN or pre-LN. Reads the
-    synthetic [B, 1, 8, 8] images as 8 tokens of 8 features (for the training tests)."""
-
-    def __init__(self, norm_first: bool, layers: int = 3, dim: int = 16):
-        super().__init__()
-        self.embed = nn.Linear(8, dim)
-        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True, norm_first=norm_first)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, 10)
-
-    def forward(self, x):
-        return self.head(self.encoder(self.embed(x.flatten(1, 2))).mean(1))
 
 
 def _truncate(model: nn.Module, path: str, k: int) -> nn.Module:
@@ -454,3 +439,47 @@ def test_depth_stacked_on_the_compander_extracts_the_first_layers(name):
     assert set(small.state_dict()) == set(truncate(model, 1).state_dict())
     assert not [p for p, m in small.named_modules() if p.startswith("fxgrow")]
 
+
+
+@pytest.fixture(scope="module")
+def ffn_run(tmp_path_factory) -> Path:
+    """A short digits run of a post-LN encoder with ffn x depth (layers) sub-models."""
+    from fxgrow import api
+    from fxgrow.specs.root import parse_spec
+
+    out = tmp_path_factory.mktemp("ffn_run")
+    root = Path(__file__).resolve().parents[1]
+    api.run(parse_spec({
+        "name": "ffn_cli",
+        "model": {"entry": str(root / "tests/zoo.py:Encoder"), "example_input": [2, 1, 8, 8]},
+        "passes": [{"kind": "sorted_slicing", "ffn": {"fractions": [0.5, 1.0]}, "depth": {"blocks": [1, 3]}}],
+        "train": {"data": "digits", "steps": 4, "batch_size": 64, "progress": "none"},
+    }), out_dir=out)
+    return out
+
+
+def test_cli_eval_and_extract_by_dimension(ffn_run):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fxgrow import api
+    from fxgrow.cli.main import app
+
+    result = CliRunner().invoke(app, ["eval", str(ffn_run), "--grid"])
+    assert result.exit_code == 0, result.output
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in result.output.splitlines() if line.startswith("│")]
+    assert [c[:2] for c in cells] == [["0.5", "1"], ["0.5", "3"], ["1", "1"], ["1", "3"]]
+    report = json.loads((ffn_run / "report.json").read_text())["sorted_slicing"]
+    assert [(r["ffn"], r["depth"]) for r in report["grid"]] == [(0.5, 1), (0.5, 3), (1.0, 1), (1.0, 3)]
+    assert report["depth_by"] == "layers"
+    result = CliRunner().invoke(app, ["extract", str(ffn_run), "--at", "ffn=0.5,depth=1"])
+    assert result.exit_code == 0, result.output
+    small = torch.load(ffn_run / "subnet_ffn0.5_d1.pt", weights_only=False)
+    assert set(small.state_dict()) == set(_truncate(Encoder(False), "encoder.layers", 1).state_dict())
+    _, gm = api.restore(ffn_run)
+    x = torch.randn(5, 1, 8, 8)
+    with subnet(gm, ffn=0.5, depth=1):
+        assert torch.equal(small(x), gm(x))
+    result = CliRunner().invoke(app, ["extract", str(ffn_run), "--width", "0.5"])
+    assert result.exit_code == 1 and "no dimension 'width'; its dimensions: ffn, depth" in " ".join(result.output.split())
