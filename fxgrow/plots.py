@@ -147,7 +147,7 @@ def figures_for(run: Run) -> dict[str, Callable[[Run, Any], None]]:
         available["sparsity"] = draw_sparsity
     if any(r.get("percentiles") for r in run.compander):
         available["percentiles"] = draw_percentiles
-    if run.grid:
+    if run.grid and "width" in run.grid[0]:  # a width x depth heatmap (a heads/ffn/hidden grid has no width)
         available["submodels"] = draw_submodels
     return available
 

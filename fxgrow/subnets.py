@@ -19,9 +19,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .analysis import measure
 from .errors import FxgrowError
 from .fold import fold
-from .nn.slicing import SubnetState
+from .nn.slicing import LayerExit, SubnetState
 
-Point = tuple[float, int]
+Point = tuple  # (width, depth); with several dimensions (f_1, ..., f_n, depth) in `state.dims` order
 
 
 def find_state(model: nn.Module) -> SubnetState | None:
@@ -36,25 +36,34 @@ def _require_state(model: nn.Module) -> SubnetState:
     return state
 
 
-def resolve_point(state: SubnetState, width: float | None = None, depth: int | None = None) -> Point:
-    """The grid point (width, depth); a missing coordinate takes its largest value among
-    the grid points matching the other one. A point outside the grid is an error that lists
-    the grid."""
-    candidates = [p for p in state.points if (width is None or abs(p[0] - width) < 1e-9)
-                  and (depth is None or p[1] == depth)]
+def resolve_point(state: SubnetState, width: float | None = None, depth: int | None = None, **at: float) -> Point:
+    """The grid point with these coordinates: `width` (a grid of one width dimension) or
+    `at` ({dimension: fraction}, e.g. heads=0.5, ffn=0.25), and `depth`; a missing
+    coordinate takes its largest value among the grid points matching the others. A point
+    outside the grid is an error that lists the grid."""
+    if width is not None:
+        at = {"width": width, **at}
+    unknown = [d for d in at if d not in state.dims]
+    if unknown:
+        raise FxgrowError(f"the grid has no dimension {unknown[0]!r}; its dimensions: {', '.join(state.dims)}, depth")
+    wanted = {state.dims.index(d): f for d, f in at.items() if f is not None}
+    candidates = [p for p in state.points if all(abs(p[i] - f) < 1e-9 for i, f in wanted.items())
+                  and (depth is None or p[-1] == depth)]
     if not candidates:
-        listed = ", ".join(f"(width {w:g}, depth {d})" for w, d in state.points)
-        raise FxgrowError(f"(width {width if width is not None else 'any'}, depth "
-                          f"{depth if depth is not None else 'any'}) is not a grid point; the grid holds: {listed}")
+        asked = ", ".join(f"{d} {at[d]:g}" if at.get(d) is not None else f"{d} any" for d in state.dims)
+        listed = ", ".join(f"({state.describe(p)})" for p in state.points)
+        raise FxgrowError(f"({asked}, depth {depth if depth is not None else 'any'}) is not a grid point; "
+                          f"the grid holds: {listed}")
     return max(candidates)
 
 
 @contextlib.contextmanager
-def subnet(model: nn.Module, width: float | None = None, depth: int | None = None) -> Iterator[Point]:
-    """Run the sub-model (width, depth) inside the block; the previous one after it."""
+def subnet(model: nn.Module, width: float | None = None, depth: int | None = None, **at: float) -> Iterator[Point]:
+    """Run the sub-model (width, depth) - or (heads=..., ffn=..., depth) - inside the block;
+    the previous one after it."""
     state = _require_state(model)
     before = state.point
-    point = resolve_point(state, width, depth)
+    point = resolve_point(state, width, depth, **at)
     state.activate(*point)
     try:
         yield point
@@ -129,13 +138,13 @@ def evaluate_grid(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, fl
                 if calibration:
                     recalibrate(model, calibration)
                 metrics = evaluate(model)
-                row: dict[str, Any] = {"width": point[0], "depth": point[1], **metrics}
+                row: dict[str, Any] = {**point_dict(state, point), **metrics}
                 if example is not None:
-                    row.update(measure(extract(model, *point).eval(), example).as_dict())
+                    row.update(measure(extract(model, at=point).eval(), example).as_dict())
                 rows.append(row)
     finally:
         state.activate(*before)
-    largest = max(rows, key=lambda r: (r["width"], r["depth"]))
+    largest = max(rows, key=lambda r: tuple(r[d] for d in (*state.dims, "depth")))
     for row in rows:
         if "accuracy" in row and largest.get("accuracy"):
             row["share"] = row["accuracy"] / largest["accuracy"]
@@ -144,16 +153,37 @@ def evaluate_grid(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, fl
 
 # --- extraction ----------------------------------------------------------------------------
 
-def extract(gm: fx.GraphModule, width: float | None = None, depth: int | None = None) -> fx.GraphModule:
-    """The sub-model (width, depth) as a standalone plain GraphModule: physically smaller
-    tensors, dropped blocks removed from the graph, plain nn layers at the original paths
-    (state_dict keys of the original model, minus the dropped blocks'). Its outputs equal
-    the sliced model's with that sub-model active. `gm` is not changed."""
+def point_dict(state: SubnetState, point: Point) -> dict[str, Any]:
+    """{dimension: fraction, ..., "depth": kept blocks} of a grid point (report rows)."""
+    return {**dict(zip(state.dims, point[:-1])), "depth": point[-1]}
+
+
+def extract(gm: fx.GraphModule, width: float | None = None, depth: int | None = None, *,
+            at: Point | None = None, **dims: float) -> fx.GraphModule:
+    """The sub-model (width, depth) - or (heads=..., ffn=..., depth), or the grid point `at`
+    - as a standalone plain GraphModule: physically smaller tensors, dropped blocks removed
+    from the graph, plain nn layers at the original paths (state_dict keys of the original
+    model, minus the dropped blocks'). Its outputs equal the sliced model's with that
+    sub-model active. `gm` is not changed. (`kept_units` says what the point keeps, for an
+    extract that rebuilds the model's own class.)"""
     state = _require_state(gm)
-    point = resolve_point(state, width, depth)
+    point = tuple(at) if at is not None else resolve_point(state, width, depth, **dims)
     sub = copy.deepcopy(gm)
     _require_state(sub).activate(*point)
     return fold(sub, inplace=True)  # fold takes the slicing off at the active point first
+
+
+def kept_units(model: nn.Module, width: float | None = None, depth: int | None = None, **at: float
+               ) -> dict[str, dict]:
+    """What the sub-model (width, depth) - or (heads=..., ffn=..., depth) - keeps, for an
+    extract that rebuilds the model's own class (a Hugging Face config with fewer layers and
+    smaller sizes): {"layers": {layer list path: kept entries}, "groups": {channel group id:
+    kept channels}, "dims": {channel group id: its dimension}}."""
+    state = _require_state(model)
+    point = resolve_point(state, width, depth, **at)
+    exits = [m for m in model.modules() if isinstance(m, LayerExit)]
+    return {"layers": {m.layers: point[-1] for m in exits},
+            "groups": state.active_sizes(state.widths.index(tuple(point[:-1]))), "dims": dict(state.group_dims)}
 
 
 # --- on a spec's data (the CLI's `eval` and `extract`) ---------------------------------------
@@ -192,14 +222,19 @@ def calibration_inputs(data, count: int, batch_size: int, device: torch.device, 
     return out
 
 
+def grid_dims(rows: list[dict[str, Any]]) -> list[str]:
+    """The width dimensions of evaluate_grid's rows: ["width"], or some of hidden, heads, ffn."""
+    return [d for d in ("width", "hidden", "heads", "ffn") if rows and d in rows[0]]
+
+
 def grid_table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Rows of strings for a table: width, kept blocks, accuracy, share, params, FLOPs."""
+    """Rows of strings for a table: each width dimension, kept blocks, accuracy, share, params, FLOPs."""
     def fmt(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else "-"
-    return [[f"{r['width']:g}", str(r["depth"]), fmt(r.get("accuracy"), ".4f"), fmt(r.get("share"), ".3f"),
-             fmt(r.get("params"), ","), fmt(r.get("flops"), ",")] for r in rows]
+    return [[*(f"{r[d]:g}" for d in grid_dims(rows)), str(r["depth"]), fmt(r.get("accuracy"), ".4f"),
+             fmt(r.get("share"), ".3f"), fmt(r.get("params"), ","), fmt(r.get("flops"), ",")] for r in rows]
 
 
 __all__ = ["Point", "calibration_inputs", "data_evaluator", "evaluate_grid", "extract", "find_state",
-           "grid_table_rows", "has_batch_norm", "preserved_norm_stats", "recalibrate",
+           "grid_dims", "grid_table_rows", "has_batch_norm", "kept_units", "point_dict", "preserved_norm_stats", "recalibrate",
            "resolve_point", "subnet"]

@@ -166,7 +166,6 @@ def test_template_mixing_runs_on_an_exported_graph(captured):
 
 
 @pytest.mark.parametrize("passes, what", [
-    ([{"kind": "sorted_slicing", "depth": {"blocks": [1, 2]}}], "sorted_slicing depth"),
     ([dict(PRUNE, granularity="filter")], "granularity: filter"),
     ([{"kind": "template_mixing"}, {"kind": "grow", "factor": 2, "at": 5}], "grow")])
 def test_channel_passes_are_refused_on_exported_graphs(captured, passes, what):

@@ -131,6 +131,11 @@ def test_the_step_gradient_is_the_declared_combination(tmp_path, fields, weight)
     assert all(len(step["batches"]) == k for step in probe.steps)
     if fields.get("mode") == "summation":  # some step ran a varying number of sub-models
         assert len({len(points) for step in probe.steps for _, points in step["batches"]}) > 1
+    assert_step_gradients(gm, probe, weight)
+
+
+def assert_step_gradients(gm, probe: GradProbe, weight) -> None:
+    """Every step's accumulated gradient is `reference_grads` of its batches and sub-models."""
     check = copy.deepcopy(gm)
     for step in probe.steps:
         expected = reference_grads(check, step, weight)
@@ -150,6 +155,13 @@ def test_sampling_is_reproducible_across_resume(tmp_path):
         trainer.fit()
         return recorder, trainer
 
+    resumed_like_uninterrupted(run, tmp_path)
+
+
+def resumed_like_uninterrupted(run, tmp_path) -> Recorder:
+    """`run(out, extra callbacks, resume)` -> (Recorder, Trainer), checkpointing every 3
+    steps: crashed after step 7 and resumed, it runs the same sub-models from step 6 on and
+    ends with the same weights as a run never stopped. Returns the uninterrupted recorder."""
     reference, ref_trainer = run(tmp_path / "a")
     with pytest.raises(RuntimeError, match="crash"):
         run(tmp_path / "b", [Crash()])
@@ -158,6 +170,7 @@ def test_sampling_is_reproducible_across_resume(tmp_path):
     assert resumed.runs == {s: r for s, r in reference.runs.items() if s >= 6}
     for (k, a), (_, b) in zip(ref_trainer.model.state_dict().items(), trainer.model.state_dict().items()):
         assert torch.equal(a, b), k
+    return reference
 
 
 class CrashLate(Callback):

@@ -101,6 +101,21 @@ class TinyTransformer(nn.Module):
         return self.head(self.encoder(self.embed(x)).mean(1))
 
 
+class Encoder(nn.Module):
+    """Tokens -> nn.TransformerEncoder -> head; `norm_first` picks post-LN or pre-LN. Reads the
+    synthetic [B, 1, 8, 8] images as 8 tokens of 8 features (for the training tests)."""
+
+    def __init__(self, norm_first: bool = False, layers: int = 3, dim: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x.flatten(1, 2))).mean(1))
+
+
 class SharedLinear(nn.Module):
     """One module called twice: its weight must stay shared."""
 

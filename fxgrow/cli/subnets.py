@@ -56,8 +56,8 @@ def eval(  # noqa: A001  (the command's name)
     trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Test accuracy of a model, or with --grid of every sub-model (params, FLOPs, share of the largest)."""
-    from ..subnets import (calibration_inputs, data_evaluator, evaluate_grid, find_state, grid_table_rows,
-                           has_batch_norm)
+    from ..subnets import (calibration_inputs, data_evaluator, evaluate_grid, find_state, grid_dims,
+                           grid_table_rows, has_batch_norm)
 
     output_file(plot, "--plot")
     dev = _device(device)
@@ -84,12 +84,15 @@ def eval(  # noqa: A001  (the command's name)
         calibration = calibration_inputs(data, slicing.recalibrate_batches, spec.train.batch_size, dev, spec.train.seed)
     rows = evaluate_grid(gm, evaluate, data.example(), calibration=calibration)
     table = Table(title=escape(f"sub-models of {target}") + (" (BN recalibrated)" if calibration else ""))
-    for column in ("width", "blocks", "accuracy", "share", "params", "FLOPs"):
+    for column in (*grid_dims(rows), "blocks", "accuracy", "share", "params", "FLOPs"):
         table.add_column(column, justify="right")
     for row in grid_table_rows(rows):
         table.add_row(*row)
     console.print(table)
-    if plot is None and target.is_dir():
+    if grid_dims(rows) != ["width"]:  # the heatmap is width x depth
+        if plot is not None:
+            raise FxgrowError(f"--plot draws width x depth; this grid has {', '.join(grid_dims(rows))} and depth")
+    elif plot is None and target.is_dir():
         try:
             import matplotlib  # noqa: F401
             plot = target / "grid.png"
@@ -116,8 +119,10 @@ def write_heatmap(rows: list[dict[str, Any]], path: Path) -> None:
 def extract(
     run: Path = typer.Argument(..., help="Run folder (or its checkpoint.pt)."),
     model: Optional[str] = typer.Argument(None, help="Default: the model the run recorded."),
-    width: float = typer.Option(..., "--width", help="Width fraction of a grid point."),
+    width: Optional[float] = typer.Option(None, "--width", help="Width fraction of a grid point (default: the most)."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Kept blocks of a grid point (default: the most)."),
+    at: Optional[str] = typer.Option(None, "--at", help="A grid point by dimension, e.g. heads=0.5,ffn=0.25,depth=2 "
+                                                        "(a missing one: its largest value)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: RUN/subnet_w<W>_d<D>.pt"),
     recalibrate: bool = typer.Option(True, help="Recalibrate BatchNorm on training batches when the spec says "
                                                 "bn: recalibrate."),
@@ -127,7 +132,7 @@ def extract(
     import torch
 
     from ..analysis import measure
-    from ..subnets import calibration_inputs, find_state, has_batch_norm, resolve_point, subnet
+    from ..subnets import calibration_inputs, find_state, has_batch_norm, point_dict, resolve_point, subnet
     from ..subnets import extract as extract_subnet, recalibrate as recalibrate_bn
     from ..train.checkpoint import save_file
 
@@ -136,25 +141,48 @@ def extract(
     state = find_state(gm)
     if state is None:
         raise FxgrowError(f"{run}: the run has no sorted_slicing sub-models")
-    point = resolve_point(state, width, depth)
+    coordinates = parse_point(at)
+    if depth is not None or "depth" not in coordinates:
+        coordinates["depth"] = depth
+    point = resolve_point(state, width, **coordinates)
+    named = point_dict(state, point)
     slicing = _slicing(spec)
     note = ""
     if recalibrate and slicing is not None and slicing.bn == "recalibrate" and has_batch_norm(gm):
         data = _data(spec, torch.device("cpu"))
-        with subnet(gm, *point):
+        with subnet(gm, **named):
             used = recalibrate_bn(gm, calibration_inputs(data, slicing.recalibrate_batches, spec.train.batch_size,
                                                          torch.device("cpu"), spec.train.seed))
         note = f", BN recalibrated on {used} batches"
-    small = extract_subnet(gm, *point).eval()
+    small = extract_subnet(gm, at=point).eval()
     base = run if run.is_dir() else run.parent
-    target = output or base / f"subnet_w{point[0]:g}_d{point[1]}.pt"
+    name = (f"w{point[0]:g}" if state.dims == ("width",)
+            else "_".join(f"{d}{f:g}" for d, f in zip(state.dims, point)))
+    target = output or base / f"subnet_{name}_d{point[-1]}.pt"
     save_file(small, target)
     state_path = target.with_name(f"{target.stem}_state_dict.pt")
     save_file(small.state_dict(), state_path)
     from .. import api
     cost = measure(small, api.example_input(spec))
-    console.print(f"sub-model width {point[0]:g}, depth {point[1]}: {cost.params:,} parameters, "
+    console.print(f"sub-model {state.describe(point)}: {cost.params:,} parameters, "
                   f"{cost.flops:,} FLOPs{note}\nwrote {target} and {state_path}", markup=False)
+
+
+def parse_point(text: str | None) -> dict[str, Any]:
+    """`--at heads=0.5,ffn=0.25,depth=2` -> {"heads": 0.5, "ffn": 0.25, "depth": 2}."""
+    out: dict[str, Any] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        try:
+            out[name] = int(value) if name == "depth" else float(value)
+        except ValueError:
+            raise FxgrowError(f"--at {text}: '{part}' is not dimension=number (e.g. heads=0.5,depth=2)") from None
+        if not sep or not name:
+            raise FxgrowError(f"--at {text}: '{part}' is not dimension=number (e.g. heads=0.5,depth=2)")
+    return out
 
 
 COMMANDS = [eval, extract]

@@ -68,16 +68,14 @@ def frontend_of(gm: nn.Module) -> str:
 
 
 def require_channel_rules(gm: nn.Module, what: str) -> None:
-    """Refuse `what` (a pass that grows or prunes channels, or gates blocks) on an exported
-    graph. Export bakes head counts and widths into view/reshape/expand sizes; the channel
-    coupling follows aten ops (`aten_coupling`) and lists those literals, but only sorted
-    slicing's width rewrites them (`passes/sorted_slicing_sizes.py`): growth would leave them
-    at the old sizes, and depth gates run a dropped block on an empty batch, which a view
-    with -1 cannot reshape."""
+    """Refuse `what` (a pass that grows or prunes channels) on an exported graph. Export bakes
+    head counts and widths into view/reshape/expand sizes; the channel coupling follows aten
+    ops (`aten_coupling`) and lists those literals, but only sorted slicing rewrites them
+    (`passes/sorted_slicing_sizes.py`): growth or filter pruning would leave them at the old
+    sizes."""
     if frontend_of(gm) == "export":
         raise TraceError(
             f"{what} does not run on a torch.export graph yet: export bakes head counts and widths into "
-            "view/reshape/expand sizes, which only sorted_slicing's width rewrites (depth gates run a dropped "
-            "block on an empty batch, which HF blocks' views cannot). Use model.frontend: fx for a model torch.fx "
-            "can trace; sorted_slicing width and the weight-chain passes (compander, prune_regrow with "
+            "view/reshape/expand sizes, which only sorted_slicing rewrites. Use model.frontend: fx for a model "
+            "torch.fx can trace; sorted_slicing and the weight-chain passes (compander, prune_regrow with "
             "unstructured masks, template_mixing) run on exported graphs")

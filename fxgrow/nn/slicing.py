@@ -13,6 +13,8 @@
   statistics for each narrower width.
 - `DepthGate`: brackets a skippable residual block y = x + f(x). Off, the block runs on an
   empty batch (no FLOPs, no autograd graph) and hands on x unchanged.
+- `LayerExit`: depth by layers (transformers): hands the stream after the first k entries
+  of the layer list to the final norm and head.
 - `ConvGroups`: the `groups` of a sliced grouped conv (or GroupNorm): whole groups are kept.
 """
 from __future__ import annotations
@@ -67,49 +69,74 @@ class DimLayout:
 
 
 class SubnetState(nn.Module):
-    """The active sub-model of one model: a grid point (width, depth).
+    """The active sub-model of one model: a grid point (one fraction per dimension, depth).
 
-    `sizes[g][i]` is group g's channel count at width fraction i. `depth` counts the kept
-    skippable blocks (`num_blocks` when the model has no depth dimension). No tensors:
-    this module adds nothing to the state_dict."""
+    With one `width` dimension (`fractions` a list of floats) a point is (width, depth), as
+    it always was. With several (`fractions` a mapping {dimension: fractions}, e.g. heads,
+    ffn, hidden, sampled independently) a point is (f_1, ..., f_n, depth) in `dims` order,
+    and `group_dims[g]` says which dimension group g belongs to. The distinct width parts of
+    the grid points are the `widths` ("configurations", ascending, so the all-1.0 one is
+    last); `width_index` picks one, and `sizes[g][i]` is group g's channel count in
+    configuration i. `depth` counts the kept blocks (`num_blocks` when the model has no
+    depth dimension). No tensors: this module adds nothing to the state_dict."""
 
-    def __init__(self, fractions: Sequence[float], group_sizes: Mapping[int, int], multiple_of: int,
-                 num_blocks: int, points: Sequence[tuple[float, int]]):
+    def __init__(self, fractions: Sequence[float] | Mapping[str, Sequence[float]], group_sizes: Mapping[int, int],
+                 multiple_of: int | Mapping[str, int], num_blocks: int, points: Sequence[tuple[float, ...]],
+                 group_dims: Mapping[int, str] | None = None):
         super().__init__()
-        self.fractions = tuple(float(f) for f in fractions)
+        by_dim = dict(fractions) if isinstance(fractions, Mapping) else {"width": fractions}
+        self.dims = tuple(by_dim)
+        multiples = multiple_of if isinstance(multiple_of, Mapping) else {d: multiple_of for d in self.dims}
+        self.points = tuple(tuple(float(f) for f in p[:-1]) + (int(p[-1]),) for p in points)
+        if len(self.dims) == 1:  # every fraction, in order (a list grid may not pair each with a depth)
+            self.widths = tuple((float(f),) for f in sorted(by_dim[self.dims[0]]))
+        else:
+            self.widths = tuple(sorted({p[:-1] for p in self.points}))
         self.full = dict(group_sizes)
-        self.sizes = {g: tuple(active_channels(c, f, multiple_of) for f in self.fractions)
-                      for g, c in self.full.items()}
+        self.group_dims = {g: (group_dims or {}).get(g, self.dims[0]) for g in self.full}
+        axis = {d: i for i, d in enumerate(self.dims)}
+        self.sizes = {g: tuple(active_channels(c, w[axis[self.group_dims[g]]], multiples[self.group_dims[g]])
+                               for w in self.widths) for g, c in self.full.items()}
         self.num_blocks = num_blocks
-        self.points = tuple((float(w), int(d)) for w, d in points)
-        self.width_index = len(self.fractions) - 1
+        self.width_index = len(self.widths) - 1
         self.depth = num_blocks
 
     @property
+    def fractions(self) -> tuple[float, ...]:
+        """The width fractions (one `width` dimension)."""
+        return tuple(w[0] for w in self.widths)
+
+    @property
     def num_widths(self) -> int:
-        return len(self.fractions)
+        return len(self.widths)
 
     @property
-    def point(self) -> tuple[float, int]:
-        return self.fractions[self.width_index], self.depth
+    def point(self) -> tuple[float, ...]:
+        return self.widths[self.width_index] + (self.depth,)
 
     @property
-    def largest(self) -> tuple[float, int]:
+    def largest(self) -> tuple[float, ...]:
         return max(self.points)
 
     def active_sizes(self, width_index: int | None = None) -> dict[int, int]:
         i = self.width_index if width_index is None else width_index
         return {g: s[i] for g, s in self.sizes.items()}
 
-    def activate(self, width: float, depth: int) -> None:
-        """Make grid point (width, depth) the running sub-model."""
-        if (width, depth) not in self.points:
-            raise ValueError(f"({width}, {depth}) is not a grid point")
-        self.width_index = self.fractions.index(width)
-        self.depth = depth
+    def activate(self, *point: float) -> None:
+        """Make grid point (f_1, ..., f_n, depth) - (width, depth) with one dimension - the
+        running sub-model."""
+        point = tuple(point)
+        if point not in self.points:
+            raise ValueError(f"{point} is not a grid point")
+        self.width_index = self.widths.index(tuple(float(f) for f in point[:-1]))
+        self.depth = int(point[-1])
+
+    def describe(self, point: Sequence[float]) -> str:
+        """'width 0.5, depth 2' / 'heads 0.5, ffn 0.25, depth 2'."""
+        return ", ".join(f"{d} {f:g}" for d, f in zip(self.dims, point)) + f", depth {point[-1]}"
 
     def extra_repr(self) -> str:
-        return f"fractions={self.fractions}, blocks={self.num_blocks}, active={self.point}"
+        return f"dims={self.dims}, widths={len(self.widths)}, blocks={self.num_blocks}, active={self.point}"
 
 
 class _Sliced(nn.Module):
@@ -426,6 +453,28 @@ class DepthGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"index={self.index}, block={self.block!r}"
+
+
+class LayerExit(nn.Module):
+    """Exit of layer list `layers` (depth by layers): called with the stream h_0 .. h_L (the
+    input of the first layer, then what each layer hands on), it hands h_depth to the
+    nodes after the list (the final norm and head), so depth k is exactly the first k
+    layers. The dropped layers still run in eager mode, unused (no gradient reaches them);
+    torch.compile, which specializes on the depth, removes them as dead code."""
+
+    channel_pointwise = True  # every stream value carries the same channels
+
+    def __init__(self, state: SubnetState, layers: str, entries: Sequence[str]):
+        super().__init__()
+        self.state = state
+        self.layers = layers
+        self.entries = tuple(entries)
+
+    def forward(self, *streams: torch.Tensor) -> torch.Tensor:
+        return streams[self.state.depth]
+
+    def extra_repr(self) -> str:
+        return f"layers={self.layers!r}, entries={len(self.entries)}"
 
 
 def _device_of(m: nn.Module) -> torch.device | None:

@@ -12,6 +12,7 @@ a generator seeded by (seed, step) and evaluates the whole grid at the end of tr
 from __future__ import annotations
 
 import collections
+import itertools
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -24,16 +25,16 @@ from torch import fx, nn
 
 from ..analysis.coupling import param_key
 from ..analysis.shapes import graph_checks
-from ..frontends import require_channel_rules
 from ..errors import FxgrowError, SpecError
 from ..ir import META, fetch_attr, insert_producer, is_layer, meta, replace_submodule, replace_tensor, weight_chains
 from ..layers import follow_input, kind_of, layer_call
-from ..nn.slicing import SLICED_NORMS, ConvGroups, DepthGate, SliceProducer, SubnetState
+from ..nn.slicing import SLICED_NORMS, ConvGroups, DepthGate, LayerExit, SliceProducer, SubnetState
 from ..specs.base import PassSpec, StrictModel
 from ..subnets import evaluate_grid, find_state, recalibrate
 from ..train.callbacks import Callback
 from ..train.data import stable_seed
 from .base import Match, Pass, PassContext, Record, register_pass
+from .sorted_slicing_layers import LayerList, drop_layers, entry_of, find_layer_list, group_dimension
 from .sorted_slicing_plan import Block, SlicePlan, plan_slicing, skippable_blocks, width_share
 from .sorted_slicing_sizes import fold_sizes, follow_sizes
 
@@ -60,6 +61,14 @@ class WidthSpec(StrictModel):
 class DepthSpec(StrictModel):
     blocks: list[int] | Literal["all"] = Field(
         "all", description="kept-block counts; `all`: every count from 0 to the number of skippable blocks")
+    by: Literal["auto", "layers", "residual"] = Field(
+        "auto", description="what a block is: layers (the entries of the model's layer list, a transformer's "
+                            "layers), residual (every y = x + f(x)), auto (layers when the model has one layer "
+                            "list holding all its residual blocks, else residual)")
+    layers: str | None = Field(None, description="the layer list's module path (e.g. model.layers); default: "
+                                                 "the longest ModuleList / Sequential of one module type")
+    every_depth: bool = Field(False, description="Sorted LLaMA: every sub-model drawn runs at every depth of the "
+                                                 "grid on the same batch, the losses summed (mode: stochastic)")
 
     @field_validator("blocks")
     @classmethod
@@ -74,14 +83,33 @@ class DepthSpec(StrictModel):
             raise ValueError("block counts must be distinct")
         return sorted(blocks)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _by_layers(cls, data: Any) -> Any:
+        """Naming the layer list means blocks are its layers."""
+        if isinstance(data, dict) and data.get("layers") is not None:
+            if data.get("by", "layers") == "residual":
+                raise ValueError("layers names a layer list: it needs by: layers (or auto), not residual")
+            data = {**data, "by": "layers"}
+        return data
+
+
+PER_DIMENSION = ("hidden", "heads", "ffn")  # the paper's Table 8 dimensions besides layers
+
 
 class SortedSlicingSpec(PassSpec):
     kind: Literal["sorted_slicing"] = "sorted_slicing"
-    width: WidthSpec | None = None
+    width: WidthSpec | None = Field(None, description="one fraction for every sliced channel group")
+    hidden: WidthSpec | None = Field(None, description="the residual stream's channels (model hidden size), "
+                                                      "a dimension of its own")
+    heads: WidthSpec | None = Field(None, description="attention heads (the first h of every attention), a "
+                                                     "dimension of its own")
+    ffn: WidthSpec | None = Field(None, description="every other channel inside the layers (FFN hidden size), a "
+                                                   "dimension of its own")
     depth: DepthSpec | None = None
     grid: Literal["product", "list"] = Field(
-        "product", description="product: every (width, depth) pair; list: the i-th smallest width with the "
-                                "i-th smallest depth")
+        "product", description="product: every combination of the dimensions' values; list: the i-th smallest "
+                                "of each dimension together")
     sampling: Literal["uniform", "weighted"] = "uniform"
     weights: list[float] | None = Field(None, description="one per grid point (grid order), for sampling: weighted")
     mode: Literal["stochastic", "summation", "sandwich"] = "stochastic"
@@ -113,8 +141,13 @@ class SortedSlicingSpec(PassSpec):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SortedSlicingSpec":
-        if self.width is None and self.depth is None:
-            raise ValueError("give width and/or depth: nothing to slice")
+        named = [d for d in PER_DIMENSION if getattr(self, d) is not None]
+        if self.width is None and self.depth is None and not named:
+            raise ValueError("give width and/or depth (or heads / ffn / hidden): nothing to slice")
+        if self.width is not None and named:
+            raise ValueError(f"width cuts every channel group by one fraction; {', '.join(named)} "
+                             f"{'gives its' if len(named) == 1 else 'give their'} own: use width or "
+                             f"{'/'.join(PER_DIMENSION)}, not both")
         if self.sampling == "weighted":
             if not self.weights:
                 raise ValueError("sampling: weighted needs `weights` (one per grid point)")
@@ -122,14 +155,23 @@ class SortedSlicingSpec(PassSpec):
                 raise ValueError("weights must be >= 0 with a positive sum")
         elif self.weights is not None:
             raise ValueError("weights apply to sampling: weighted only")
+        if self.depth is not None and self.depth.every_depth and self.mode != "stochastic":
+            raise ValueError(f"depth.every_depth runs every depth of each drawn sub-model (Sorted LLaMA); mode "
+                             f"{self.mode} picks its own set: use mode: stochastic")
         if self.mode == "sandwich" and self.sub_models_per_batch is not None and self.sub_models_per_batch < 2:
             raise ValueError("sandwich runs the largest and the smallest sub-model: sub_models_per_batch "
                              "must be >= 2")
-        if (self.grid == "list" and self.width is not None and isinstance(self.depth, DepthSpec)
-                and self.depth.blocks != "all" and len(self.depth.blocks) != len(self.width.fractions)):
-            raise ValueError(f"grid: list pairs widths with depths: {len(self.width.fractions)} fractions "
-                             f"but {len(self.depth.blocks)} block counts")
+        counts = {d: len(s.fractions) for d, s in self.dimensions().items()}
+        if isinstance(self.depth, DepthSpec) and self.depth.blocks != "all":
+            counts["depth"] = len(self.depth.blocks)
+        if self.grid == "list" and len(set(counts.values()) - {1}) > 1:
+            listed = ", ".join(f"{n} {d}" for d, n in counts.items())
+            raise ValueError(f"grid: list pairs widths with depths: {listed} values")
         return self
+
+    def dimensions(self) -> dict[str, WidthSpec]:
+        """The width dimensions given, in point order: {"width": ...}, or some of hidden, heads, ffn."""
+        return {d: getattr(self, d) for d in ("width", *PER_DIMENSION) if getattr(self, d) is not None}
 
     @property
     def draws(self) -> int:
@@ -140,7 +182,8 @@ class SortedSlicingSpec(PassSpec):
 
     @property
     def reduction(self) -> str:
-        return self.loss_reduction or ("sum" if self.mode == "summation" else "mean")
+        every_depth = self.depth is not None and self.depth.every_depth
+        return self.loss_reduction or ("sum" if self.mode == "summation" or every_depth else "mean")
 
 
 # --- the pass ----------------------------------------------------------------------------
@@ -149,6 +192,8 @@ class SortedSlicingSpec(PassSpec):
 @dataclass
 class SlicingRecord(Record):
     blocks: list[str] = field(default_factory=list)           # the skippable blocks, in order
+    depth_by: str = ""                                        # "layers" | "residual" ("" without depth)
+    depth_note: str = ""                                      # why the other kind of block was not used
     points: list[tuple[float, int]] = field(default_factory=list)
     sliced: list[int] = field(default_factory=list)           # channel groups sliced
     full_width: dict[int, str] = field(default_factory=dict)  # group -> why it stays at full width
@@ -164,8 +209,6 @@ class SortedSlicingPass(Pass):
     reversible = True
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
-        if self.spec.depth is not None:  # width runs on exported graphs; depth gates do not (yet)
-            require_channel_rules(gm, "sorted_slicing depth")
         if ctx.example_input is None:
             raise FxgrowError("sorted_slicing needs an example input (model.example_input) to find "
                               "channel groups and residual blocks")
@@ -183,43 +226,106 @@ class SortedSlicingPass(Pass):
         spec: SortedSlicingSpec = self.spec
         analysis = ctx.analyzed(gm)
         analysis.shapes()
-        blocks = skippable_blocks(gm) if spec.depth is not None else []
+        blocks, layer_list, by, note = self._depth_blocks(gm, ctx) if spec.depth is not None else ([], None, "", "")
         depths = self._depths(blocks, ctx)
-        fractions = spec.width.fractions if spec.width is not None else [1.0]
+        dims = {d: s.fractions for d, s in spec.dimensions().items()} or {"width": [1.0]}
         if spec.grid == "product":
-            points = [(w, d) for w in fractions for d in depths]
+            points = [(*widths, d) for widths in itertools.product(*dims.values()) for d in depths]
         else:
-            widths = fractions if len(fractions) > 1 or len(depths) == 1 else fractions * len(depths)
-            depths_ = depths if len(depths) > 1 or len(fractions) == 1 else depths * len(fractions)
-            if len(widths) != len(depths_):
-                raise SpecError([(f"{ctx.where}.grid", f"list pairs widths with depths: {len(widths)} "
-                                                       f"fractions but {len(depths_)} block counts")])
-            points = list(zip(widths, depths_))
-        if (1.0, len(blocks)) not in points:
+            axes = [*dims.values(), depths]
+            n = max(len(a) for a in axes)
+            axes = [a * n if len(a) == 1 else a for a in axes]
+            if len({len(a) for a in axes}) > 1:
+                raise SpecError([(f"{ctx.where}.grid", "list pairs widths with depths: "
+                                  + ", ".join(f"{len(a)} {d}" for a, d in zip(axes, [*dims, "depth"])))])
+            points = list(zip(*axes))
+        largest = (1.0,) * len(dims) + (len(blocks),)
+        if largest not in points:
             raise SpecError([(f"{ctx.where}.grid", "the grid must hold the largest sub-model "
-                                                   f"(width 1.0, depth {len(blocks)})")])
+                                                   f"({', '.join(f'{d} 1.0' for d in dims)}, depth {len(blocks)})")])
         if spec.weights is not None and len(spec.weights) != len(points):
             raise SpecError([(f"{ctx.where}.weights", f"{len(spec.weights)} weights for {len(points)} grid points")])
 
         share = 1.0
+        group_dims: dict[int, str] = {}
         if spec.width is not None:
             groups = analysis.channel_groups(follow_sizes=True)
             plan = plan_slicing(gm, groups, {m.layer for m in matches})
             _require_a_sliced_group(plan)
             share = width_share(gm, groups, plan, 0.5, spec.width.multiple_of)[0]
+        elif set(dims) & set(PER_DIMENSION):
+            groups = analysis.channel_groups(follow_sizes=True)
+            plan, group_dims = self._plan_dimensions(gm, groups, matches, layer_list, ctx)
+            share = width_share(gm, groups, plan, 0.5)[0]
         else:
             plan = SlicePlan([], {}, {}, {})
-        state = SubnetState(fractions, {g.id: g.size for g in plan.sliced},
-                            spec.width.multiple_of if spec.width else 1, len(blocks), points)
+        if spec.width is not None or not group_dims:
+            state = SubnetState(dims["width"] if "width" in dims else [1.0], {g.id: g.size for g in plan.sliced},
+                                spec.width.multiple_of if spec.width else 1, len(blocks), points)
+        else:
+            state = SubnetState(dims, {g.id: g.size for g in plan.sliced},
+                                {d: s.multiple_of for d, s in spec.dimensions().items()}, len(blocks), points,
+                                group_dims)
+        state.depth_note = f"by {by}: {note}" if by else ""  # for inspect: which blocks, and why
         gm.add_submodule(f"{META}.subnet", state)
         self._slice_chains(gm, plan, state)
         follow_sizes(gm, plan, state, self.kind)
         self._slice_norms(gm, plan, state)
-        self._gate_blocks(gm, blocks, state)
+        if layer_list is not None:
+            _gate_layers(gm, layer_list, state, self.kind)
+        else:
+            self._gate_blocks(gm, blocks, state)
         gm.graph.lint()
+        gm.recompile()
         _check_every_point(gm, state, ctx.example_input)
         return SlicingRecord(tuple(m.layer for m in matches), blocks=[b.name for b in blocks], points=points,
-                             sliced=[g.id for g in plan.sliced], full_width=dict(plan.kept), share_at_half=share)
+                             sliced=[g.id for g in plan.sliced], full_width=dict(plan.kept), share_at_half=share,
+                             depth_by=by, depth_note=note)
+
+    def _plan_dimensions(self, gm: fx.GraphModule, groups: list, matches: list[Match], layers: LayerList | None,
+                         ctx: PassContext) -> tuple[SlicePlan, dict[int, str]]:
+        """The slicing plan of the groups of the dimensions given, and each sliced group's
+        dimension: heads (a group of attention heads), hidden (the residual stream: a group
+        used by more than one layer, or outside the layers too, as the embedding's), ffn
+        (every other group inside one layer)."""
+        spec = self.spec
+        given = [d for d in PER_DIMENSION if getattr(spec, d) is not None]
+        if layers is None:
+            try:
+                layers = find_layer_list(gm, spec.depth.layers if spec.depth is not None else None)
+            except FxgrowError as e:
+                raise SpecError([(f"{ctx.where}.{given[0]}", f"{'/'.join(given)} are dimensions of a model's "
+                                                             f"layers: {e}")]) from e
+        dim_of = {g.id: group_dimension(g, layers.path) for g in groups if not g.fixed}
+        plan = plan_slicing(gm, [g for g in groups if g.fixed or dim_of[g.id] in given], {m.layer for m in matches})
+        for g in groups:
+            if not g.fixed and dim_of[g.id] not in given:
+                plan.kept[g.id] = f"a {dim_of[g.id]} group; {dim_of[g.id]} is not a dimension of this spec"
+        _require_a_sliced_group(plan)
+        return plan, {g.id: dim_of[g.id] for g in plan.sliced}
+
+    def _depth_blocks(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[list, LayerList | None, str, str]:
+        """(blocks, the layer list or None, "layers" | "residual", why the other kind was not
+        used). A block is one entry of the layer list (by: layers), or one skippable residual
+        block (by: residual); auto takes the layer list when one is found and holds every
+        residual block (a transformer: two residual adds per layer, post-LN norms between),
+        else the residual blocks (a ResNet, whose stages are lists of different blocks)."""
+        spec = self.spec.depth
+        residual = skippable_blocks(gm) if spec.by != "layers" else []
+        if spec.by == "residual":
+            return residual, None, "residual", "by: residual"
+        try:
+            found = find_layer_list(gm, spec.layers)
+        except FxgrowError as e:
+            if spec.by == "layers":
+                raise SpecError([(f"{ctx.where}.depth.{'layers' if spec.layers else 'by'}", str(e))]) from e
+            return residual, None, "residual", f"not by layers: {e}"
+        outside = [b.name for b in residual if entry_of(b.end, found.path) is None]
+        if outside:
+            return residual, None, "residual", (f"layer list '{found.path}' does not hold the residual blocks "
+                                                f"{', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}")
+        inside = f"; its {len(residual)} residual blocks are counted as layers" if residual else ""
+        return [_Entry(e) for e in found.entries], found, "layers", f"layer list '{found.path}'{inside}"
 
     def _depths(self, blocks: list[Block], ctx: PassContext) -> list[int]:
         spec = self.spec.depth
@@ -227,7 +333,8 @@ class SortedSlicingPass(Pass):
             return [len(blocks)]
         if not blocks:
             raise SpecError([(f"{ctx.where}.depth", "the model has no skippable residual block "
-                                                    "(y = x + f(x) with equal input and output shapes)")])
+                                                    "(y = x + f(x) with equal input and output shapes) and no "
+                                                    "layer list")])
         if spec.blocks == "all":
             return list(range(len(blocks) + 1))
         for i, d in enumerate(spec.blocks):
@@ -313,7 +420,7 @@ class SortedSlicingPass(Pass):
             leave.meta[META] = {**tag, "side": "exit"}
 
     def callbacks(self, gm: fx.GraphModule, record: SlicingRecord, ctx: PassContext) -> list[Callback]:
-        summary = {"blocks": record.blocks,
+        summary = {"blocks": record.blocks, "depth_by": record.depth_by, "depth_note": record.depth_note,
                    "groups": {"sliced": record.sliced,
                               "full_width": {str(g): why for g, why in record.full_width.items()}},
                    "params_share_at_width_0.5": round(record.share_at_half, 4)}
@@ -342,6 +449,12 @@ class SortedSlicingPass(Pass):
         graph = gm.graph
         gates = [n for n in graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), DepthGate)]
         taken_off = {n.target for n in gates}
+        for node in [n for n in graph.nodes if n.op == "call_module"
+                     and isinstance(gm.get_submodule(n.target), LayerExit)]:
+            node.replace_all_uses_with(node.args[state.depth])  # the stream after the kept layers
+            graph.erase_node(node)
+            drop_layers(gm, gm.get_submodule(node.target).layers, state.depth)
+            taken_off.add(node.target)
         for node in gates:  # exits first: a dropped block's body then has no user outside it
             if len(node.args) == 2:
                 kept = gm.get_submodule(node.target).kept
@@ -381,6 +494,27 @@ class SortedSlicingPass(Pass):
         for path in taken_off | (set() if frozen else {f"{META}.subnet"}):
             gm.delete_submodule(path)
         gm.recompile()
+
+
+@dataclass
+class _Entry:
+    """A layer-list entry as a depth block (its name is all the record and errors need)."""
+
+    name: str
+
+
+def _gate_layers(gm: fx.GraphModule, layers: LayerList, state: SubnetState, kind: str) -> None:
+    """One `LayerExit` reading the stream h_0 .. h_L; the nodes after the list read it instead of h_L."""
+    path = f"{META}.depth.{layers.path.replace('.', '_') or 'layers'}"
+    gm.add_submodule(path, LayerExit(state, layers.path, layers.entries))
+    last = layers.streams[-1]
+    after = [u for u in last.users if entry_of(u, layers.path) is None]
+    with gm.graph.inserting_after(last):
+        leave = gm.graph.call_module(path, tuple(layers.streams))
+    leave.meta.update({k: last.meta[k] for k in ("tensor_meta", "val") if k in last.meta})
+    leave.meta[META] = {"role": "gate", "pass": kind, "layers": layers.path}
+    for user in after:
+        user.replace_input_with(last, leave)
 
 
 WARN_SHARE = 0.5  # a net cut everywhere keeps about a quarter at width 0.5: warn above a half
@@ -424,12 +558,22 @@ def subnet_table(gm: nn.Module) -> list[dict[str, Any]]:
     state = find_state(gm)
     if state is None:
         return []
-    fractions = " / ".join(f"{f:g}" for f in state.fractions)
-    rows = [{"dimension": "width", "item": f"group {g}", "full": state.full[g],
-             "kept": " / ".join(map(str, sizes)) + f" at {fractions}"} for g, sizes in state.sizes.items()]
+    rows = []
+    for g, sizes in state.sizes.items():
+        dim = state.group_dims[g]
+        axis = state.dims.index(dim)
+        kept = {w[axis]: size for w, size in zip(state.widths, sizes)}  # one size per fraction of its dimension
+        rows.append({"dimension": dim, "item": f"group {g}", "full": state.full[g],
+                     "kept": " / ".join(str(kept[f]) for f in sorted(kept))
+                             + f" at {' / '.join(f'{f:g}' for f in sorted(kept))}"})
     gates = {m.index: m.block for m in gm.modules() if isinstance(m, DepthGate)}
+    for m in gm.modules():
+        if isinstance(m, LayerExit):
+            gates.update({i: f"{entry} (layer list)" for i, entry in enumerate(m.entries)})
     rows += [{"dimension": "depth", "item": f"block {gates[i]}", "full": "", "kept": f"at depth >= {i + 1}"}
              for i in sorted(gates)]
+    if getattr(state, "depth_note", ""):
+        rows.append({"dimension": "depth blocks", "item": "found", "full": "", "kept": state.depth_note})
     return rows
 
 
@@ -445,7 +589,7 @@ def _check_every_point(gm: fx.GraphModule, state: SubnetState, example: torch.Te
                 try:
                     check(example)
                 except Exception as e:
-                    raise FxgrowError(f"sub-model (width {point[0]}, depth {point[1]}) does not run: "
+                    raise FxgrowError(f"sub-model ({state.describe(point)}) does not run: "
                                       f"{type(e).__name__}: {e}") from e
     finally:
         state.activate(*state.largest)
@@ -461,11 +605,11 @@ def _points_to_check(state: SubnetState) -> list[tuple[float, int]]:
     fails on an empty batch with full channels but not with fewer. A list grid is checked
     point by point."""
     points = [p for p in state.points if p != state.largest]
-    widths, depths = sorted({w for w, _ in state.points}), sorted({d for _, d in state.points})
+    widths, depths = sorted({p[:-1] for p in state.points}), sorted({p[-1] for p in state.points})
     if len(state.points) != len(widths) * len(depths):  # not a product grid
         return points
     full, smallest = max(depths), min(widths)
-    return [p for p in points if p[1] == full or p[0] == smallest]
+    return [p for p in points if p[-1] == full or p[:-1] == smallest]
 
 
 # --- training ------------------------------------------------------------------------------
@@ -520,10 +664,14 @@ class SortedSlicingCallback(Callback):
                 drawn = [points[middle[i]] for i in idx.tolist()]
             return [largest, smallest] + drawn
         drawn = [points[i] for i in torch.multinomial(weights, spec.draws, replacement=True, generator=g).tolist()]
+        if spec.mode == "stochastic" and spec.depth is not None and spec.depth.every_depth:
+            # Sorted LLaMA: each drawn width at every depth, through the shared final norm and head
+            widths = {p[:-1] for p in drawn}
+            return sorted({p for p in points if p[:-1] in widths}, reverse=True)
         if spec.mode == "stochastic":
             return drawn
         # summation: each drawn sub-model and every grid point it contains, largest first
-        chosen = {p for d in drawn for p in points if p[0] <= d[0] and p[1] <= d[1]}
+        chosen = {p for d in drawn for p in points if all(a <= b for a, b in zip(p, d))}
         return sorted(chosen, reverse=True)
 
     def on_train_start(self, ctx) -> None:
