@@ -133,10 +133,9 @@ def test_reuse_skips_a_run_whose_input_run_is_newer(tmp_path):
 
 def test_sorted_lm_study_runs_on_other_text(tmp_path):
     """The transformer SortedNet study through the runner on text written here (CI has no
-    python3.11-doc), 3 steps a run: one row per (depth, FFN) shape, and where the sorted
-    run's sub-model is the shape trained alone (today: every depth at full width) the two
-    have the same parameter count; where it is not (today's width also slices the hidden
-    stream), the row says so instead of a ratio."""
+    python3.11-doc), 3 steps a run: one row per (depth, FFN) shape, every sorted sub-model
+    with the parameter count of the same shape trained alone (depth = the first k layers,
+    width = the FFN alone)."""
     from tests.test_text import write_docs
 
     write_docs(tmp_path / "t", count=12, words=200)
@@ -148,10 +147,20 @@ def test_sorted_lm_study_runs_on_other_text(tmp_path):
     rows = {(r["depth"], r["ffn"]): r for r in record["rows"]}
     assert sorted(rows) == [(d, f) for d in (2, 3, 4) for f in (0.5, 1.0)]
     for (depth, ffn), row in rows.items():
-        assert row["alone arm"] == f"alone_d{depth}_f{ffn}" and len(row["perplexity alone"]) == 1
-        assert len(row["perplexity sorted"]) == 1
-        if row["params (sorted)"] == row["params (alone)"]:
-            assert float(row["sorted / alone"]) > 0
-        else:
-            assert row["sorted / alone"].startswith("not the same shape")
-    assert all(rows[(d, 1.0)]["params (sorted)"] == rows[(d, 1.0)]["params (alone)"] for d in (2, 3, 4))
+        assert row["alone arm"] == f"alone_d{depth}_f{ffn}"
+        assert len(row["perplexity alone"]) == len(row["perplexity sorted"]) == 1
+        assert row["params (sorted)"] == row["params (alone)"], row
+        assert float(row["sorted / alone"]) == pytest.approx(row["perplexity sorted"][0] / row["perplexity alone"][0],
+                                                             abs=1e-3)
+
+
+def test_sorted_lm_table_compares_only_equal_shapes():
+    study = {"study": "sorted_lm"}
+    arms = [{"name": "a", "shape": {"depth": 2, "ffn": 0.5}}, {"name": "s", "sorted": True, "blocks_per_layer": 2}]
+    grid = [{"depth": 4, "width": 0.5, "perplexity": 60.0, "params": 100}]
+    results = {"a": [{"perplexity": 40.0, "parameters": 120}], "s": [{"sorted_slicing": {"grid": grid}}]}
+    (row,) = runner.sorted_lm_rows(study, arms, results)["rows"]
+    assert (row["depth"], row["ffn"]) == (2, 0.5)  # 4 residual branches = 2 layers
+    assert row["sorted / alone"] == "not the same shape (100 vs 120 params)"
+    grid[0]["params"] = 120
+    assert runner.sorted_lm_rows(study, arms, results)["rows"][0]["sorted / alone"] == "1.500"
