@@ -254,6 +254,12 @@ def test_state_dict_refusals(models):
     with pytest.raises(FxgrowError, match=r"layer 0 self_attn.q_proj.weight has 12 on dim 0, not a multiple of "
                                           r"the head size 8"):
         sub_model_sizes(model.config, ragged)
+    gpt = models["gpt2"]
+    odd = dict(gpt.state_dict())
+    odd["transformer.h.0.attn.c_attn.weight"] = odd["transformer.h.0.attn.c_attn.weight"][:, :40]
+    with pytest.raises(FxgrowError, match=r"layer 0 attn.c_attn.weight has 40 on dim 1, not a multiple of 24 "
+                                          r"\(q\|k\|v side by side: 3 x the head size 8\)"):
+        sub_model_sizes(gpt.config, odd)
     short = {k: v for k, v in sliced.items() if k != "model.norm.weight"}
     with pytest.raises(FxgrowError, match=r"does not fit the smaller config: missing \['model.norm.weight'\]"):
         extract_hf(model, short)

@@ -160,8 +160,10 @@ def sub_model_sizes(config, state_dict: Mapping[str, torch.Tensor]) -> SubModelS
                 raise FxgrowError(f"Hugging Face extract: layer {i} has no {suffix} in the state_dict")
             n = tensors[suffix].shape[dim]
             if n % d:
+                what = (f"the head size {d}" if d == fam.head_dim(config)
+                        else f"{d} (q|k|v side by side: 3 x the head size {fam.head_dim(config)})")
                 raise FxgrowError(f"Hugging Face extract: layer {i} {suffix} has {n} on dim {dim}, not a multiple "
-                                  f"of the head size{' x 3 (q|k|v)' if d != fam.head_dim(config) else ''} {d}")
+                                  f"of {what}")
             seen[i] = n // d
         if len(set(seen.values())) > 1:
             raise FxgrowError(f"Hugging Face extract: layers differ in {size} ({seen}); a config "
