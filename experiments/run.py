@@ -264,38 +264,45 @@ def sorted_rows(study, arms, results):
 
 def sorted_lm_rows(study, arms, results):
     """One row per shape (depth in layers, FFN fraction): held-out perplexity of that shape
-    trained alone and of the sorted run's sub-model. A grid point is read by its `ffn`
+    trained alone and of each sorted arm's sub-model. A grid point is read by its `ffn`
     fraction (or `width` where the pass has no FFN dimension) and its depth divided by the
-    sorted arm's `blocks_per_layer` (1 when the pass counts layers). The ratio is given only
-    where the sub-model has the alone model's parameter count: otherwise the row says the
+    sorted arm's `blocks_per_layer` (1 when the pass counts layers). A ratio is given only
+    where the sub-model has the alone model's parameter count: otherwise the cell says the
     shapes differ instead of comparing them."""
     shapes = {(a["shape"]["depth"], a["shape"]["ffn"]): a["name"] for a in arms if "shape" in a}
-    sorted_arm = next((a for a in arms if a.get("sorted")), None)
-    per_layer = sorted_arm.get("blocks_per_layer", 1) if sorted_arm else 1
-    points: dict[tuple[int, float], list[dict[str, Any]]] = {}
-    for report in results.get(sorted_arm["name"], []) if sorted_arm else []:
-        for point in report["sorted_slicing"]["grid"]:
-            depth = point.get("depth")
-            points.setdefault((depth // per_layer if depth is not None else None,
-                               point.get("ffn", point.get("width"))), []).append(point)
-    columns = ["depth", "ffn", "params (alone)", "params (sorted)", "perplexity (trained alone)",
-               "perplexity (sorted)", "sorted / alone", "alone arm"]
+    sorted_arms = [a for a in arms if a.get("sorted")]
+    points: dict[str, dict[tuple[int, float], list[dict[str, Any]]]] = {}
+    for arm in sorted_arms:
+        per_layer, found = arm.get("blocks_per_layer", 1), points.setdefault(arm["name"], {})
+        for report in results.get(arm["name"], []):
+            for point in report["sorted_slicing"]["grid"]:
+                depth = point.get("depth")
+                found.setdefault((depth // per_layer if depth is not None else None,
+                                  point.get("ffn", point.get("width"))), []).append(point)
+    columns = ["depth", "ffn", "params (alone)", "perplexity (trained alone)"]
+    for arm in sorted_arms:
+        columns += [f"params ({arm['name']})", f"perplexity ({arm['name']})", f"{arm['name']} / alone"]
+    keys = set(shapes).union(*(set(found) for found in points.values()))
     rows = []
-    for key in sorted(set(shapes) | set(points), key=lambda k: (k[0] or 0, k[1] or 0)):
+    for key in sorted(keys, key=lambda k: (k[0] or 0, k[1] or 0)):
         name = shapes.get(key)
         alone = [r["perplexity"] for r in results.get(name, [])] if name else []
-        subs = [p["perplexity"] for p in points.get(key, []) if "perplexity" in p]
         params = results[name][0]["parameters"] if alone else None
-        sub_params = points[key][0].get("params") if key in points else None
-        ratio = ""
-        if subs and alone:
-            ratio = (f"{mean(subs) / mean(alone):.3f}" if params == sub_params
-                     else f"not the same shape ({sub_params} vs {params} params)")
-        rows.append({"depth": key[0], "ffn": key[1], "params (alone)": params, "params (sorted)": sub_params,
-                     "perplexity (trained alone)": mean_std(alone, scale=1.0) if alone else "",
-                     "perplexity alone": alone,
-                     "perplexity (sorted)": mean_std(subs, scale=1.0) if subs else "", "perplexity sorted": subs,
-                     "sorted / alone": ratio, "alone arm": name or ""})
+        row: dict[str, Any] = {"depth": key[0], "ffn": key[1], "params (alone)": params,
+                               "perplexity (trained alone)": mean_std(alone, scale=1.0) if alone else "",
+                               "perplexity alone": alone, "alone arm": name or ""}
+        for arm in sorted_arms:
+            pts = points[arm["name"]].get(key, [])
+            subs = [p["perplexity"] for p in pts if "perplexity" in p]
+            sub_params = pts[0].get("params") if pts else None
+            ratio = ""
+            if subs and alone:
+                ratio = (f"{mean(subs) / mean(alone):.3f}" if params == sub_params
+                         else f"not the same shape ({sub_params} vs {params} params)")
+            row.update({f"params ({arm['name']})": sub_params,
+                        f"perplexity ({arm['name']})": mean_std(subs, scale=1.0) if subs else "",
+                        f"perplexity {arm['name']}": subs, f"{arm['name']} / alone": ratio})
+        rows.append(row)
     return {"columns": columns, "rows": rows}
 
 

@@ -148,10 +148,11 @@ def test_sorted_lm_study_runs_on_other_text(tmp_path):
     assert sorted(rows) == [(d, f) for d in (2, 3, 4) for f in (0.5, 1.0)]
     for (depth, ffn), row in rows.items():
         assert row["alone arm"] == f"alone_d{depth}_f{ffn}"
-        assert len(row["perplexity alone"]) == len(row["perplexity sorted"]) == 1
-        assert row["params (sorted)"] == row["params (alone)"], row
-        assert float(row["sorted / alone"]) == pytest.approx(row["perplexity sorted"][0] / row["perplexity alone"][0],
-                                                             abs=1e-3)
+        for arm in ("sorted_3x2", "sorted_3x2_all"):
+            assert len(row["perplexity alone"]) == len(row[f"perplexity {arm}"]) == 1
+            assert row[f"params ({arm})"] == row["params (alone)"], row
+            assert float(row[f"{arm} / alone"]) == pytest.approx(
+                row[f"perplexity {arm}"][0] / row["perplexity alone"][0], abs=1e-3)
 
 
 def test_sorted_lm_table_compares_only_equal_shapes():
@@ -161,6 +162,6 @@ def test_sorted_lm_table_compares_only_equal_shapes():
     results = {"a": [{"perplexity": 40.0, "parameters": 120}], "s": [{"sorted_slicing": {"grid": grid}}]}
     (row,) = runner.sorted_lm_rows(study, arms, results)["rows"]
     assert (row["depth"], row["ffn"]) == (2, 0.5)  # 4 residual branches = 2 layers
-    assert row["sorted / alone"] == "not the same shape (100 vs 120 params)"
+    assert row["s / alone"] == "not the same shape (100 vs 120 params)"
     grid[0]["params"] = 120
-    assert runner.sorted_lm_rows(study, arms, results)["rows"][0]["sorted / alone"] == "1.500"
+    assert runner.sorted_lm_rows(study, arms, results)["rows"][0]["s / alone"] == "1.500"
