@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:  # `python experiments/run.py` puts experiments/ f
 from fxgrow.api import run as run_spec  # noqa: E402
 from fxgrow.specs.root import parse_spec  # noqa: E402
 
-STUDIES = ("pruning", "growth", "compander", "sorted")
+STUDIES = ("pruning", "growth", "compander", "sorted", "sorted_lm")
 HERE = Path(__file__).resolve().parent
 
 
@@ -262,7 +262,51 @@ def sorted_rows(study, arms, results):
     return {"columns": columns, "rows": rows}
 
 
-TABLES = {"arms": arm_rows, "sorted": sorted_rows}
+def sorted_lm_rows(study, arms, results):
+    """One row per shape (depth in layers, FFN fraction): held-out perplexity of that shape
+    trained alone and of each sorted arm's sub-model. A grid point is read by its `ffn`
+    fraction (or `width` where the pass has no FFN dimension) and its depth divided by the
+    sorted arm's `blocks_per_layer` (1 when the pass counts layers). A ratio is given only
+    where the sub-model has the alone model's parameter count: otherwise the cell says the
+    shapes differ instead of comparing them."""
+    shapes = {(a["shape"]["depth"], a["shape"]["ffn"]): a["name"] for a in arms if "shape" in a}
+    sorted_arms = [a for a in arms if a.get("sorted")]
+    points: dict[str, dict[tuple[int, float], list[dict[str, Any]]]] = {}
+    for arm in sorted_arms:
+        per_layer, found = arm.get("blocks_per_layer", 1), points.setdefault(arm["name"], {})
+        for report in results.get(arm["name"], []):
+            for point in report["sorted_slicing"]["grid"]:
+                depth = point.get("depth")
+                found.setdefault((depth // per_layer if depth is not None else None,
+                                  point.get("ffn", point.get("width"))), []).append(point)
+    columns = ["depth", "ffn", "params (alone)", "perplexity (trained alone)"]
+    for arm in sorted_arms:
+        columns += [f"params ({arm['name']})", f"perplexity ({arm['name']})", f"{arm['name']} / alone"]
+    keys = set(shapes).union(*(set(found) for found in points.values()))
+    rows = []
+    for key in sorted(keys, key=lambda k: (k[0] or 0, k[1] or 0)):
+        name = shapes.get(key)
+        alone = [r["perplexity"] for r in results.get(name, [])] if name else []
+        params = results[name][0]["parameters"] if alone else None
+        row: dict[str, Any] = {"depth": key[0], "ffn": key[1], "params (alone)": params,
+                               "perplexity (trained alone)": mean_std(alone, scale=1.0) if alone else "",
+                               "perplexity alone": alone, "alone arm": name or ""}
+        for arm in sorted_arms:
+            pts = points[arm["name"]].get(key, [])
+            subs = [p["perplexity"] for p in pts if "perplexity" in p]
+            sub_params = pts[0].get("params") if pts else None
+            ratio = ""
+            if subs and alone:
+                ratio = (f"{mean(subs) / mean(alone):.3f}" if params == sub_params
+                         else f"not the same shape ({sub_params} vs {params} params)")
+            row.update({f"params ({arm['name']})": sub_params,
+                        f"perplexity ({arm['name']})": mean_std(subs, scale=1.0) if subs else "",
+                        f"perplexity {arm['name']}": subs, f"{arm['name']} / alone": ratio})
+        rows.append(row)
+    return {"columns": columns, "rows": rows}
+
+
+TABLES = {"arms": arm_rows, "sorted": sorted_rows, "sorted_lm": sorted_lm_rows}
 
 
 def dig(report: dict[str, Any], path: str) -> Any:

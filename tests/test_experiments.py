@@ -129,3 +129,39 @@ def test_reuse_skips_a_run_whose_input_run_is_newer(tmp_path):
     os.utime(net2 / "report.json")  # net2 trained again after the fused run: fuse again
     assert runner.finished_run(run_dir, spec, [net2]) is None
     assert runner.finished_run(run_dir, spec) == {"accuracy": 0.5}
+
+
+def test_sorted_lm_study_runs_on_other_text(tmp_path):
+    """The transformer SortedNet study through the runner on text written here (CI has no
+    python3.11-doc), 3 steps a run: one row per (depth, FFN) shape, every sorted sub-model
+    with the parameter count of the same shape trained alone (depth = the first k layers,
+    width = the FFN alone)."""
+    from tests.test_text import write_docs
+
+    write_docs(tmp_path / "t", count=12, words=200)
+    data = {"files": str(tmp_path / "t" / "*.txt"), "tokenizer": "byte", "max_tokens": None,
+            "max_test_tokens": 1024, "test_fraction": 0.2}
+    runner.run_study("sorted_lm", "cpu", [0], tmp_path / "out",
+                     overrides={"train": {"steps": 3, "batch_size": 2, "data": data}})
+    record = _read(tmp_path / "out", "sorted_lm")
+    rows = {(r["depth"], r["ffn"]): r for r in record["rows"]}
+    assert sorted(rows) == [(d, f) for d in (2, 3, 4) for f in (0.5, 1.0)]
+    for (depth, ffn), row in rows.items():
+        assert row["alone arm"] == f"alone_d{depth}_f{ffn}"
+        for arm in ("sorted_3x2", "sorted_3x2_all"):
+            assert len(row["perplexity alone"]) == len(row[f"perplexity {arm}"]) == 1
+            assert row[f"params ({arm})"] == row["params (alone)"], row
+            assert float(row[f"{arm} / alone"]) == pytest.approx(
+                row[f"perplexity {arm}"][0] / row["perplexity alone"][0], abs=1e-3)
+
+
+def test_sorted_lm_table_compares_only_equal_shapes():
+    study = {"study": "sorted_lm"}
+    arms = [{"name": "a", "shape": {"depth": 2, "ffn": 0.5}}, {"name": "s", "sorted": True, "blocks_per_layer": 2}]
+    grid = [{"depth": 4, "width": 0.5, "perplexity": 60.0, "params": 100}]
+    results = {"a": [{"perplexity": 40.0, "parameters": 120}], "s": [{"sorted_slicing": {"grid": grid}}]}
+    (row,) = runner.sorted_lm_rows(study, arms, results)["rows"]
+    assert (row["depth"], row["ffn"]) == (2, 0.5)  # 4 residual branches = 2 layers
+    assert row["s / alone"] == "not the same shape (100 vs 120 params)"
+    grid[0]["params"] = 120
+    assert runner.sorted_lm_rows(study, arms, results)["rows"][0]["s / alone"] == "1.500"

@@ -237,6 +237,8 @@ def test_spec_errors_name_the_field(data, location, message):
 @pytest.mark.parametrize("train, message", [
     ({"data": {"name": "text", "files": "x"}, "objective": "classification"}, "text data has no class labels"),
     ({"data": "digits", "objective": "causal_lm"}, "causal_lm needs token data .*not digits"),
+    ({"data": {"name": "text", "files": ["x", "y"], "label_by": "pattern"}, "objective": "causal_lm"},
+     r"labelled text \(train.data.label_by\) trains sequence classification"),
 ])
 def test_objective_must_fit_the_data(train, message):
     with pytest.raises(SpecError, match=f"train.objective: {message}"):
@@ -247,3 +249,69 @@ def test_objective_defaults_from_the_data():
     assert TrainSpec(data={"name": "text", "files": "x"}).objective_name == "causal_lm"
     assert TrainSpec().objective_name == "classification"
     assert TrainSpec(data="python: m:f", objective="causal_lm").objective_name == "causal_lm"
+    labelled = {"name": "text", "files": ["x", "y"], "label_by": "pattern"}
+    assert TrainSpec(data=labelled).objective_name == "classification"
+
+
+# --- labelled text: each pattern a class ---------------------------------------------------
+
+def test_label_by_pattern_packs_each_class_apart(tmp_path):
+    a = write_docs(tmp_path / "a", count=10, seed=1)
+    b = [t.upper() for t in write_docs(tmp_path / "b", count=14, seed=2)]
+    for i, t in enumerate(b):
+        (tmp_path / "b" / f"doc{i:02d}.txt").write_text(t)
+    spec = TrainSpec(data={"name": "text", "files": [str(tmp_path / "a" / "*.txt"), str(tmp_path / "b" / "*.txt")],
+                           "label_by": "pattern", "block_size": 8, "test_fraction": 0.3, "split_seed": 1,
+                           "max_tokens": 400}).data
+    data = load_data(spec)
+    assert data.num_classes == 2 and data.info["label_by"] == "pattern"
+    for split, held in (("train", False), ("test", True)):
+        x, y = getattr(data, split)
+        expected_x, expected_y = [], []
+        for label, texts in enumerate((a, b)):
+            keep = [t for t, h in zip(texts, held_out_by_hand(texts, 1, 0.3)) if h == held]
+            stream = byte_ids(keep)[:400] if split == "train" else byte_ids(keep)
+            n = len(stream) // 8
+            expected_x += torch.tensor(stream[: n * 8]).view(n, 8).tolist()
+            expected_y += [label] * n
+            assert data.info["classes"][label][split] == {"documents": len(keep), "tokens": len(stream), "blocks": n}
+        assert x.tolist() == expected_x and y.tolist() == expected_y  # no block mixes two classes
+        assert y.dtype == torch.long
+    assert data.info["classes"][0]["train"]["tokens"] == data.info["classes"][1]["train"]["tokens"] == 400
+
+
+def test_label_by_pattern_with_bpe_cuts_at_the_class_boundary(tmp_path, cache):
+    texts = [write_docs(tmp_path / "a", count=8, seed=1), write_docs(tmp_path / "b", count=8, seed=2, words=60)]
+    spec = TrainSpec(data={"name": "text", "files": [str(tmp_path / "a" / "*.txt"), str(tmp_path / "b" / "*.txt")],
+                           "label_by": "pattern", "block_size": 4, "tokenizer": "bpe", "vocab_size": 300,
+                           "test_fraction": 0.25}).data
+    data = load_data(spec)
+    tok = load_tokenizer(data.info["cache"])
+    x, y = data.train
+    for label in (0, 1):  # each class's blocks decode to the head of that class's training text
+        kept = [t for t, h in zip(texts[label], held_out_by_hand(texts[label], 0, 0.25)) if not h]
+        decoded = tok.decode(x[y == label].flatten().tolist(), skip_special_tokens=True)
+        assert len(decoded) > 100 and "".join(kept).startswith(decoded)
+
+
+def test_label_by_pattern_refuses_a_file_of_two_classes(tmp_path):
+    write_docs(tmp_path / "a", count=4)
+    spec = TrainSpec(data={"name": "text", "files": [str(tmp_path / "a" / "*.txt"), str(tmp_path / "a" / "doc0*")],
+                           "label_by": "pattern", "block_size": 8}).data
+    with pytest.raises(DataError, match=r"train.data.files.1: .*doc00.txt is matched by files.0 too; with label_by: "
+                                        r"pattern each file is of one class"):
+        load_data(spec)
+    spec = TrainSpec(data={"name": "text", "files": [str(tmp_path / "a" / "*.txt"), str(tmp_path / "a" / "doc0*")],
+                           "block_size": 8}).data
+    assert load_data(spec).info["files"] == 4  # unlabelled: read once, as before
+
+
+def test_label_by_pattern_names_a_class_without_a_block(tmp_path):
+    write_docs(tmp_path / "a", count=6)
+    (tmp_path / "b").mkdir()
+    for i in range(3):
+        (tmp_path / "b" / f"s{i}.txt").write_text("hi\n")
+    spec = TrainSpec(data={"name": "text", "files": [str(tmp_path / "a" / "*.txt"), str(tmp_path / "b" / "*.txt")],
+                           "label_by": "pattern", "block_size": 16, "test_fraction": 0.4}).data
+    with pytest.raises(DataError, match=r"train.data.files.1: its (training|held-out) split has \d+ tokens"):
+        load_data(spec)

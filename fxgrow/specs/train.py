@@ -138,6 +138,10 @@ class TextData(StrictModel):
     max_tokens: int | None = Field(None, ge=2, description="keep the first max_tokens of the training "
                                    "stream (small CPU runs)")
     max_test_tokens: int | None = Field(None, ge=2, description="the same for the held-out stream")
+    label_by: Literal["pattern"] | None = Field(
+        None, description="sequence classification: `pattern` makes each pattern of `files` one class "
+                          "(its index the label); each class is packed into blocks of its own, and "
+                          "max_tokens / max_test_tokens cap every class's stream (equal caps, balanced classes)")
 
     @field_validator("files", "exclude", mode="before")
     @classmethod
@@ -244,7 +248,7 @@ class TrainSpec(StrictModel):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     objective: Literal["auto", "classification", "causal_lm"] = Field(
-        "auto", description="auto: causal_lm for text data, classification otherwise")
+        "auto", description="auto: causal_lm for text data without labels, classification otherwise")
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
 
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -283,8 +287,11 @@ class TrainSpec(StrictModel):
         data = info.data.get("data")
         if data is None:  # the data field failed: its own error says why
             return value
-        if value == "classification" and isinstance(data, TextData):
-            raise ValueError("text data has no class labels: its objective is causal_lm")
+        if value == "classification" and isinstance(data, TextData) and data.label_by is None:
+            raise ValueError("text data has no class labels (give train.data.label_by: pattern): its objective "
+                             "is causal_lm")
+        if value == "causal_lm" and isinstance(data, TextData) and data.label_by is not None:
+            raise ValueError("labelled text (train.data.label_by) trains sequence classification, not causal_lm")
         if value == "causal_lm" and not isinstance(data, (TextData, PythonData)):
             raise ValueError(f"causal_lm needs token data (text, or python data yielding token ids), "
                              f"not {data.name}")
@@ -295,7 +302,7 @@ class TrainSpec(StrictModel):
         """The objective this run trains with (`auto` resolved from the data)."""
         if self.objective != "auto":
             return self.objective
-        return "causal_lm" if isinstance(self.data, TextData) else "classification"
+        return "causal_lm" if isinstance(self.data, TextData) and self.data.label_by is None else "classification"
 
     @model_validator(mode="after")
     def _epochs_or_steps(self):

@@ -423,4 +423,6 @@ def _text(spec: TextData) -> Data:
     from .text import text_splits
 
     train, test, info = text_splits(spec)
+    if spec.label_by is not None:  # (blocks, labels): sequence classification
+        return Data(train, test, len(spec.files), info=info)
     return Data((train, train), (test, test), spec.vocab, info=info)

@@ -46,7 +46,15 @@ class Document:
 def find_files(spec: TextData) -> list[Path]:
     """The regular files the globs match, minus `exclude`, each once (a file matched by
     two patterns or through a symlink is read once), in pattern order, sorted within."""
+    return list(labelled_files(spec))
+
+
+def labelled_files(spec: TextData) -> dict[Path, int]:
+    """find_files' paths, each with the index of the first pattern that matched it. With
+    `label_by: pattern` that index is the file's class, so a file two patterns match is an
+    error naming both."""
     seen: dict[str, Path] = {}
+    label: dict[str, int] = {}
     for i, pattern in enumerate(spec.files):
         hits = sorted(h for h in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(h))
         kept = [h for h in hits if not any(fnmatch.fnmatchcase(h, x) for x in spec.exclude)]
@@ -54,8 +62,13 @@ def find_files(spec: TextData) -> list[Path]:
             why = f"all {len(hits)} matching files are excluded" if hits else "no file matches"
             raise _error(f"train.data.files.{i}: {why} {pattern!r} (from {os.getcwd()})")
         for h in kept:
-            seen.setdefault(os.path.realpath(h), Path(h))
-    return list(seen.values())
+            real = os.path.realpath(h)
+            if spec.label_by is not None and label.get(real, i) != i:
+                raise _error(f"train.data.files.{i}: {h} is matched by files.{label[real]} too; with label_by: "
+                             "pattern each file is of one class (leave it out of one with train.data.exclude)")
+            seen.setdefault(real, Path(h))
+            label.setdefault(real, i)
+    return {path: label[real] for real, path in seen.items()}
 
 
 def read_documents(spec: TextData, paths: list[Path]) -> list[Document]:
@@ -217,9 +230,26 @@ def pack(stream: torch.Tensor, block_size: int) -> torch.Tensor:
     return stream[: n * block_size].view(n, block_size)
 
 
-def text_splits(spec: TextData) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(train blocks, test blocks, what was read) for a `text` spec."""
-    paths = find_files(spec)
+def class_streams(stream: torch.Tensor, eot: int, counts: list[int]) -> list[torch.Tensor]:
+    """`stream` (documents each followed by one end-of-text id, classes in order) cut after
+    the documents of each class; `counts` are the classes' document counts."""
+    ends = (stream == eot).nonzero().flatten()
+    if len(ends) != sum(counts):  # the streams' contract: one end-of-text after every document
+        raise RuntimeError(f"{len(ends)} end-of-text ids for {sum(counts)} documents")
+    out, start, done = [], 0, 0
+    for n in counts:
+        done += n
+        stop = int(ends[done - 1]) + 1 if done else 0
+        out.append(stream[start:stop])
+        start = stop
+    return out
+
+
+def text_splits(spec: TextData) -> tuple[Any, Any, dict[str, Any]]:
+    """(train, test, what was read) for a `text` spec: each split the packed blocks, or
+    with `label_by` a (blocks, labels) pair."""
+    labels = labelled_files(spec)
+    paths = list(labels)
     docs = read_documents(spec, paths)
     assign_split(docs, spec.split_seed, spec.test_fraction)
     if spec.tokenizer == "byte":
@@ -231,6 +261,8 @@ def text_splits(spec: TextData) -> tuple[torch.Tensor, torch.Tensor, dict[str, A
     top = int(max(train.max(), test.max()))
     if top >= spec.vocab:
         raise _error(f"train.data.vocab_size: {spec.vocab} is too small for token id {top}")
+    if spec.label_by is not None:
+        return _labelled_splits(spec, docs, labels, train, test, {"files": len(paths), **facts})
     splits, info = [], {"files": len(paths)}
     for name, stream, cap in (("train", train, spec.max_tokens), ("test", test, spec.max_test_tokens)):
         count = sum(d.held_out == (name == "test") for d in docs)
@@ -244,6 +276,32 @@ def text_splits(spec: TextData) -> tuple[torch.Tensor, torch.Tensor, dict[str, A
         splits.append(blocks)
         info[name] = {"documents": count, "tokens": len(stream), "blocks": len(blocks)}
     info.update(tokenizer=spec.tokenizer, vocab_size=spec.vocab, block_size=spec.block_size, **facts)
+    return splits[0], splits[1], info
+
+
+def _labelled_splits(spec: TextData, docs: list[Document], labels: dict[Path, int], train: torch.Tensor,
+                     test: torch.Tensor, facts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """(blocks, labels) per split: every class's documents packed into blocks of their own
+    (documents are in file order, so in class order), each class's stream capped alike."""
+    splits, classes = [], [{"pattern": p} for p in spec.files]
+    for name, stream, cap in (("train", train, spec.max_tokens), ("test", test, spec.max_test_tokens)):
+        held = name == "test"
+        counts = [sum(d.held_out == held and labels[d.source] == c for d in docs) for c in range(len(spec.files))]
+        blocks = []
+        for c, part in enumerate(class_streams(stream, facts["eot"], counts)):
+            part = part[:cap] if cap is not None else part
+            packed = pack(part, spec.block_size)
+            if not len(packed):
+                split = "training" if name == "train" else "held-out"
+                raise _error(f"train.data.files.{c}: its {split} split has {len(part)} tokens ({counts[c]} "
+                             f"documents), less than one block of {spec.block_size}; lower block_size or add text")
+            blocks.append(packed)
+            classes[c][name] = {"documents": counts[c], "tokens": len(part), "blocks": len(packed)}
+        splits.append((torch.cat(blocks), torch.cat([torch.full((len(b),), c, dtype=torch.long)
+                                                     for c, b in enumerate(blocks)])))
+    info = {"files": facts.pop("files"), "classes": classes, "label_by": spec.label_by,
+            "train": {"blocks": len(splits[0][1])}, "test": {"blocks": len(splits[1][1])},
+            "tokenizer": spec.tokenizer, "vocab_size": spec.vocab, "block_size": spec.block_size, **facts}
     return splits[0], splits[1], info
 
 
