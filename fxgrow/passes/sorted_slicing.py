@@ -301,6 +301,9 @@ class SortedSlicingPass(Pass):
         for g in groups:
             if not g.fixed and dim_of[g.id] not in given:
                 plan.kept[g.id] = f"a {dim_of[g.id]} group; {dim_of[g.id]} is not a dimension of this spec"
+        for d in given:  # a dimension that cuts nothing would make its grid points silent copies
+            if not any(dim_of[g.id] == d for g in plan.sliced):
+                raise SpecError([(f"{ctx.where}.{d}", _nothing_to_slice(d, groups, dim_of, plan))])
         _require_a_sliced_group(plan)
         return plan, {g.id: dim_of[g.id] for g in plan.sliced}
 
@@ -524,6 +527,25 @@ def _require_a_sliced_group(plan: SlicePlan) -> None:
     if not plan.sliced:
         reasons = "; ".join(f"group {g}: {r}" for g, r in plan.kept.items()) or "no channel groups"
         raise FxgrowError(f"sorted_slicing: no channel group can be sliced ({reasons})")
+
+
+def _nothing_to_slice(dim: str, groups: list, dim_of: dict[int, str], plan: SlicePlan, most: int = 3) -> str:
+    """Why dimension `dim` of a sorted_slicing spec finds no group to cut: its groups and
+    why each stays whole (a fixed group whose channels are heads counts as a heads group)."""
+    mine = [g for g in groups if dim_of.get(g.id) == dim or (dim == "heads" and g.fixed and g.heads)]
+    if dim == "heads":  # the stream read as heads is cut by `hidden` (group_dimension)
+        mine += [g for g in groups if dim_of.get(g.id) == "hidden" and g.heads]
+    if not mine:
+        return f"the model has no {dim} channel group (no {_DIMENSION_WORDS[dim]} found in its layers)"
+    why = [f"group {g.id} ({', '.join(g.producers[:2]) or 'no producer'}): "
+           + ("the residual stream, read as heads: a hidden group, cut by `hidden`" if dim_of.get(g.id) == "hidden"
+              else plan.kept.get(g.id) or g.reason) for g in mine[:most]]
+    more = f"; and {len(mine) - most} more" if len(mine) > most else ""
+    return f"no {dim} group can be sliced, so {dim} would cut nothing: " + "; ".join(why) + more
+
+
+_DIMENSION_WORDS = {"heads": "attention whose heads come from projections of their own",
+                    "ffn": "channels inside one layer", "hidden": "residual stream"}
 
 
 def _width_warning(share: float, lost: dict[int, int], plan: SlicePlan, groups: list, most: int = 5) -> str:

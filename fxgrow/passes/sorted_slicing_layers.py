@@ -204,10 +204,14 @@ def _impure(node: fx.Node) -> bool:
 
 def group_dimension(group, path: str) -> str:
     """The SortedNet dimension of channel group `group` in a model with layer list `path`:
-    heads (the coupling analysis marks it attention heads), hidden (used by more than one
-    layer, or outside the layers too: the residual stream, which the embedding produces),
-    or ffn (every other group, inside one layer)."""
-    if getattr(group, "heads", False):
-        return "heads"
+    hidden (used by more than one layer, or outside the layers too: the residual stream,
+    which the embedding produces), heads (inside one layer, and the coupling analysis marks
+    it attention heads), or ffn (every other group, inside one layer).
+
+    The stream comes first: where an attention reads the stream itself as heads (no query
+    projection), the group is heads too, but cutting it cuts the model's hidden size - the
+    `hidden` dimension - and no `heads` fraction may do that."""
     entries = {entry_index(name, path) for name in [u.layer for u in group.uses] + list(group.producers)}
-    return "hidden" if len(entries) > 1 or None in entries else "ffn"
+    if len(entries) > 1 or None in entries:
+        return "hidden"
+    return "heads" if getattr(group, "heads", False) else "ffn"
