@@ -267,7 +267,7 @@ def _train_spec(name: str, folder: Path) -> dict:
             "optimizer": {"name": "sgd", "lr": 0.05}}
 
 
-@pytest.mark.parametrize("name", ["llama", "bert"])
+@pytest.mark.parametrize("name", ["tiny_lm", "llama", "bert"])
 def test_four_techniques_stacked_keep_the_function_train_and_fold(name, tmp_path):
     model, x = original(name), ids()
     stack = copy.deepcopy(STACK)
@@ -291,6 +291,17 @@ def test_four_techniques_stacked_keep_the_function_train_and_fold(name, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(out(fresh.eval()(x)), trained, rtol=0, atol=1e-6)
         assert torch.equal(out(folded(x)), trained)
+
+
+def test_flops_of_a_live_sub_model_with_attention():
+    """Before: counting a sliced fx model with SDPA at a smaller point (template mixing's FLOP
+    meter after each step) failed in FlopCounterMode's module tracker - a leaf parameter
+    handed to a slicing producer has no grad_fn under no_grad."""
+    from fxgrow.analysis.cost import forward_flops
+    gm, x = sliced("tiny_lm", "heads"), ids()
+    with subnet(gm, heads=0.5):
+        live = forward_flops(gm, x)
+    assert live == forward_flops(extract(gm, heads=0.5), x) < forward_flops(gm, x)
 
 
 def test_group_dimension_puts_the_stream_before_the_head_flag():

@@ -155,8 +155,8 @@ def abstract_runs(module: nn.Module, count_flops: bool = False):
     are set up once; yields `run(example, raw_errors=False) -> FLOPs` (see `run_abstract`)."""
     from .cost import no_fused_attention
     # One meta tensor per distinct tensor; functional_call re-ties shared ones.
-    state = {k: torch.empty_like(v, device="meta") for k, v in itertools.chain(
-        module.named_parameters(), module.named_buffers())}
+    state_names = list(itertools.chain(module.named_parameters(), module.named_buffers()))
+    state = {k: torch.empty_like(v, device="meta") for k, v in state_names}
     modes = {m: m.training for m in module.modules()}
     attention = _has_attention(module)
     module.eval()  # batch statistics of a batch-1 example over 1x1 maps are undefined
@@ -176,7 +176,11 @@ def abstract_runs(module: nn.Module, count_flops: bool = False):
             try:
                 with FakeTensorMode(allow_non_fake_inputs=True) as mode, counting() as counter:
                     fake = inputs.map(mode.from_tensor)
-                    module(*fake.args, **fake.kwargs)
+                    # fake state, detached: FlopCounterMode's module tracker hooks every module
+                    # input that requires grad, and a leaf parameter handed to a module (a
+                    # weight chain's producer) has no grad_fn under no_grad: it asserts
+                    tensors = {k: mode.from_tensor(v.detach()) for k, v in state_names}
+                    torch.func.functional_call(module, tensors, fake.args, fake.kwargs)
             except FxgrowError:
                 raise
             except Exception as e:
