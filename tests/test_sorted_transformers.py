@@ -190,6 +190,15 @@ def test_heads_move_in_kv_units_under_gqa():
     assert (q.shape[0], k.shape[0]) == (2 * 8, 1 * 8)
 
 
+def test_fractions_that_keep_the_same_kv_units_are_refused():
+    """Before: heads 0.25 on 4 query heads in 2 kv units silently kept 2 heads, the same
+    sub-model as heads 0.5, as a grid point (and report row) of its own."""
+    s = spec_for("llama", [{"kind": "sorted_slicing", "heads": {"fractions": [0.25, 0.5, 1.0]}}])
+    with pytest.raises(SpecError, match=r"passes.0.heads.fractions: heads 0.25 and 0.5 keep the same channels in "
+                                        r"every heads group \(2 units of 2 query heads of 8 channels \(a kv head\)\)"):
+        api.compile_spec(s, api.trace_model(s, original("llama")))
+
+
 @pytest.mark.parametrize("spec", ["heads", "heads+ffn+depth", "hidden+heads"])
 def test_gpt2_heads_are_refused_naming_the_packed_projection(spec):
     s = spec_for("gpt2", [{"kind": "sorted_slicing", **SPECS[spec]}])

@@ -28,7 +28,8 @@ from ..analysis.shapes import graph_checks
 from ..errors import FxgrowError, SpecError
 from ..ir import META, fetch_attr, insert_producer, is_layer, meta, replace_submodule, replace_tensor, weight_chains
 from ..layers import follow_input, kind_of, layer_call
-from ..nn.slicing import SLICED_NORMS, ConvGroups, DepthGate, LayerExit, SliceProducer, SubnetState
+from ..nn.slicing import (SLICED_NORMS, ConvGroups, DepthGate, LayerExit, SliceProducer, SubnetState,
+                          active_channels)
 from ..specs.base import PassSpec, StrictModel
 from ..subnets import evaluate_grid, find_state, recalibrate
 from ..train.callbacks import Callback
@@ -259,6 +260,9 @@ class SortedSlicingPass(Pass):
             share = width_share(gm, groups, plan, 0.5)[0]
         else:
             plan = SlicePlan([], {}, {}, {})
+        for d, fractions in dims.items():
+            _require_distinct_fractions(d, fractions, [g for g in plan.sliced if group_dims.get(g.id, "width") == d],
+                                        spec.dimensions()[d].multiple_of if d in spec.dimensions() else 1, ctx)
         if spec.width is not None or not group_dims:
             state = SubnetState(dims["width"] if "width" in dims else [1.0], {g.id: g.size for g in plan.sliced},
                                 spec.width.multiple_of if spec.width else 1, len(blocks), points)
@@ -527,6 +531,31 @@ def _require_a_sliced_group(plan: SlicePlan) -> None:
     if not plan.sliced:
         reasons = "; ".join(f"group {g}: {r}" for g, r in plan.kept.items()) or "no channel groups"
         raise FxgrowError(f"sorted_slicing: no channel group can be sliced ({reasons})")
+
+
+def _require_distinct_fractions(dim: str, fractions: list[float], groups: list, multiple_of: int,
+                                ctx: PassContext) -> None:
+    """Two fractions of one dimension that keep the same channels in each of its groups are one
+    sub-model twice (GQA's kv units: 4 query heads in 2 units have no 1-head sub-model): the
+    grid and the report would show a point that is not there."""
+    seen: dict[tuple[int, ...], float] = {}
+    for f in sorted(fractions):
+        kept = tuple(active_channels(g.size, f, multiple_of) for g in groups)
+        if kept and kept in seen:
+            units = "; ".join(sorted({_units(g) for g in groups}))
+            raise SpecError([(f"{ctx.where}.{dim}.fractions",
+                              f"{dim} {seen[kept]:g} and {f:g} keep the same channels in every {dim} group "
+                              f"({units}): one sub-model twice; drop one or give fractions that differ by a "
+                              "whole unit")])
+        seen[kept] = f
+
+
+def _units(g) -> str:
+    if g.heads:
+        per = f"{g.heads_per_unit} query heads of {g.head_dim} channels (a kv head)" if g.heads_per_unit > 1 else \
+            f"a head of {g.head_dim} channels"
+        return f"{g.size} units of {per}"
+    return f"{g.size} channels"
 
 
 def _nothing_to_slice(dim: str, groups: list, dim_of: dict[int, str], plan: SlicePlan, most: int = 3) -> str:
