@@ -95,3 +95,23 @@ def test_session_extract_takes_dimensions_by_name():
     assert torch.equal(small(x), extract(session.model, heads=0.5, ffn=1.0, depth=1)(x))
     assert small.get_submodule("blocks.0.attn.q").out_features == 8
     assert small.get_submodule("blocks.0.fc1").out_features == 64
+
+
+def test_the_sorted_llama_example_extracts_its_smallest_point_as_a_llama(tmp_path, monkeypatch, one_thread):  # noqa: F811
+    """examples/sorted_llama_pydocs.yaml as written (hidden x heads x FFN x depth by layers,
+    every_depth), on text written here for 2 steps; `extract --at` its smallest point."""
+    from tests.test_lm_train import pydocs_example_on_other_text
+
+    d = pydocs_example_on_other_text("sorted_llama_pydocs.yaml", tmp_path, monkeypatch, steps=2)
+    report = api.run(parse_spec(d), str(MODELS / "tiny_llama.py"), out_dir=tmp_path / "run")
+    assert len(report["sorted_slicing"]["grid"]) == 16
+    point = "hidden=0.5,heads=0.5,ffn=0.5,depth=1"
+    result = CliRunner().invoke(app, ["extract", str(tmp_path / "run"), "--at", point, "-o", str(tmp_path / "s.pt")])
+    assert result.exit_code == 0, result.output
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s_hf").eval()
+    cfg = hf.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.head_dim) == (1, 32, 2, 1, 96, 16)
+    x = torch.randint(0, 1024, (2, 128))
+    with torch.no_grad():
+        assert torch.equal(hf(x).logits, torch.load(tmp_path / "s.pt", weights_only=False).eval()(x))
