@@ -148,10 +148,10 @@ def test_sorted_lm_study_runs_on_other_text(tmp_path):
     assert sorted(rows) == sorted((d, f, h) for d in (2, 3, 4) for f, h in ((0.5, 1.0), (1.0, 0.5), (1.0, 1.0)))
     for (depth, ffn, heads), row in rows.items():
         assert row["alone arm"] == (f"alone_d{depth}_h{heads}" if heads < 1 else f"alone_d{depth}_f{ffn}")
-        arms = [a for a, sliced in (("sorted_3x2", ffn), ("sorted_3x2_all", ffn), ("sorted_heads_3x2", heads))
-                if sliced < 1 or (ffn == 1 and heads == 1)]
+        arms = [a for a, sliced in (("sorted_3x2", ffn), ("sorted_3x2_all", ffn), ("sorted_heads_3x2", heads),
+                                    ("sorted_heads_3x2_all", heads)) if sliced < 1 or (ffn == 1 and heads == 1)]
         if ffn < 1:
-            assert row["perplexity sorted_heads_3x2"] == []  # that arm slices heads only
+            assert row["perplexity sorted_heads_3x2"] == row["perplexity sorted_heads_3x2_all"] == []  # heads only
         if heads < 1:
             assert row["perplexity sorted_3x2"] == row["perplexity sorted_3x2_all"] == []
         for arm in arms:
