@@ -263,32 +263,35 @@ def sorted_rows(study, arms, results):
 
 
 def sorted_lm_rows(study, arms, results):
-    """One row per shape (depth in layers, FFN fraction): held-out perplexity of that shape
-    trained alone and of each sorted arm's sub-model. A grid point is read by its `ffn`
-    fraction (or `width` where the pass has no FFN dimension) and its depth divided by the
-    sorted arm's `blocks_per_layer` (1 when the pass counts layers). A ratio is given only
-    where the sub-model has the alone model's parameter count: otherwise the cell says the
-    shapes differ instead of comparing them."""
-    shapes = {(a["shape"]["depth"], a["shape"]["ffn"]): a["name"] for a in arms if "shape" in a}
+    """One row per shape (depth in layers, FFN fraction, heads fraction; a dimension a sorted
+    arm does not slice is whole, 1.0): held-out perplexity of that shape trained alone and
+    of each sorted arm's sub-model. A grid point is read by its `ffn` (or `width`, where the
+    pass has one width dimension) and `heads` fractions and its depth divided by the sorted
+    arm's `blocks_per_layer` (1 when the pass counts layers). A ratio is given only where the
+    sub-model has the alone model's parameter count: otherwise the cell says the shapes
+    differ instead of comparing them."""
+    def shape_key(depth, found):
+        return depth, found.get("ffn", found.get("width", 1.0)), found.get("heads", 1.0)
+
+    shapes = {shape_key(a["shape"]["depth"], a["shape"]): a["name"] for a in arms if "shape" in a}
     sorted_arms = [a for a in arms if a.get("sorted")]
-    points: dict[str, dict[tuple[int, float], list[dict[str, Any]]]] = {}
+    points: dict[str, dict[tuple, list[dict[str, Any]]]] = {}
     for arm in sorted_arms:
         per_layer, found = arm.get("blocks_per_layer", 1), points.setdefault(arm["name"], {})
         for report in results.get(arm["name"], []):
             for point in report["sorted_slicing"]["grid"]:
                 depth = point.get("depth")
-                found.setdefault((depth // per_layer if depth is not None else None,
-                                  point.get("ffn", point.get("width"))), []).append(point)
-    columns = ["depth", "ffn", "params (alone)", "perplexity (trained alone)"]
+                found.setdefault(shape_key(depth // per_layer if depth is not None else None, point), []).append(point)
+    columns = ["depth", "ffn", "heads", "params (alone)", "perplexity (trained alone)"]
     for arm in sorted_arms:
         columns += [f"params ({arm['name']})", f"perplexity ({arm['name']})", f"{arm['name']} / alone"]
     keys = set(shapes).union(*(set(found) for found in points.values()))
     rows = []
-    for key in sorted(keys, key=lambda k: (k[0] or 0, k[1] or 0)):
+    for key in sorted(keys, key=lambda k: (k[0] or 0, k[1], k[2])):
         name = shapes.get(key)
         alone = [r["perplexity"] for r in results.get(name, [])] if name else []
         params = results[name][0]["parameters"] if alone else None
-        row: dict[str, Any] = {"depth": key[0], "ffn": key[1], "params (alone)": params,
+        row: dict[str, Any] = {"depth": key[0], "ffn": key[1], "heads": key[2], "params (alone)": params,
                                "perplexity (trained alone)": mean_std(alone, scale=1.0) if alone else "",
                                "perplexity alone": alone, "alone arm": name or ""}
         for arm in sorted_arms:
@@ -299,7 +302,7 @@ def sorted_lm_rows(study, arms, results):
             if subs and alone:
                 ratio = (f"{mean(subs) / mean(alone):.3f}" if params == sub_params
                          else f"not the same shape ({sub_params} vs {params} params)")
-            row.update({f"params ({arm['name']})": sub_params,
+            row.update({f"params ({arm['name']})": sub_params if sub_params is not None else "",
                         f"perplexity ({arm['name']})": mean_std(subs, scale=1.0) if subs else "",
                         f"perplexity {arm['name']}": subs, f"{arm['name']} / alone": ratio})
         rows.append(row)

@@ -481,11 +481,14 @@ class Session:
         """The trained model as plain layers (`fxgrow.fold`); the session's is unchanged."""
         return fold_model(self.model)
 
-    def extract(self, width: float | None = None, depth: int | None = None) -> fx.GraphModule:
-        """A sorted-slicing sub-model as a standalone plain model (`fxgrow.subnets.extract`)."""
+    def extract(self, width: float | None = None, depth: int | None = None, *, at: tuple | None = None,
+                **dims: float) -> fx.GraphModule:
+        """A sorted-slicing sub-model as a standalone plain model (`fxgrow.subnets.extract`):
+        (width, depth), or dimensions by name (`heads=0.5, ffn=0.25, depth=2`), or the grid
+        point `at`."""
         from .subnets import extract
 
-        return extract(self.model, width, depth)
+        return extract(self.model, width, depth, at=at, **dims)
 
 
 # --- helpers the integrations share ------------------------------------------------------------

@@ -144,11 +144,17 @@ def test_sorted_lm_study_runs_on_other_text(tmp_path):
     runner.run_study("sorted_lm", "cpu", [0], tmp_path / "out",
                      overrides={"train": {"steps": 3, "batch_size": 2, "data": data}})
     record = _read(tmp_path / "out", "sorted_lm")
-    rows = {(r["depth"], r["ffn"]): r for r in record["rows"]}
-    assert sorted(rows) == [(d, f) for d in (2, 3, 4) for f in (0.5, 1.0)]
-    for (depth, ffn), row in rows.items():
-        assert row["alone arm"] == f"alone_d{depth}_f{ffn}"
-        for arm in ("sorted_3x2", "sorted_3x2_all"):
+    rows = {(r["depth"], r["ffn"], r["heads"]): r for r in record["rows"]}
+    assert sorted(rows) == sorted((d, f, h) for d in (2, 3, 4) for f, h in ((0.5, 1.0), (1.0, 0.5), (1.0, 1.0)))
+    for (depth, ffn, heads), row in rows.items():
+        assert row["alone arm"] == (f"alone_d{depth}_h{heads}" if heads < 1 else f"alone_d{depth}_f{ffn}")
+        arms = [a for a, sliced in (("sorted_3x2", ffn), ("sorted_3x2_all", ffn), ("sorted_heads_3x2", heads),
+                                    ("sorted_heads_3x2_all", heads)) if sliced < 1 or (ffn == 1 and heads == 1)]
+        if ffn < 1:
+            assert row["perplexity sorted_heads_3x2"] == row["perplexity sorted_heads_3x2_all"] == []  # heads only
+        if heads < 1:
+            assert row["perplexity sorted_3x2"] == row["perplexity sorted_3x2_all"] == []
+        for arm in arms:
             assert len(row["perplexity alone"]) == len(row[f"perplexity {arm}"]) == 1
             assert row[f"params ({arm})"] == row["params (alone)"], row
             assert float(row[f"{arm} / alone"]) == pytest.approx(
@@ -161,7 +167,31 @@ def test_sorted_lm_table_compares_only_equal_shapes():
     grid = [{"depth": 4, "width": 0.5, "perplexity": 60.0, "params": 100}]
     results = {"a": [{"perplexity": 40.0, "parameters": 120}], "s": [{"sorted_slicing": {"grid": grid}}]}
     (row,) = runner.sorted_lm_rows(study, arms, results)["rows"]
-    assert (row["depth"], row["ffn"]) == (2, 0.5)  # 4 residual branches = 2 layers
+    assert (row["depth"], row["ffn"], row["heads"]) == (2, 0.5, 1.0)  # 4 residual branches = 2 layers
     assert row["s / alone"] == "not the same shape (100 vs 120 params)"
     grid[0]["params"] = 120
     assert runner.sorted_lm_rows(study, arms, results)["rows"][0]["s / alone"] == "1.500"
+
+
+def test_the_heads_alone_model_is_the_heads_sliced_sub_model():
+    """sorted_lm's alone arm for heads 0.5 (tiny_lm with 2 heads of head_dim 16, hidden 64) is
+    the shape the heads-sliced 4-head model extracts to: its state_dict loads strictly and
+    computes the sliced sub-model's logits."""
+    import torch
+
+    from examples.models.tiny_lm import build
+    from fxgrow.passes import Pipeline
+    from fxgrow.passes.sorted_slicing import SortedSlicingPass
+    from fxgrow.subnets import extract, subnet
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 64, (2, 16))
+    gm = Pipeline([SortedSlicingPass(heads={"fractions": [0.5, 1.0]}, depth={"blocks": [1, 2], "by": "layers"})])(
+        build(vocab_size=64, block_size=16, dim=32, heads=4, layers=2), x).graph_module.eval()
+    with subnet(gm, heads=0.5, depth=1):
+        want = gm(x)
+    alone = build(vocab_size=64, block_size=16, dim=32, heads=2, layers=1, head_dim=8).eval()
+    alone.load_state_dict(extract(gm, heads=0.5, depth=1).state_dict(), strict=True)
+    assert torch.equal(alone(x), want)
+    with pytest.raises(ValueError, match="give head_dim"):
+        build(dim=30, heads=4)

@@ -1,6 +1,7 @@
 """A tiny decoder-only language model (GPT-style, pre-LayerNorm) that torch.fx traces as
 written: token + position embeddings, `layers` blocks of causal self-attention (separate
-q/k/v/o projections, `F.scaled_dot_product_attention`) and a GELU MLP, a final norm and
+q/k/v/o projections of `heads` x `head_dim` channels, default dim / heads;
+`F.scaled_dot_product_attention`) and a GELU MLP, a final norm and
 an untied head. Input: token ids [batch, tokens]; output: logits [batch, tokens, vocab]."""
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from torch import nn
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, head_dim: int | None = None):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim {dim} is not divisible by heads {heads}: give head_dim")
+            head_dim = dim // heads
         self.heads, self.dropout = heads, dropout
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        # head_dim apart from dim / heads: a heads-sliced sub-model (fewer heads, same hidden size)
+        self.q, self.k, self.v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.o = nn.Linear(heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         def split(t):  # [B, T, D] -> [B, heads, T, D / heads]
@@ -27,10 +32,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0,
+                 head_dim: int | None = None):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = CausalSelfAttention(dim, heads, dropout)
+        self.attn = CausalSelfAttention(dim, heads, dropout, head_dim)
         self.fc1, self.fc2 = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
         self.drop = nn.Dropout(dropout)
 
@@ -41,11 +47,11 @@ class Block(nn.Module):
 
 class TinyLM(nn.Module):
     def __init__(self, vocab_size: int = 257, block_size: int = 128, dim: int = 64, heads: int = 4,
-                 layers: int = 2, mlp_ratio: int = 4, dropout: float = 0.0):
+                 layers: int = 2, mlp_ratio: int = 4, dropout: float = 0.0, head_dim: int | None = None):
         super().__init__()
         self.tok = nn.Embedding(vocab_size, dim)
         self.pos = nn.Embedding(block_size, dim)
-        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio, dropout) for _ in range(layers)))
+        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio, dropout, head_dim) for _ in range(layers)))
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
 
@@ -55,5 +61,5 @@ class TinyLM(nn.Module):
 
 
 def build(vocab_size: int = 257, block_size: int = 128, dim: int = 64, heads: int = 4, layers: int = 2,
-          mlp_ratio: int = 4, dropout: float = 0.0) -> nn.Module:
-    return TinyLM(vocab_size, block_size, dim, heads, layers, mlp_ratio, dropout)
+          mlp_ratio: int = 4, dropout: float = 0.0, head_dim: int | None = None) -> nn.Module:
+    return TinyLM(vocab_size, block_size, dim, heads, layers, mlp_ratio, dropout, head_dim)

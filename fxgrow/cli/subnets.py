@@ -128,7 +128,9 @@ def extract(
                                                 "bn: recalibrate."),
     trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
-    """Write one sub-model as a standalone plain model (smaller tensors) and its state_dict."""
+    """Write one sub-model as a standalone plain model (smaller tensors) and its state_dict;
+    for a Hugging Face model also as its own class from a smaller config (save_pretrained
+    into <output>_hf/), or say which config field cannot express it."""
     import torch
 
     from ..analysis import measure
@@ -166,6 +168,23 @@ def extract(
     cost = measure(small, api.example_input(spec))
     console.print(f"sub-model {state.describe(point)}: {cost.params:,} parameters, "
                   f"{cost.flops:,} FLOPs{note}\nwrote {target} and {state_path}", markup=False)
+    _write_pretrained(spec, model, small, target.with_name(f"{target.stem}_hf"))
+
+
+def _write_pretrained(spec, model: Optional[str], small, folder: Path) -> None:
+    """The sub-model as the run's Hugging Face class, when the run trained one."""
+    from .. import api
+    from ..integrations.hf_extract import is_pretrained, write_pretrained
+
+    original = api.build_model(spec, model)
+    if not is_pretrained(original):
+        return
+    try:
+        write_pretrained(original, small, api.example_input(spec), folder)
+    except FxgrowError as err:
+        console.print(f"no {type(original).__name__} written: {err}", markup=False)
+        return
+    console.print(f"wrote {folder}/ ({type(original).__name__}.from_pretrained loads it)", markup=False)
 
 
 def parse_point(text: str | None) -> dict[str, Any]:

@@ -23,12 +23,18 @@ What a config can express, per family (`FAMILIES`):
 Anything else is refused naming the config field and why (FxgrowError); write the plain
 sliced GraphModule (`fxgrow extract`) instead.
 
+`write_pretrained(original, small, example, folder)` is what `fxgrow extract` does for a
+run of a Hugging Face model: the extracted GraphModule `small` as the original class, its
+outputs checked against `small`'s on the example input, then `save_pretrained(folder)`
+(config.json + weights: `AutoModelFor....from_pretrained(folder)` loads it, offline).
+
 Imports transformers only when a model is built (the size functions read configs and
 tensors)."""
 from __future__ import annotations
 
 import copy
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -247,5 +253,38 @@ def extract_hf(source, state_dict: Mapping[str, torch.Tensor], sizes: SubModelSi
     return small.eval()
 
 
-__all__ = ["FAMILIES", "Family", "SubModelSizes", "extract_hf", "family_of", "model_sizes", "sub_config",
-           "sub_model_sizes", "with_sizes"]
+def is_pretrained(model: Any) -> bool:
+    """Whether `model` is a Hugging Face `PreTrainedModel` (without importing transformers)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _outputs(result: Any) -> torch.Tensor:
+    """The tensor the export front-end keeps of a Hugging Face output: its logits."""
+    if isinstance(result, torch.Tensor):
+        return result
+    logits = getattr(result, "logits", None)
+    return logits if logits is not None else result[0]
+
+
+def write_pretrained(original, small: torch.nn.Module, example: Any, folder) -> Any:
+    """`small` (a plain sub-model GraphModule with the original's state_dict keys) as the
+    original's class (`extract_hf`), saved with `save_pretrained(folder)`; returned. Before
+    anything is written its outputs on `example` (a tensor, or an object with `args` and
+    `kwargs`) must equal `small`'s (to fp32 rounding; exact in practice): a class that reads
+    the smaller config differently from the slicing is refused, naming the difference."""
+    hf = extract_hf(original, small.state_dict())
+    args, kwargs = ((example,), {}) if isinstance(example, torch.Tensor) else (tuple(example.args), dict(example.kwargs))
+    with torch.no_grad():
+        want, got = _outputs(small.eval()(*args, **kwargs)), _outputs(hf(*args, **kwargs))
+    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-5, atol=1e-5):
+        diff = (want - got).abs().max().item() if want.shape == got.shape else f"shapes {tuple(got.shape)}"
+        raise FxgrowError(f"Hugging Face extract: {type(hf).__name__} from the smaller config computes other "
+                          f"outputs than the extracted sub-model on the example input (max abs diff {diff}); "
+                          "not written")
+    hf.save_pretrained(folder)
+    return hf
+
+
+__all__ = ["FAMILIES", "Family", "SubModelSizes", "extract_hf", "family_of", "is_pretrained", "model_sizes",
+           "sub_config", "sub_model_sizes", "write_pretrained"]
