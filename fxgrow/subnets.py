@@ -227,14 +227,23 @@ def grid_dims(rows: list[dict[str, Any]]) -> list[str]:
     return [d for d in ("width", "hidden", "heads", "ffn") if rows and d in rows[0]]
 
 
+def grid_table_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The columns of `grid_table_rows`: perplexity only for a language model's grid."""
+    ppl = ["perplexity"] if any("perplexity" in r for r in rows) else []
+    return [*grid_dims(rows), "blocks", "accuracy", *ppl, "share", "params", "FLOPs"]
+
+
 def grid_table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Rows of strings for a table: each width dimension, kept blocks, accuracy, share, params, FLOPs."""
+    """Rows of strings for a table: each width dimension, kept blocks, accuracy (and
+    perplexity), share, params, FLOPs."""
     def fmt(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else "-"
+    ppl = any("perplexity" in r for r in rows)
     return [[*(f"{r[d]:g}" for d in grid_dims(rows)), str(r["depth"]), fmt(r.get("accuracy"), ".4f"),
+             *([fmt(r.get("perplexity"), ".2f")] if ppl else []),
              fmt(r.get("share"), ".3f"), fmt(r.get("params"), ","), fmt(r.get("flops"), ",")] for r in rows]
 
 
 __all__ = ["Point", "calibration_inputs", "data_evaluator", "evaluate_grid", "extract", "find_state",
-           "grid_dims", "grid_table_rows", "has_batch_norm", "kept_units", "point_dict", "preserved_norm_stats", "recalibrate",
+           "grid_dims", "grid_table_columns", "grid_table_rows", "has_batch_norm", "kept_units", "point_dict", "preserved_norm_stats", "recalibrate",
            "resolve_point", "subnet"]

@@ -115,3 +115,9 @@ def test_the_sorted_llama_example_extracts_its_smallest_point_as_a_llama(tmp_pat
     x = torch.randint(0, 1024, (2, 128))
     with torch.no_grad():
         assert torch.equal(hf(x).logits, torch.load(tmp_path / "s.pt", weights_only=False).eval()(x))
+    # a language model's grid table shows each sub-model's perplexity, as report.json holds it
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "run"), "--grid"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output
+    smallest = report["sorted_slicing"]["grid"][0]
+    assert f"{smallest['perplexity']:.2f}" in result.output

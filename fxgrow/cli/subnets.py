@@ -57,7 +57,7 @@ def eval(  # noqa: A001  (the command's name)
 ) -> None:
     """Test accuracy of a model, or with --grid of every sub-model (params, FLOPs, share of the largest)."""
     from ..subnets import (calibration_inputs, data_evaluator, evaluate_grid, find_state, grid_dims,
-                           grid_table_rows, has_batch_norm)
+                           grid_table_columns, grid_table_rows, has_batch_norm)
 
     output_file(plot, "--plot")
     dev = _device(device)
@@ -84,7 +84,7 @@ def eval(  # noqa: A001  (the command's name)
         calibration = calibration_inputs(data, slicing.recalibrate_batches, spec.train.batch_size, dev, spec.train.seed)
     rows = evaluate_grid(gm, evaluate, data.example(), calibration=calibration)
     table = Table(title=escape(f"sub-models of {target}") + (" (BN recalibrated)" if calibration else ""))
-    for column in (*grid_dims(rows), "blocks", "accuracy", "share", "params", "FLOPs"):
+    for column in grid_table_columns(rows):
         table.add_column(column, justify="right")
     for row in grid_table_rows(rows):
         table.add_row(*row)
