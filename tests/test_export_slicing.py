@@ -26,8 +26,7 @@ SLICING = [{"kind": "sorted_slicing", "width": {"fractions": [0.5, 1.0]}}]
 EXPECTED = {
     "llama": ("model.embed_tokens", "model.layers.{i}.", "mlp.gate_proj", 64, 2, 2, ""),
     "bert": ("bert.embeddings.word_embeddings", "bert.encoder.layer.{i}.", "intermediate.dense", 64, 4, 1, ""),
-    "gpt2": ("transformer.wte", "transformer.h.{i}.", "mlp.c_fc", 128, 4, 1,
-             "in 'transformer.h.{i}.attn' cuts channels into pieces (a packed projection"),
+    "gpt2": ("transformer.wte", "transformer.h.{i}.", "mlp.c_fc", 128, 4, 1, ""),  # packed q|k|v: cut per piece
 }
 
 
@@ -45,6 +44,13 @@ def test_aten_rules_find_hidden_ffn_and_head_groups(captured, name):
         (g,) = [g for g in groups if g.heads and any(u.layer.startswith(layer.format(i=i)) for u in g.uses)]
         assert (g.size, g.head_dim, g.heads_per_unit) == (units, 8, per_unit)
         assert g.fixed == bool(whole) and whole.format(i=i) in g.reason
+        if name == "gpt2":  # c_attn's q|k|v thirds are three slices, the split's size follows them
+            attn = layer.format(i=i) + "attn."
+            assert sorted((u.layer, u.param, u.dim, u.offset, u.repeat) for u in g.uses) == sorted(
+                [(attn + "c_attn", p, d, o, 8) for p, d in (("weight", 1), ("bias", 0)) for o in (0, 32, 64)]
+                + [(attn + "c_proj", "weight", 0, 0, 8)])
+            assert [(u.arg, u.size, u.offset, u.repeat) for u in g.size_uses
+                    if u.node.startswith("split")] == [(1, 32, 0, 8)]
     # mask and position arithmetic on the token ids fixes no group that holds weights' channels
     # but the vocabulary (model output) and the buffers it reads
     fixed = [g for g in groups if g.fixed and not g.heads and all(u.param == "weight" for u in g.uses)
@@ -113,9 +119,58 @@ def test_concatenated_groups_follow_an_exported_rms_norm():
     assert [n.kind for n in free["a"].normalizers] == ["rms_norm"]
     with pytest.warns(UserWarning, match="width 0.5 keeps"):
         sliced = api.compile_spec(spec, copy.deepcopy(gm)).graph_module.eval()
+    _half_is_extracted(sliced, gm)
+
+
+def _half_is_extracted(sliced, gm):
+    """Width 1.0 is `gm` bit for bit, width 0.5 its extract's function (fp32 eval); the extract."""
     x = torch.randn(3, 4, 8)
     with torch.no_grad():
         assert torch.equal(sliced(x), gm(x))
         with subnet(sliced, width=0.5):
             half = sliced(x)
-        assert torch.equal(extract(sliced, width=0.5)(x), half)
+        small = extract(sliced, width=0.5)
+        assert torch.equal(small(x), half)
+    return small
+
+
+class Packed(torch.nn.Module):
+    """One projection packing three pieces (GPT-2's q|k|v), split and read by three layers:
+    `split` by one size (equal pieces), by a list of sizes, or of a cat of two projections."""
+
+    def __init__(self, split):
+        super().__init__()
+        self.split = split
+        self.proj, self.left, self.right = torch.nn.Linear(8, 12), torch.nn.Linear(8, 6), torch.nn.Linear(8, 6)
+        self.outs = torch.nn.ModuleList(torch.nn.Linear(4, 3) for _ in range(3))
+
+    def forward(self, x):
+        y = torch.cat([self.left(x), self.right(x)], -1) if self.split == "cat" else self.proj(x)
+        pieces = torch.split(y, [4, 4, 4] if self.split == "sizes" else 4, -1)
+        return sum(out(torch.relu(p)) for out, p in zip(self.outs, pieces))
+
+
+@pytest.mark.parametrize("split", ["size", "sizes", "cat"])
+def test_equal_pieces_of_a_packed_projection_are_one_group(split):
+    spec = parse_spec({"model": {"frontend": "export", "example_input": {"shape": [2, 5, 8]}},
+                       "passes": SLICING, "train": {"steps": 1}})
+    torch.manual_seed(0)
+    gm = api.trace_model(spec, Packed(split).eval())
+    shaped = propagate_shapes(copy.deepcopy(gm), torch.randn(2, 5, 8))
+    pieces = [g for g in channel_groups(shaped, follow_sizes=True) if any((u.layer, u.dim) == ("outs.0", 1) for u in g.uses)]
+    assert len(pieces) == 1
+    (g,) = pieces
+    if split != "size":  # unequal-able sizes, or a split of two blocks side by side: not cut
+        assert g.fixed and "cuts channels into pieces (a packed projection" in g.reason
+        return
+    assert not g.fixed and g.size == 4 and g.producers == ["proj"]
+    assert sorted(g.uses) == sorted([U("proj", p, d, o) for p, d in (("weight", 0), ("bias", 0)) for o in (0, 4, 8)]
+                                    + [U(f"outs.{i}", "weight", 1) for i in range(3)])
+    assert [(u.arg, u.size) for u in g.size_uses] == [(1, 4)]
+    (fixed,) = [g for g in channel_groups(shaped) if any((u.layer, u.dim) == ("outs.0", 1) for u in g.uses)]
+    assert fixed.fixed and "hard-codes a size of 4" in fixed.reason  # growth cannot rewrite the split's size
+    with pytest.warns(UserWarning, match="width 0.5 keeps"):  # the input's and outputs' channels stay
+        sliced = api.compile_spec(spec, copy.deepcopy(gm)).graph_module.eval()
+    small = _half_is_extracted(sliced, gm)
+    assert small.get_parameter("proj.weight").shape == (6, 8)
+    assert torch.equal(small.get_parameter("proj.weight"), gm.get_parameter("proj.weight")[[0, 1, 4, 5, 8, 9]])

@@ -7,8 +7,8 @@ For every sorted_slicing spec over heads / ffn / hidden / depth (by layers): the
 sub-model is the original model bit for bit in train() and eval(); each mixed point's sliced
 sub-model equals `extract` exactly (fp32 eval) and, for the HF models, `extract_hf` of the
 original class from the smaller config (loaded strictly) wherever the config can say the
-point, and a refusal naming the field where it cannot. GPT-2's heads stay whole (packed
-projection): a spec giving `heads` is refused naming why. All four techniques stacked keep
+point, and a refusal naming the field where it cannot. GPT-2's packed q|k|v is cut per third
+(its heads sliced equal GPT-2's own code on zero-padded weights). All four techniques stacked keep
 the function at the largest sub-model, train a few steps, and fold into the original class."""
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ SPECS = {  # spec name -> the sorted_slicing fields
 
 # (model, spec, point): what the HF config makes of it - "" when it can say the point, else
 # the words of the refusal. GPT-2 and BERT: head size = hidden // heads, so hidden shrinks
-# only with the heads (e = h x head_dim); GPT-2's heads never shrink (packed q|k|v); no
+# only with the heads (e = h x head_dim), so GPT-2's config cannot say fewer heads alone; no
 # layer at all (depth 0: embeddings, final norm, head) is refused by extract_hf.
 JOINT = "heads and hidden size shrink only together"
 CASES = [
@@ -95,6 +95,9 @@ CASES = [
     ("bert", "all", {"hidden": 0.5, "heads": 0.5, "ffn": 0.5, "depth": 1}, ""),
     ("bert", "hidden+heads", {"hidden": 0.5, "heads": 1.0}, JOINT),
     ("gpt2", "ffn+depth", {"ffn": 0.5, "depth": 1}, ""),
+    ("gpt2", "heads", {"heads": 0.5}, JOINT),
+    ("gpt2", "heads+ffn+depth", {"heads": 0.5, "ffn": 0.5, "depth": 1}, JOINT),
+    ("gpt2", "hidden+heads", {"hidden": 0.5, "heads": 0.5}, ""),
     ("gpt2", "hidden", {"hidden": 0.5}, JOINT),
 ]
 
@@ -199,14 +202,32 @@ def test_fractions_that_keep_the_same_kv_units_are_refused():
         api.compile_spec(s, api.trace_model(s, original("llama")))
 
 
-@pytest.mark.parametrize("spec", ["heads", "heads+ffn+depth", "hidden+heads"])
-def test_gpt2_heads_are_refused_naming_the_packed_projection(spec):
-    s = spec_for("gpt2", [{"kind": "sorted_slicing", **SPECS[spec]}])
-    with pytest.raises(FxgrowError) as e:
-        api.compile_spec(s, api.trace_model(s, original("gpt2")))
-    text = str(e.value)
-    assert "passes.0.heads: no heads group can be sliced, so heads would cut nothing" in text
-    assert "a packed projection, such as GPT-2's q|k|v" in text
+def test_gpt2_heads_sliced_equal_its_own_code_on_zero_padded_weights():
+    """GPT-2 packs q|k|v in one Conv1D (c_attn, output 3E) and splits it: heads 0.5 keeps the
+    first 2 of 4 heads in each third. GPT-2's own forward with the dropped heads' c_attn
+    columns (q, k and v) and c_proj rows zeroed computes the same function: a dropped head
+    attends uniformly to zero values and its output meets zero rows."""
+    gm, model, x = sliced("gpt2", "heads"), original("gpt2"), ids()
+    gm.eval()
+    with torch.no_grad(), subnet(gm, heads=0.5):
+        ours = gm(x)
+    e, kept = model.config.n_embd, model.config.n_embd // 2  # 2 heads of 8
+    params = dict(model.named_parameters())
+    for i in range(model.config.n_layer):
+        attn = f"transformer.h.{i}.attn."
+        drop = torch.cat([torch.arange(t * e + kept, (t + 1) * e) for t in range(3)])
+        for name, dim, index in (("c_attn.weight", 1, drop), ("c_attn.bias", 0, drop),
+                                 ("c_proj.weight", 0, torch.arange(kept, e))):
+            params[attn + name] = params[attn + name].index_fill(dim, index, 0.0)
+    with torch.no_grad():
+        theirs = out(torch.func.functional_call(model, params, (x,)))
+    diff = (ours - theirs).abs().max().item()
+    print(f"gpt2 heads 0.5 vs zero-padded functional_call: max abs diff {diff:.3g}")
+    assert diff <= 1e-6
+    assert not torch.allclose(ours, run(model, x, False))  # heads 0.5 cuts something
+    small = extract(gm, heads=0.5)
+    assert small.get_parameter("transformer.h.0.attn.c_attn.weight").shape == (e, 3 * kept)
+    assert small.get_parameter("transformer.h.0.attn.c_proj.weight").shape == (kept, e)
 
 
 class StreamAttention(nn.Module):

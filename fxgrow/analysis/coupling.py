@@ -397,6 +397,40 @@ class Coupling:
         owner, _, name = param.target.rpartition(".")
         self.use(layout, (owner, name), 0, node)
 
+    def refine(self, x: Node, dim: int, pieces: int, node: Node) -> list[Layout] | None:
+        """Dim `dim` of `x` is cut by `node` into `pieces` equal blocks: when it is one plain
+        block (repeat 1) that only parameter slices hold (a layer's output, whole along the
+        parameters' dims), each piece becomes a block of its own and each slice one slice per
+        piece, so the pieces' channels are followed apart. None where it is not so."""
+        layout = self.layouts[x][dim]
+        if len(layout) != 1 or layout[0].repeat != 1 or layout[0].size % pieces:
+            return None
+        atom = layout[0].atom
+        data = self.graph.nodes[atom]
+        near = list(self.graph.neighbors(atom))
+        plain = {"kind", "node", "dim", "size", "reasons", "label", "order", "producer"}
+        if not near or set(data) - plain or any(
+                k[0] != "param" or self.graph.degree(k) != 1  # a slice another block holds too (tied)
+                or (self.graph.nodes[k]["use"].offset, self.graph.nodes[k]["use"].repeat) != (0, 1) for k in near):
+            return None
+        size = layout[0].size // pieces
+        blocks = []
+        for i in range(pieces):
+            key = ("tensor", f"{x.name}.{i}", dim)
+            self._add(key, kind="tensor", node=x.name, dim=dim, size=size, reasons=list(data["reasons"]),
+                      label=f"{x.name}[{dim}]@{i * size}")
+            if "producer" in data:
+                self.graph.nodes[key]["producer"] = data["producer"]
+            blocks.append((_Segment(key, size),))
+        composite = tuple(seg for block in blocks for seg in block)
+        uses = [(self.graph.nodes[k]["use"], self.graph.edges[k, atom]["op"]) for k in near]
+        self.graph.remove_nodes_from(near + [atom])
+        ops = {n.name: n for n in self.gm.graph.nodes}
+        for use, op in uses:
+            self.use(composite, (use.layer, use.param), use.dim, ops[op])
+        self.layouts[x] = tuple(composite if d == dim else lay for d, lay in enumerate(self.layouts[x]))
+        return blocks
+
     def size_use(self, layout: Layout, node: Node, arg: int, item: int | None, size: int) -> None:
         """Literal `size` (argument `arg` of `node`, element `item`) sizes a dim of `layout`."""
         offset = 0

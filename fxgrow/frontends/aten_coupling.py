@@ -11,8 +11,9 @@ Ops that compute masks and positions from the token ids (arange, cumsum, index, 
 carry no channels: their dims are tokens or batch, which never meet a layer's channels; they
 get rules too, so that they fix nothing (an unknown op would fix every dim it touches).
 Literal sizes (view/reshape/expand, layer_norm's normalized_shape) are size uses or fix
-their channels, as in fx graphs; `split` cuts a dim into pieces, which fixes its channels
-(GPT-2's packed q|k|v: its heads stay whole).
+their channels, as in fx graphs; `split` into equal pieces of a packed projection's output
+(GPT-2's q|k|v) makes each piece a block of its own, so its heads can be cut; other splits fix
+the cut dim's channels.
 """
 from __future__ import annotations
 
@@ -110,13 +111,24 @@ def _select(c: Coupling, node: Node) -> bool | None:
 
 def _split(c: Coupling, node: Node) -> bool | None:
     """split.Tensor(x, size, dim) / split_with_sizes(x, sizes, dim): every other dim passes on
-    to each piece; the cut dim's channels are not followed into pieces (a packed q|k|v)."""
+    to each piece. Equal pieces of one plain block of channels that only parameter slices
+    hold (a packed q|k|v projection's output) become blocks of their own (`Coupling.refine`),
+    tied by the one literal `size` that sizes each of them; any other cut dim's channels are
+    not followed into the pieces."""
     x = node.args[0]
     xin = c.layouts.get(x)
     if xin is None:
         return False
     dim = _dims(node.args[2] if len(node.args) > 2 else 0, len(xin))[0]
     pieces = node.meta.get("tensor_meta")
+    size = node.args[1]
+    if (node.target is aten.split.Tensor and len(pieces) > 1 and isinstance(size, int)
+            and c.shape(x)[dim] == size * len(pieces) and len(x.users) == 1
+            and (blocks := c.refine(x, dim, len(pieces), node)) is not None):
+        for block in blocks:
+            c.literal_size(block, node, 1, None, size)
+        c.pieces[node] = [tuple(block if d == dim else xin[d] for d in range(len(xin))) for block in blocks]
+        return None
     reason = (f"{_describe_in(node, c.gm)} cuts channels into pieces (a packed projection, such as GPT-2's "
               "q|k|v): the pieces are not cut")
     if len(pieces) > 1:
