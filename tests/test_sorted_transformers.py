@@ -226,8 +226,11 @@ def test_gpt2_heads_sliced_equal_its_own_code_on_zero_padded_weights():
     assert diff <= 1e-6
     assert not torch.allclose(ours, run(model, x, False))  # heads 0.5 cuts something
     small = extract(gm, heads=0.5)
-    assert small.get_parameter("transformer.h.0.attn.c_attn.weight").shape == (e, 3 * kept)
-    assert small.get_parameter("transformer.h.0.attn.c_proj.weight").shape == (kept, e)
+    thirds = torch.cat([torch.arange(t * e, t * e + kept) for t in range(3)])  # first 2 heads of q, k, v
+    for name, dim, index in (("c_attn.weight", 1, thirds), ("c_attn.bias", 0, thirds),
+                             ("c_proj.weight", 0, torch.arange(kept))):
+        name = "transformer.h.0.attn." + name
+        assert torch.equal(small.get_parameter(name), model.get_parameter(name).index_select(dim, index)), name
 
 
 class StreamAttention(nn.Module):
