@@ -14,18 +14,17 @@ from .slicing import DimLayout, SubnetState
 
 class ActiveSize(nn.Module):
     """The size of a tensor dim laid out as `layout` (positions of coupled channel groups,
-    `DimLayout`), at the active sub-model: its full size less `repeat` positions for every
-    channel of a segment's group the sub-model drops."""
+    `DimLayout`) at the active sub-model: the positions `layout.kept` keeps, counted once
+    per width configuration here, so a forward only indexes (as `ConvGroups` does)."""
 
     def __init__(self, state: SubnetState, layout: DimLayout):
         super().__init__()
         self.state = state
         self.size = layout.size
-        self.segments = tuple((s.group, s.repeat) for s in layout.segments)
+        self.by_width = tuple(len(layout.kept(state.active_sizes(i), state.full)) for i in range(state.num_widths))
 
     def forward(self) -> int:
-        active = self.state.active_sizes()  # the one read of the running sub-model
-        return self.size - sum((self.state.full[g] - active[g]) * repeat for g, repeat in self.segments)
+        return self.by_width[self.state.width_index]
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, segments={self.segments}"
+        return f"size={self.size}, by_width={self.by_width}"

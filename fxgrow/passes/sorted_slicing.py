@@ -260,16 +260,12 @@ class SortedSlicingPass(Pass):
             share = width_share(gm, groups, plan, 0.5)[0]
         else:
             plan = SlicePlan([], {}, {}, {})
+        multiples = {d: s.multiple_of for d, s in spec.dimensions().items()}
         for d, fractions in dims.items():
             _require_distinct_fractions(d, fractions, [g for g in plan.sliced if group_dims.get(g.id, "width") == d],
-                                        spec.dimensions()[d].multiple_of if d in spec.dimensions() else 1, ctx)
-        if spec.width is not None or not group_dims:
-            state = SubnetState(dims["width"] if "width" in dims else [1.0], {g.id: g.size for g in plan.sliced},
-                                spec.width.multiple_of if spec.width else 1, len(blocks), points)
-        else:
-            state = SubnetState(dims, {g.id: g.size for g in plan.sliced},
-                                {d: s.multiple_of for d, s in spec.dimensions().items()}, len(blocks), points,
-                                group_dims)
+                                        multiples.get(d, 1), ctx)
+        # `width` (or depth alone): every group in the one dimension, as group_dims defaults
+        state = SubnetState(dims, {g.id: g.size for g in plan.sliced}, multiples, len(blocks), points, group_dims)
         state.depth_note = f"by {by}: {note}" if by else ""  # for inspect: which blocks, and why
         gm.add_submodule(f"{META}.subnet", state)
         self._slice_chains(gm, plan, state)

@@ -214,4 +214,4 @@ def group_dimension(group, path: str) -> str:
     entries = {entry_index(name, path) for name in [u.layer for u in group.uses] + list(group.producers)}
     if len(entries) > 1 or None in entries:
         return "hidden"
-    return "heads" if getattr(group, "heads", False) else "ffn"
+    return "heads" if group.heads else "ffn"
