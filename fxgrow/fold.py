@@ -54,12 +54,19 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         if layer not in rebuilt:
             module = call.kind.rebuild({role: values[key] if key else None for role, key in keys.items()},
                                        call.options)
+            if module is None:  # no plain module holds these tensors: a holder of them, and plain ops
+                module = nn.Module()
             for role, key in keys.items():
                 if key:
                     owner, _, name = role.rpartition(".")
+                    if owner and not hasattr(module, owner):
+                        module.add_module(owner, nn.Module())
                     setattr(module.get_submodule(owner) if owner else module, name, params[key])
             replace_submodule(gm, layer, module)
             rebuilt[layer] = module
+        if type(rebuilt[layer]) is nn.Module:
+            _write_code(gm, node, call, layer, keys, values, rebuilt[layer])
+            continue
         inputs = {name: call.options[name] for name in call.kind.inputs
                   if call.options[name] is not call.kind.defaults.get(name, object())
                   and call.options[name] != call.kind.defaults.get(name, object())}
@@ -78,6 +85,26 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _write_code(gm: fx.GraphModule, node: fx.Node, call, layer: str, keys: dict, values: dict,
+                holder: nn.Module) -> None:
+    """Layer `node` as its kind's plain ops (`LayerKind.fold_code`), reading the parameters
+    that `holder`, at the layer's path, holds under their roles' names."""
+    graph = gm.graph
+    if call.kind.fold_code is None:
+        raise ValueError(f"fold: no plain module holds layer '{layer}' ({call.kind.name}) and its kind "
+                         "writes no plain code")
+
+    def get(role: str) -> fx.Node | None:
+        if not keys.get(role):
+            return None
+        with graph.inserting_before(node):
+            return graph.get_attr(f"{layer}.{role}")
+    shapes = {role: tuple(values[key].shape) for role, key in keys.items() if key}
+    value = call.kind.fold_code(graph, call, get, shapes, holder)
+    node.replace_all_uses_with(value)
+    graph.erase_node(node)
 
 
 def _set_parameter(gm: nn.Module, key: str, value: torch.Tensor) -> nn.Parameter:

@@ -31,6 +31,9 @@ A `LayerKind` entry says, for its kind:
   signature is the module's mode, which functionalization hands over as a mode node;
 - `units`: what targets see of one module: {name: (weight role, bias role)}; most kinds are one
   unit named by the module path, attention is two (`<path>.in_proj`, `<path>.out_proj`);
+- `fold_code(graph, call, get, shapes)`: where `rebuild` returns None (no plain module holds
+  the tensors: attention with a sub-model's heads), the call written as plain graph ops before
+  its node, reading parameter role r as `get(r)`; returns the node of its value;
 - `aten`: the kind's forms in a torch.export graph, {aten op: reader}: `reader(node)` returns
   an `AtenForm` (the node the layer's value replaces, the functional form's arguments) or None
   when the call is not this layer (the export front-end, `fxgrow.frontends.export`).
@@ -83,6 +86,7 @@ class LayerKind:
     inputs: tuple[str, ...] = ()
     units: Mapping[str, tuple[str, str | None]] = field(default_factory=lambda: {"": ("weight", "bias")})
     aten: Mapping[Any, Callable[[fx.Node], "AtenForm | None"]] = field(default_factory=dict)
+    fold_code: Callable[..., fx.Node] | None = None  # plain ops where `rebuild` holds no module
 
     def position(self, name: str) -> int:
         """Where argument `name` sits in a call of the functional form (the input is 0)."""
@@ -185,6 +189,13 @@ def split_key(key: str) -> tuple[str, str]:
     return owner, name
 
 
+def _nested(module: nn.Module, role: str) -> Any:
+    """`module`'s attribute at dotted `role` ("out_proj.weight"), or None."""
+    for name in role.split("."):
+        module = getattr(module, name, None)
+    return module
+
+
 def argument(node: fx.Node, position: int, name: str, default=None):
     """Argument `name` of a call: at `position`, or as a keyword, or `default`."""
     return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
@@ -197,8 +208,11 @@ def layer_call(node: fx.Node, gm: nn.Module) -> LayerCall | None:
         kind = kind_of(module)
         if kind is None:
             return None
-        params = {r: (node.target, r) for r in kind.params if getattr(module, r, None) is not None}
-        return LayerCall(kind, node, node.target, argument(node, 0, "input"), params, {}, kind.options(module), module)
+        params = {r: split_key(f"{node.target}.{r}") for r in kind.params  # "out_proj.weight": its owner's
+                  if _nested(module, r) is not None}
+        inputs = {name: argument(node, 1 + i, name, kind.defaults.get(name)) for i, name in enumerate(kind.inputs)}
+        return LayerCall(kind, node, node.target, argument(node, 0, "input"), params, {},
+                         kind.options(module) | inputs, module)
     if node.op != "call_function":
         return None
     kind = _BY_FUNCTION.get(node.target)
@@ -490,15 +504,36 @@ def multi_head_attention(query, in_proj_weight, in_proj_bias, out_proj_weight, o
                          is_causal=False):
     """`nn.MultiheadAttention.forward` with its parameters given as tensors (weight chains):
     torch's own forward runs on a stand-in for the module, so every path it takes (the fused
-    inference kernel included) is the module's."""
-    module = types.SimpleNamespace(
-        in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias, bias_k=bias_k, bias_v=bias_v,
-        out_proj=types.SimpleNamespace(weight=out_proj_weight, bias=out_proj_bias), embed_dim=embed_dim,
-        num_heads=num_heads, dropout=dropout, add_zero_attn=add_zero_attn, batch_first=batch_first,
-        training=training, _qkv_same_embed_dim=True, q_proj_weight=None, k_proj_weight=None, v_proj_weight=None)
-    module.merge_masks = functools.partial(nn.MultiheadAttention.merge_masks, module)
-    return nn.MultiheadAttention.forward(module, query, key, value, key_padding_mask, need_weights, attn_mask,
-                                         average_attn_weights, is_causal)
+    inference kernel included) is the module's. Tensors a sorted-slicing sub-model cut (the
+    first h heads of head_dim embed_dim / num_heads, a cut hidden size) run as
+    `fxgrow.attention.attention_code`, which fold writes out op for op: the extracted
+    sub-model then computes exactly what the sliced one does (torch's own forward would not
+    promise that: its in-projection of a strided input picks its kernel by whether the
+    weight requires grad, and a cut weight does not where the extracted parameter does)."""
+    head_dim = embed_dim // num_heads
+    if full_size(in_proj_weight, out_proj_weight, embed_dim):
+        module = types.SimpleNamespace(
+            in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias, bias_k=bias_k, bias_v=bias_v,
+            out_proj=types.SimpleNamespace(weight=out_proj_weight, bias=out_proj_bias), embed_dim=embed_dim,
+            num_heads=num_heads, dropout=dropout, add_zero_attn=add_zero_attn, batch_first=batch_first,
+            training=training, _qkv_same_embed_dim=True, q_proj_weight=None, k_proj_weight=None, v_proj_weight=None)
+        module.merge_masks = functools.partial(nn.MultiheadAttention.merge_masks, module)
+        return nn.MultiheadAttention.forward(module, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                             average_attn_weights, is_causal)
+    from .attention import attention_code, run, tensor_facts
+    return attention_code(run, tensor_facts(query, key, value, key_padding_mask, attn_mask), query, key, value,
+                          in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, bias_k, bias_v,
+                          key_padding_mask, attn_mask, heads=in_proj_weight.shape[0] // (3 * head_dim),
+                          head_dim=head_dim, full_heads=num_heads,
+                          drop=functools.partial(F.dropout, p=dropout, training=training) if dropout > 0 else None,
+                          add_zero_attn=add_zero_attn, batch_first=batch_first, need_weights=need_weights,
+                          average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+
+def full_size(in_proj_weight, out_proj_weight, embed_dim: int) -> bool:
+    """Whether these are an nn.MultiheadAttention's own shapes, [3E, E] and [E, E] (not cut)."""
+    return tuple(in_proj_weight.shape) == (3 * embed_dim, embed_dim) and \
+        tuple(out_proj_weight.shape) == (embed_dim, embed_dim)
 
 
 _MHA_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias", "bias_k", "bias_v")
@@ -517,8 +552,12 @@ def _mha_refuse(m: nn.Module) -> str | None:
     return None
 
 
-def _rebuild_mha(t: dict[str, torch.Tensor | None], options: dict[str, Any]) -> nn.Module:
+def _rebuild_mha(t: dict[str, torch.Tensor | None], options: dict[str, Any]) -> nn.Module | None:
+    """The plain module holding `t`; None for a sub-model's cut tensors, which fold writes as
+    the plain ops the sliced model ran (`_fold_mha_code`)."""
     w = t["in_proj_weight"]
+    if not full_size(w, t["out_proj.weight"], options["embed_dim"]):
+        return None
     m = nn.MultiheadAttention(options["embed_dim"], options["num_heads"], dropout=options["dropout"],
                               bias=t.get("in_proj_bias") is not None, add_bias_kv=t.get("bias_k") is not None,
                               add_zero_attn=options["add_zero_attn"], batch_first=options["batch_first"],
@@ -531,19 +570,75 @@ def _rebuild_mha(t: dict[str, torch.Tensor | None], options: dict[str, Any]) -> 
     return m
 
 
+def _fold_mha_code(graph: fx.Graph, call: LayerCall, get: Callable[[str], fx.Node | None],
+                   shapes: Shapes, holder: nn.Module) -> fx.Node:
+    """Write `call` (before its node) as the plain ops of `fxgrow.attention.attention_code`,
+    its parameters read by `get(role)`, its dropout an nn.Dropout put in `holder` (the
+    module at its path); returns the node of its (output, weights) tuple."""
+    from .attention import GraphWriter, attention_code, node_facts
+
+    o, head_dim = call.options, call.options["embed_dim"] // call.options["num_heads"]
+    drop = None
+    if o["dropout"] > 0:
+        holder.dropout = nn.Dropout(o["dropout"])
+        drop = lambda w: graph.call_module(f"{call.path}.dropout", (w,))  # noqa: E731
+    key, value = o.get("key"), o.get("value")
+    kpm, mask = o.get("key_padding_mask"), o.get("attn_mask")
+    roles = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias", "bias_k", "bias_v")
+    with graph.inserting_before(call.node):
+        out, weights = attention_code(
+            GraphWriter(graph), node_facts(call.x, key, value, kpm, mask), call.x, key, value, *map(get, roles),
+            kpm, mask, heads=shapes["in_proj_weight"][0] // (3 * head_dim), head_dim=head_dim,
+            full_heads=o["num_heads"], drop=drop, add_zero_attn=o["add_zero_attn"],
+            batch_first=o["batch_first"], need_weights=o["need_weights"],
+            average_attn_weights=o["average_attn_weights"], is_causal=o["is_causal"])
+        return graph.call_function(tuple, ((out, weights),))
+
+
 def _couple_attention(c: "Coupling", call: LayerCall) -> None:
-    # Heads are not sliced or grown (DECISIONS): the channels around attention stay fixed.
-    reason = f"attention {call.path} (heads are neither sliced nor grown)"
-    for x in (call.x, call.options.get("key"), call.options.get("value")):
-        if x in c.layouts:
-            c.fix(c.layouts[x], reason)
+    """q|k|v channels are `num_heads` heads of head_dim, one block used three times by the
+    in-projection's rows (q, k and v of head j are rows j*D.. of each third) and by the
+    out-projection's columns; its input channels (the in-projection's columns: query's,
+    key's and value's) and its output channels (the out-projection's rows) are blocks of
+    their own. Only sorted slicing follows a cut of them (the functional form computes the
+    heads from the cut tensors, fold writes what no nn.MultiheadAttention holds as plain
+    ops); growth and filter pruning, which would rebuild the module, leave them whole."""
+    node, o = call.node, call.options
+    inputs = [call.x, o.get("key"), o.get("value")]
+    if not c.follow_sizes or not all(x in c.layouts for x in inputs):
+        reason = f"attention {call.path} (nn.MultiheadAttention: only sorted slicing cuts its heads)"
+        for x in inputs:
+            if x in c.layouts:
+                c.fix(c.layouts[x], reason)
+        return None
+    embed, heads = o["embed_dim"], o["num_heads"]
+    lq, lk, lv = (c.layouts[x] for x in inputs)
+    w, b = call.params.get("in_proj_weight"), call.params.get("in_proj_bias")
+    for lay in (lq, lk, lv):
+        c.use(lay[-1], w, 1, node)
+    qkv, per_head = c.heads_block(node, "qkv", embed, heads, f"attention {call.path}")
+    c.produces(qkv, call.path)
+    for role, dim, layout in (("in_proj_weight", 0, qkv * 3), ("in_proj_bias", 0, qkv * 3), ("bias_k", 2, qkv),
+                              ("bias_v", 2, qkv), ("out_proj.weight", 1, qkv)):
+        c.use(layout, call.params.get(role), dim, node)
+    out = c.block(node, "out", embed)
+    c.produces(out, call.path)
+    c.use(out, call.params.get("out_proj.weight"), 0, node)
+    c.use(out, call.params.get("out_proj.bias"), 0, node)
+    metas = node.meta.get("tensor_meta")
+    outputs = [tuple(lq[:-1]) + (out,)]
+    if isinstance(metas, (list, tuple)) and len(metas) > 1 and metas[1] is not None:
+        per_head = len(metas[1].shape) == len(lq) + 1  # [N, H, L, S] (average_attn_weights=False)
+        outputs.append(tuple(c.block(node, f"weights{d}", size) if not (per_head and d == len(metas[1].shape) - 3)
+                             else per_head for d, size in enumerate(metas[1].shape)))
+    c.pieces[node] = outputs
 
 
 def _resize_mha(m: nn.Module, shapes: Shapes) -> None:
     w = shapes.get("in_proj_weight")
     if w is not None and tuple(w) != (3 * m.embed_dim, m.embed_dim):
         raise FxgrowError(f"nn.MultiheadAttention (embed_dim {m.embed_dim}) cannot change width to {tuple(w)}: "
-                          "its heads are neither sliced nor grown")
+                          "only sorted slicing cuts its heads")
 
 
 def _sliced_rms_norm(m, state, layout, per_width=False):
@@ -658,7 +753,7 @@ for _kind in (
               _MHA_PARAMS + _MHA_OPTIONS + _MHA_INPUTS, _MHA_PARAMS, _couple_attention,
               {"key_padding_mask": None, "need_weights": True, "attn_mask": None, "average_attn_weights": True,
                "is_causal": False}, _mha_options, targetable=True, refuse=_mha_refuse, rebuild=_rebuild_mha,
-              resize=_resize_mha, inputs=_MHA_INPUTS,
+              resize=_resize_mha, fold_code=_fold_mha_code, inputs=_MHA_INPUTS,
               units={"in_proj": ("in_proj_weight", "in_proj_bias"), "out_proj": ("out_proj.weight", "out_proj.bias")}),
     *(LayerKind(f"conv_transpose{d}d", (cls,), fn, _CONV_TRANSPOSE_SIGNATURE, ("weight", "bias"),
                 _couple_conv_transpose, _CONV_TRANSPOSE_DEFAULTS, _conv_transpose_options, targetable=True,

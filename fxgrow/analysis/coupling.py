@@ -455,6 +455,23 @@ class Coupling:
         for seg in layout:
             self.graph.nodes[seg.atom]["attention"] = True
 
+    def block(self, node: Node, name: str, size: int) -> Layout:
+        """A new block of `size` channels that `node` computes besides its output's dims (a
+        layer's inner channels, or a dim of a second output)."""
+        key = ("tensor", f"{node.name}.{name}", 0)
+        self._add(key, kind="tensor", node=node.name, dim=0, size=size, reasons=[], label=f"{node.name}.{name}")
+        return (_Segment(key, size),)
+
+    def heads_block(self, node: Node, name: str, channels: int, heads: int, what: str) -> tuple[Layout, Layout]:
+        """A new block of `channels` channels that an attention inside `node` reads as `heads`
+        heads of channels / heads (nn.MultiheadAttention's q|k|v), and the block of its heads:
+        one group in units of a head, as a head split (`_split_blocks`) makes it."""
+        layout, per_head = self.block(node, name, channels), self.block(node, f"{name}.heads", heads)
+        self.attention_dim(per_head)
+        self.graph.nodes[per_head[0].atom]["block"] = channels // heads
+        self.whole_groups(layout, per_head, heads, node, what)
+        return layout, per_head
+
     def produces(self, layout: Layout, path: str) -> None:
         """Layer `path`'s outputs define these channels (the group names it as a producer)."""
         self.graph.nodes[layout[0].atom]["producer"] = path
@@ -514,7 +531,7 @@ class Coupling:
             self.use(layout, (owner, name), d, node)
 
     def _layer(self, node: Node, call: LayerCall) -> None:
-        if call.x not in self.layouts or _tensor_meta(node) is None:
+        if call.x not in self.layouts or not _holds_tensor(node.meta.get("tensor_meta")):
             return self._unknown(node, f"unknown op {_describe(node, self.gm)}")
         call.kind.couple(self, call)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..analysis.coupling import ChannelGroup, param_key, parameter_reads
-from ..ir import chain_shape, fetch_attr, weight_chains
+from ..ir import chain_shape, fetch_attr, layer_table, weight_chains
 from ..layers import kind_of
 from ..nn.slicing import DimLayout, Segment, active_channels
 
@@ -161,6 +161,8 @@ def plan_slicing(gm: fx.GraphModule, groups: list[ChannelGroup], layers: set[str
     norm_calls = {path for path, m in modules.items() if _sliceable_norm(m)}
     reads = parameter_reads(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
+    table = layer_table(gm)  # a targeted unit (attention's in_proj) targets its whole module
+    layers = set(layers) | {table[p].module for p in layers if p in table}
     sliced, kept = [], {}
     for g in groups:
         if g.fixed:
@@ -206,8 +208,8 @@ def _blocker(u, layers: set[str], chains: dict, norm_calls: set[str], reads: dic
              modules: dict[str, nn.Module]) -> str:
     """Why use `u` keeps its group at full width ("" when it can be cut)."""
     key = param_key(u.layer, u.param)
-    if u.layer in layers:  # a targeted layer: its tensors are (or, before the rewrite, become) chains
-        return ""
+    if u.layer in layers or any(key.startswith(f"{path}.") for path in layers if path):
+        return ""  # a targeted layer's (or its parts'): its tensors are (or, before the rewrite, become) chains
     if key in chains:
         return f"'{u.layer}' is not a targeted layer"
     if u.layer in norm_calls:
