@@ -8,7 +8,7 @@ computation, written once for two uses that must agree op for op:
 
 - at run time (the sliced model, `fxgrow.layers.multi_head_attention` on cut tensors), with
   `f = run` calling each op;
-- in fold/extract, with `f` writing each op as a graph node (`GraphWriter`): the extracted
+- in fold/extract, with `f` writing each op as a graph node (`_fold_mha_code`): the extracted
   sub-model is plain torch code, and equals the sliced one exactly.
 
 It follows `F.multi_head_attention_forward` (torch 2.x): the in-projection packed or not as
@@ -72,16 +72,6 @@ def node_facts(query, key, value, key_padding_mask, attn_mask) -> Facts:
 
 def run(fn, *args, **kwargs):
     return fn(*args, **kwargs)
-
-
-class GraphWriter:
-    """`f` for fold: each op becomes a call_function node before `node` in `graph`."""
-
-    def __init__(self, graph: fx.Graph):
-        self.graph = graph
-
-    def __call__(self, fn, *args, **kwargs):
-        return self.graph.call_function(fn, args, kwargs)
 
 
 def attention_code(f, facts: Facts, query, key, value, in_proj_weight, in_proj_bias, out_proj_weight,

@@ -43,6 +43,7 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         if chain.tail is not plain:
             chain.tail.replace_all_uses_with(plain)
     rebuilt: dict[str, nn.Module] = {}
+    coded: set[str] = set()  # layers no plain module holds: written as their kind's plain ops
     for node in list(graph.nodes):
         if not is_layer(node):
             continue
@@ -56,6 +57,7 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
                                        call.options)
             if module is None:  # no plain module holds these tensors: a holder of them, and plain ops
                 module = nn.Module()
+                coded.add(layer)
             for role, key in keys.items():
                 if key:
                     owner, _, name = role.rpartition(".")
@@ -64,7 +66,7 @@ def fold(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
                     setattr(module.get_submodule(owner) if owner else module, name, params[key])
             replace_submodule(gm, layer, module)
             rebuilt[layer] = module
-        if type(rebuilt[layer]) is nn.Module:
+        if layer in coded:
             _write_code(gm, node, call, layer, keys, values, rebuilt[layer])
             continue
         inputs = {name: call.options[name] for name in call.kind.inputs

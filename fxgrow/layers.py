@@ -31,9 +31,10 @@ A `LayerKind` entry says, for its kind:
   signature is the module's mode, which functionalization hands over as a mode node;
 - `units`: what targets see of one module: {name: (weight role, bias role)}; most kinds are one
   unit named by the module path, attention is two (`<path>.in_proj`, `<path>.out_proj`);
-- `fold_code(graph, call, get, shapes)`: where `rebuild` returns None (no plain module holds
-  the tensors: attention with a sub-model's heads), the call written as plain graph ops before
-  its node, reading parameter role r as `get(r)`; returns the node of its value;
+- `fold_code(graph, call, get, shapes, holder)`: where `rebuild` returns None (no plain module
+  holds the tensors: attention with a sub-model's heads), the call written as plain graph ops
+  before its node, reading parameter role r as `get(r)` from `holder` (the plain module fold
+  puts at the layer's path); returns the node of its value;
 - `aten`: the kind's forms in a torch.export graph, {aten op: reader}: `reader(node)` returns
   an `AtenForm` (the node the layer's value replaces, the functional form's arguments) or None
   when the call is not this layer (the export front-end, `fxgrow.frontends.export`).
@@ -55,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .attention import attention_code, run, tensor_facts
 from .errors import FxgrowError
 
 if TYPE_CHECKING:  # the coupling builder; layers.py imports no analysis
@@ -520,7 +522,6 @@ def multi_head_attention(query, in_proj_weight, in_proj_bias, out_proj_weight, o
         module.merge_masks = functools.partial(nn.MultiheadAttention.merge_masks, module)
         return nn.MultiheadAttention.forward(module, query, key, value, key_padding_mask, need_weights, attn_mask,
                                              average_attn_weights, is_causal)
-    from .attention import attention_code, run, tensor_facts
     return attention_code(run, tensor_facts(query, key, value, key_padding_mask, attn_mask), query, key, value,
                           in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, bias_k, bias_v,
                           key_padding_mask, attn_mask, heads=in_proj_weight.shape[0] // (3 * head_dim),
@@ -575,7 +576,7 @@ def _fold_mha_code(graph: fx.Graph, call: LayerCall, get: Callable[[str], fx.Nod
     """Write `call` (before its node) as the plain ops of `fxgrow.attention.attention_code`,
     its parameters read by `get(role)`, its dropout an nn.Dropout put in `holder` (the
     module at its path); returns the node of its (output, weights) tuple."""
-    from .attention import GraphWriter, attention_code, node_facts
+    from .attention import node_facts
 
     o, head_dim = call.options, call.options["embed_dim"] // call.options["num_heads"]
     drop = None
@@ -587,7 +588,7 @@ def _fold_mha_code(graph: fx.Graph, call: LayerCall, get: Callable[[str], fx.Nod
     roles = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias", "bias_k", "bias_v")
     with graph.inserting_before(call.node):
         out, weights = attention_code(
-            GraphWriter(graph), node_facts(call.x, key, value, kpm, mask), call.x, key, value, *map(get, roles),
+            lambda fn, *a, **k: graph.call_function(fn, a, k), node_facts(call.x, key, value, kpm, mask), call.x, key, value, *map(get, roles),
             kpm, mask, heads=shapes["in_proj_weight"][0] // (3 * head_dim), head_dim=head_dim,
             full_heads=o["num_heads"], drop=drop, add_zero_attn=o["add_zero_attn"],
             batch_first=o["batch_first"], need_weights=o["need_weights"],

@@ -34,7 +34,7 @@ def code(m: nn.MultiheadAttention, q, k, v, heads=None, w=None, out_w=None, **kw
     opts = dict(need_weights=True, average_attn_weights=True, is_causal=False) | kw
     d = m.embed_dim // m.num_heads
     w = m.in_proj_weight if w is None else w
-    b = m.in_proj_bias if m.in_proj_bias is not None else None
+    b = m.in_proj_bias
     if heads is not None and heads != m.num_heads:
         rows = torch.cat([torch.arange(i * m.embed_dim, i * m.embed_dim + heads * d) for i in range(3)])
         w, b = w[rows], (b[rows] if b is not None else None)

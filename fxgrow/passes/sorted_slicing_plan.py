@@ -208,8 +208,9 @@ def _blocker(u, layers: set[str], chains: dict, norm_calls: set[str], reads: dic
              modules: dict[str, nn.Module]) -> str:
     """Why use `u` keeps its group at full width ("" when it can be cut)."""
     key = param_key(u.layer, u.param)
-    if u.layer in layers or any(key.startswith(f"{path}.") for path in layers if path):
-        return ""  # a targeted layer's (or its parts'): its tensors are (or, before the rewrite, become) chains
+    owners = u.layer.split(".")  # the layer or a module holding it (attention's out_proj)
+    if any(".".join(owners[:i]) in layers for i in range(len(owners), 0, -1)):
+        return ""  # a targeted layer's: its tensors are (or, before the rewrite, become) chains
     if key in chains:
         return f"'{u.layer}' is not a targeted layer"
     if u.layer in norm_calls:
